@@ -1,0 +1,80 @@
+"""Local training on one device's data: plain PyTorch, no Ray, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """How a device trains each round.
+
+    Exactly one of ``epochs`` (passes over the local data) or ``steps`` (mini-batch updates, cycling
+    through the data) is set. ``momentum`` and ``weight_decay`` apply to SGD; ``weight_decay`` to Adam.
+    """
+
+    epochs: int | None = 1
+    steps: int | None = None
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+def make_optimizer(model: nn.Module, cfg: LocalTraining) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: sgd, adam")
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining,
+          generator: torch.Generator) -> tuple[int, float]:
+    """Train ``model`` in place on ``(x, y)`` with mini-batch updates.
+
+    A fresh optimizer is made per call (optimizer state does not carry over rounds). Batches are
+    drawn from a new permutation each epoch; the last batch of an epoch may be smaller.
+    Returns ``(steps taken, mean training loss over those steps)``.
+    """
+    n = len(x)
+    if n == 0:
+        raise ValueError("no local training samples")
+    optimizer = make_optimizer(model, cfg)
+    batches_per_epoch = -(-n // cfg.batch_size)
+    total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * batches_per_epoch
+    model.train()
+    loss_sum = torch.zeros(())
+    step = 0
+    while step < total_steps:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            step += 1
+            if step == total_steps:
+                break
+    return total_steps, float(loss_sum) / total_steps
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> tuple[float, int]:
+    """Return ``(summed cross-entropy loss, number correct)`` of ``model`` on ``(x, y)``."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        logits = model(x[start:start + batch_size])
+        target = y[start:start + batch_size]
+        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(1) == target).sum())
+    return loss_sum, correct

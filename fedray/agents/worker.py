@@ -1,0 +1,75 @@
+"""DeviceWorker: the actor that hosts devices and trains them on their own data.
+
+A plain class; the platform applies ``ray.remote`` where it creates workers. In simulation mode one
+worker hosts many virtual devices (device state stays in its memory between rounds); in deployment
+mode it hosts exactly one device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedray.agents.training import LocalTraining, evaluate, train
+from fedray.config import JobSpec
+from fedray.models.params import ParamSpec
+from fedray.models.zoo import build_model
+from fedray.update import Update
+
+
+def device_generator(seed: int, round: int, device_id: int) -> torch.Generator:
+    """The torch RNG of one device in one round: independent of which worker hosts the device."""
+    state = np.random.SeedSequence([seed, round, device_id]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+class DeviceWorker:
+    """Hosts ``shards``: ``{device_id: (train_indices, test_indices)}`` into ``data = (x, y)``.
+
+    The data is sliced once, here; ``fit`` and ``evaluate`` never reload it.
+    """
+
+    def __init__(self, job: JobSpec, data: tuple[np.ndarray, np.ndarray], num_classes: int,
+                 shards: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+        torch.set_num_threads(1)
+        x, y = data
+        self._train = {d: (torch.from_numpy(x[tr]), torch.from_numpy(y[tr])) for d, (tr, _) in shards.items()}
+        self._test = {d: (torch.from_numpy(x[te]), torch.from_numpy(y[te])) for d, (_, te) in shards.items()}
+        self._model = build_model(job.model.name, job.model.class_, job.model.kwargs, x.shape[1:],
+                                  num_classes, job.seed)
+        self._spec = ParamSpec.of(self._model)
+        self._local = LocalTraining(**job.devices.local.model_dump())
+        self._seed = job.seed
+
+    def fit(self, round: int, global_params: np.ndarray, device_ids: list[int]) -> tuple[dict[int, bytes], dict[int, str]]:
+        """Train each device from ``global_params``. Returns ``({device: Update payload},
+        {device: failure reason})``; one device's error does not stop the others."""
+        start = np.array(global_params, dtype=np.float32)  # writable copy, once per call
+        payloads: dict[int, bytes] = {}
+        failures: dict[int, str] = {}
+        for d in device_ids:
+            try:
+                x, y = self._train[d]
+                self._spec.load(self._model, start)
+                steps, loss = train(self._model, x, y, self._local, device_generator(self._seed, round, d))
+                delta = self._spec.flatten(self._model) - start
+                payloads[d] = Update(d, round, len(x), steps, loss, delta).to_bytes()
+            except Exception as e:  # a failing device is recorded, not fatal to the worker
+                failures[d] = f"{type(e).__name__}: {e}"
+        return payloads, failures
+
+    def evaluate(self, global_params: np.ndarray, device_ids: list[int]) -> tuple[dict[int, tuple[int, float, int]], dict[int, str]]:
+        """Evaluate ``global_params`` on each device's local test split. Returns
+        ``({device: (samples, summed loss, correct)}, {device: failure reason})``."""
+        self._spec.load(self._model, np.array(global_params, dtype=np.float32))
+        results: dict[int, tuple[int, float, int]] = {}
+        failures: dict[int, str] = {}
+        for d in device_ids:
+            try:
+                x, y = self._test[d]
+                if len(x):
+                    loss, correct = evaluate(self._model, x, y)
+                    results[d] = (len(x), loss, correct)
+            except Exception as e:
+                failures[d] = f"{type(e).__name__}: {e}"
+        return results, failures

@@ -1,0 +1,98 @@
+"""The ``fedray`` command line: ``fedray run`` and ``fedray validate``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from fedray.config import JobError, JobSpec, load_job
+
+_SET_HELP = "Override a job field, e.g. --set rounds=50 --set strategy.server_lr=0.5 (repeatable)."
+
+
+def _load(path: str, overrides: tuple[str, ...]) -> JobSpec:
+    try:
+        return load_job(path, list(overrides))
+    except JobError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@click.group()
+@click.version_option(package_name="fedray")
+def main() -> None:
+    """fedray: federated training on Ray, tracked in MLflow."""
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help=_SET_HELP)
+def validate(job_file: str, overrides: tuple[str, ...]) -> None:
+    """Check JOB_FILE without running it."""
+    job = _load(job_file, overrides)
+    click.echo(f"{job_file}: valid job {job.name!r}: {job.rounds} rounds, {job.devices.per_round} of "
+               f"{job.devices.count} devices per round, dataset {job.data.dataset}")
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help=_SET_HELP)
+@click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI",
+              help="MLflow tracking URI [default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here]")
+def run(job_file: str, overrides: tuple[str, ...], tracking_uri: str | None) -> None:
+    """Run JOB_FILE on the local machine, or on the Ray cluster in RAY_ADDRESS."""
+    job = _load(job_file, overrides)
+    from fedray.platform.run import run_job  # Ray and torch load only when a job runs
+    from fedray.platform.tracking import resolve_uri
+
+    uri = resolve_uri(tracking_uri)
+    started = time.monotonic()
+    progress = _Progress(job.rounds, started)
+    try:
+        summary = run_job(job, Path(job_file).read_text(), uri, on_round=progress)
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted; the MLflow run was ended as KILLED") from None
+    progress.close()
+    _print_summary(job, summary, uri, time.monotonic() - started)
+
+
+class _Progress:
+    """One status line per round, redrawn in place on a terminal."""
+
+    def __init__(self, rounds: int, started: float) -> None:
+        self.rounds, self.started = rounds, started
+        self.tty = sys.stderr.isatty()
+        self.accuracy = self.loss = None
+
+    def __call__(self, result) -> None:
+        m = result.metrics
+        self.accuracy = m.get("test_accuracy", self.accuracy)
+        self.loss = m.get("test_loss", self.loss)
+        width = 24
+        done = int(width * result.round / self.rounds)
+        line = (f"round {result.round:>{len(str(self.rounds))}}/{self.rounds} [{'#' * done}{'.' * (width - done)}]"
+                f" acc {_fmt(self.accuracy)} loss {_fmt(self.loss)} "
+                f"{time.monotonic() - self.started:6.1f}s"
+                + ("" if result.completed else f"  round failed: {int(m['participants'])} answered")
+                + (f"  {len(result.failures)} failures" if result.failures else ""))
+        click.echo(f"\r{line}\x1b[K" if self.tty else line, nl=not self.tty, err=True)
+
+    def close(self) -> None:
+        if self.tty:
+            click.echo(err=True)
+
+
+def _fmt(value: float | None) -> str:
+    return "  -   " if value is None else f"{value:.4f}"
+
+
+def _print_summary(job: JobSpec, s: dict, uri: str, seconds: float) -> None:
+    click.echo(f"""
+{job.name}: {s['completed_rounds']}/{s['rounds']} rounds completed in {seconds:.1f}s
+  test accuracy   {_fmt(s['test_accuracy'])}   test loss {_fmt(s['test_loss'])}
+  bytes up/down   {s['bytes_up'] / 1e6:.2f} MB / {s['bytes_down'] / 1e6:.2f} MB
+  device failures {s['failures']}
+  MLflow run      {s['run_id']}  ({uri})
+  browse with     mlflow ui --backend-store-uri {uri}""")

@@ -1,0 +1,239 @@
+"""JobSpec: the validated description of one federated job, loaded from a YAML file.
+
+Every section forbids unknown fields, so a typo fails with a message naming the field instead of
+silently falling back to a default. All checks run before Ray starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class JobError(ValueError):
+    """A job file or override is invalid; the message names each offending field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class IIDPartition(_Section):
+    kind: Literal["iid"]
+
+
+class DirichletPartition(_Section):
+    """Label skew: class proportions per device drawn from Dir(alpha); smaller is more skewed."""
+
+    kind: Literal["dirichlet"]
+    alpha: PositiveFloat = 0.5
+
+
+class ShardsPartition(_Section):
+    """Pathological non-IID: each device holds ``labels_per_device`` label-sorted shards."""
+
+    kind: Literal["shards"]
+    labels_per_device: PositiveInt = 2
+
+
+class QuantitySkewPartition(_Section):
+    """IID labels, device sizes proportional to a Dir(beta) draw; smaller is more unequal."""
+
+    kind: Literal["quantity_skew"]
+    beta: PositiveFloat = 0.5
+
+
+Partition = Annotated[IIDPartition | DirichletPartition | ShardsPartition | QuantitySkewPartition,
+                      Field(discriminator="kind")]
+
+
+class SyntheticData(_Section):
+    """Seeded Gaussian class clusters: ``samples`` points of ``shape`` in ``classes`` classes."""
+
+    samples: PositiveInt = 10_000
+    shape: tuple[PositiveInt, ...] = (32,)
+    classes: Annotated[int, Field(ge=2)] = 10
+    noise: PositiveFloat = 1.0
+
+
+class DataSpec(_Section):
+    dataset: Literal["digits", "breast_cancer", "mnist", "synthetic", "npz", "csv"]
+    path: str | None = Field(None, description="mnist: optional IDX directory; npz/csv: the file")
+    label_column: str = "label"
+    synthetic: SyntheticData = SyntheticData()
+    partition: Partition = IIDPartition(kind="iid")
+    test_fraction: Fraction = 0.2
+    holdout: Fraction = 0.2
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSpec:
+        if self.dataset in ("npz", "csv") and self.path is None:
+            raise ValueError(f"data.path is required for dataset {self.dataset!r}")
+        if self.dataset in ("digits", "breast_cancer", "synthetic") and self.path is not None:
+            raise ValueError(f"data.path does not apply to dataset {self.dataset!r}")
+        if "synthetic" in self.model_fields_set and self.dataset != "synthetic":
+            raise ValueError("data.synthetic applies only to dataset 'synthetic'")
+        if "label_column" in self.model_fields_set and self.dataset != "csv":
+            raise ValueError("data.label_column applies only to dataset 'csv'")
+        return self
+
+
+class ModelSpec(_Section):
+    name: Literal["logreg", "mlp", "cnn", "small_cnn"] | None = None
+    class_: str | None = Field(None, alias="class", description="user model as 'package.module:Class'")
+    kwargs: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if (self.name is None) == (self.class_ is None):
+            raise ValueError("give exactly one of model.name (logreg, mlp, cnn, small_cnn) or model.class")
+        return self
+
+
+class LocalSpec(_Section):
+    """Local training per device and round: ``epochs`` passes, or exactly ``steps`` mini-batches."""
+
+    epochs: PositiveInt | None = 1
+    steps: PositiveInt | None = None
+    batch_size: PositiveInt = 32
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: PositiveFloat = 0.05
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+
+    @model_validator(mode="after")
+    def _check(self) -> LocalSpec:
+        if self.steps is not None:
+            if "epochs" in self.model_fields_set and self.epochs is not None:
+                raise ValueError("give devices.local.epochs or devices.local.steps, not both")
+            object.__setattr__(self, "epochs", None)
+        elif self.epochs is None:
+            raise ValueError("give devices.local.epochs or devices.local.steps")
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError("devices.local.momentum applies only to optimizer 'sgd'")
+        return self
+
+
+class DevicesSpec(_Section):
+    count: PositiveInt = 10
+    per_round: PositiveInt = 10
+    mode: Literal["simulation", "deployment"] = "simulation"
+    workers: PositiveInt | None = Field(None, description="simulation: actors hosting devices; default one per CPU")
+    local: LocalSpec = LocalSpec()
+    min_completion: Annotated[float, Field(gt=0, le=1)] = 0.5
+    timeout_s: PositiveFloat = 300.0
+
+    @model_validator(mode="after")
+    def _check(self) -> DevicesSpec:
+        if self.per_round > self.count:
+            raise ValueError(f"devices.per_round ({self.per_round}) exceeds devices.count ({self.count})")
+        if self.mode == "deployment" and self.workers is not None:
+            raise ValueError("devices.workers applies only to mode 'simulation' (deployment runs one actor per device)")
+        return self
+
+
+class StrategySpec(_Section):
+    name: Literal["fedavg"] = "fedavg"
+    server_lr: PositiveFloat = 1.0
+
+
+class EvaluationSpec(_Section):
+    every: PositiveInt = Field(1, description="evaluate the global model every this many rounds (and the last)")
+    federated: bool = Field(False, description="also evaluate on the sampled devices' local test splits")
+
+
+class TrackingSpec(_Section):
+    experiment: str = "fedray"
+    log_model: bool = True
+
+
+IMAGE_DATASETS = frozenset({"digits", "mnist"})
+
+
+class JobSpec(_Section):
+    name: str
+    seed: int = 0
+    rounds: PositiveInt
+    data: DataSpec
+    model: ModelSpec
+    devices: DevicesSpec = DevicesSpec()
+    strategy: StrategySpec = StrategySpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    tracking: TrackingSpec = TrackingSpec()
+
+    @model_validator(mode="after")
+    def _check(self) -> JobSpec:
+        known_flat = self.data.dataset == "breast_cancer" or (
+            self.data.dataset == "synthetic" and len(self.data.synthetic.shape) != 3)
+        if self.model.name in ("cnn", "small_cnn") and known_flat:
+            raise ValueError(f"model.name {self.model.name!r} needs image input (channels, height, width); "
+                             f"dataset {self.data.dataset!r} is not shaped so")
+        return self
+
+    def flat(self) -> dict[str, str]:
+        """The spec as dotted keys and string values, for MLflow params."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = str(value)
+
+        walk("", self.model_dump(by_alias=True))
+        return out
+
+
+def parse_job(raw: Any, overrides: list[str] = ()) -> JobSpec:
+    """Validate a job mapping after applying ``key.path=value`` overrides (values parsed as YAML)."""
+    if not isinstance(raw, dict):
+        raise JobError(f"a job file must be a YAML mapping, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise JobError(f"override {item!r} is not of the form section.field=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for i, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise JobError(f"override {item!r}: {'.'.join(parents[:i + 1])} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise JobError(format_errors(e)) from None
+
+
+def load_job(path: str | Path, overrides: list[str] = ()) -> JobSpec:
+    """Read and validate a job YAML file. Raises JobError naming the file and each bad field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise JobError(f"cannot read job file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise JobError(f"{path} is not valid YAML: {e}") from None
+    try:
+        return parse_job(raw, overrides)
+    except JobError as e:
+        raise JobError(f"{path}: {e}") from None
+
+
+def format_errors(error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "job"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{loc}: {msg}")
+    return "invalid job:\n  " + "\n  ".join(lines)

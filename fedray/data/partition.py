@@ -1,0 +1,112 @@
+"""Partitioners: split sample indices over devices, deterministically given a seed.
+
+Each returns a list with one int64 index array per device. No Ray, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedray.config import DataSpec
+
+MIN_SAMPLES = 2  # every device gets at least this many samples (one to train, one to test)
+_MAX_DRAWS = 100
+
+
+def iid(num_samples: int, num_devices: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffle, then split into ``num_devices`` parts whose sizes differ by at most one."""
+    _check_enough(num_samples, num_devices)
+    return [np.sort(part) for part in np.array_split(rng.permutation(num_samples), num_devices)]
+
+
+def dirichlet(labels: np.ndarray, num_devices: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """Label skew: each class's samples are split over devices in proportions drawn from Dir(alpha).
+
+    Smaller ``alpha`` gives each device fewer classes. Draws again (up to 100 times) until every
+    device holds at least ``MIN_SAMPLES`` samples, and raises ValueError if that never happens.
+    """
+    _check_enough(len(labels), num_devices)
+    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    for _ in range(_MAX_DRAWS):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_devices)]
+        for idx in by_class:
+            cuts = (np.cumsum(rng.dirichlet(np.full(num_devices, alpha))) * len(idx)).astype(int)[:-1]
+            for device, chunk in enumerate(np.split(idx, cuts)):
+                parts[device].append(chunk)
+        result = [np.sort(np.concatenate(p)) for p in parts]
+        if min(len(p) for p in result) >= MIN_SAMPLES:
+            return result
+    raise ValueError(f"dirichlet alpha={alpha} left a device with fewer than {MIN_SAMPLES} samples in "
+                     f"{_MAX_DRAWS} draws; use a larger alpha or fewer devices")
+
+
+def shards(labels: np.ndarray, num_devices: int, labels_per_device: int,
+           rng: np.random.Generator) -> list[np.ndarray]:
+    """Pathological non-IID (FedAvg paper): sort by label, cut into ``num_devices * labels_per_device``
+    equal shards, and give each device ``labels_per_device`` random shards."""
+    _check_enough(len(labels), num_devices)
+    num_shards = num_devices * labels_per_device
+    if num_shards > len(labels):
+        raise ValueError(f"{len(labels)} samples are too few for {num_devices} devices x "
+                         f"{labels_per_device} shards")
+    order = np.argsort(labels, kind="stable")
+    pieces = np.array_split(order, num_shards)
+    assignment = rng.permutation(num_shards).reshape(num_devices, labels_per_device)
+    return [np.sort(np.concatenate([pieces[s] for s in row])) for row in assignment]
+
+
+def quantity_skew(num_samples: int, num_devices: int, beta: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """Size skew with IID labels: device sizes are proportional to a Dir(beta) draw, each at least
+    ``MIN_SAMPLES``. Smaller ``beta`` makes sizes more unequal."""
+    _check_enough(num_samples, num_devices)
+    spare = num_samples - MIN_SAMPLES * num_devices
+    sizes = MIN_SAMPLES + np.floor(rng.dirichlet(np.full(num_devices, beta)) * spare).astype(int)
+    sizes[: num_samples - sizes.sum()] += 1  # hand out what flooring left over
+    return [np.sort(part) for part in np.split(rng.permutation(num_samples), np.cumsum(sizes)[:-1])]
+
+
+def train_test_split(indices: np.ndarray, test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Split one device's indices into (train, test). With ``test_fraction > 0`` the test part holds
+    at least one sample and the train part always keeps at least one."""
+    n_test = int(round(len(indices) * test_fraction))
+    if test_fraction > 0:
+        n_test = min(max(n_test, 1), len(indices) - 1)
+    shuffled = rng.permutation(indices)
+    return np.sort(shuffled[n_test:]), np.sort(shuffled[:n_test])
+
+
+def _check_enough(num_samples: int, num_devices: int) -> None:
+    if num_samples < MIN_SAMPLES * num_devices:
+        raise ValueError(f"{num_samples} samples are too few for {num_devices} devices "
+                         f"(each needs at least {MIN_SAMPLES})")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Sample indices of the server's held-out test set and of each device's train and test parts."""
+
+    holdout: np.ndarray
+    train: list[np.ndarray]
+    test: list[np.ndarray]
+
+
+def split(labels: np.ndarray, spec: DataSpec, num_devices: int, seed: int) -> Split:
+    """Hold out ``spec.holdout`` of the samples for the server, partition the rest over devices with
+    ``spec.partition``, and split each device's part by ``spec.test_fraction``. Deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    n_holdout = int(round(len(labels) * spec.holdout))
+    holdout, pool = np.sort(order[:n_holdout]), order[n_holdout:]
+    p = spec.partition
+    if p.kind == "iid":
+        parts = iid(len(pool), num_devices, rng)
+    elif p.kind == "dirichlet":
+        parts = dirichlet(labels[pool], num_devices, p.alpha, rng)
+    elif p.kind == "shards":
+        parts = shards(labels[pool], num_devices, p.labels_per_device, rng)
+    else:
+        parts = quantity_skew(len(pool), num_devices, p.beta, rng)
+    train, test = zip(*(train_test_split(pool[part], spec.test_fraction, rng) for part in parts))
+    return Split(holdout, list(train), list(test))

@@ -1,0 +1,63 @@
+"""ParamSpec: maps a model's federated parameters to and from one flat float32 vector."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Names and shapes of the federated parameters, in ``module.named_parameters()`` order.
+
+    Only trainable parameters (``requires_grad``) are federated; frozen parameters and buffers stay
+    where they are and are not part of the vector.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, module: nn.Module) -> ParamSpec:
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named))
+
+    @property
+    def size(self) -> int:
+        """Number of float32 entries in the flat vector."""
+        return sum(math.prod(s) for s in self.shapes)
+
+    def _params(self, module: nn.Module) -> list[torch.Tensor]:
+        params = dict(module.named_parameters())
+        try:
+            tensors = [params[n] for n in self.names]
+        except KeyError as e:
+            raise ValueError(f"module has no parameter {e.args[0]!r} of this ParamSpec") from e
+        for name, shape, t in zip(self.names, self.shapes, tensors):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"parameter {name!r} has shape {tuple(t.shape)}, spec says {shape}")
+        return tensors
+
+    def flatten(self, module: nn.Module) -> np.ndarray:
+        """Copy the federated parameters of ``module`` into a new float32 vector of length ``size``."""
+        with torch.no_grad():
+            flat = torch.cat([t.detach().reshape(-1) for t in self._params(module)])
+        return flat.to(torch.float32).numpy()
+
+    def load(self, module: nn.Module, vector: np.ndarray) -> None:
+        """Write ``vector`` (float32, length ``size``) into the federated parameters of ``module``."""
+        if vector.shape != (self.size,):
+            raise ValueError(f"vector has shape {vector.shape}, expected ({self.size},)")
+        vector = np.asarray(vector, dtype=np.float32)
+        if not vector.flags.writeable:  # e.g. a zero-copy array from Ray's object store
+            vector = vector.copy()
+        source = torch.from_numpy(vector)
+        offset = 0
+        with torch.no_grad():
+            for t in self._params(module):
+                t.copy_(source[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()

@@ -1,0 +1,101 @@
+"""The built-in models and loading of user models.
+
+Every model maps a float32 batch of shape ``(B, *input_shape)`` to logits ``(B, num_classes)``.
+Image models take ``input_shape == (channels, height, width)``; the others flatten any shape.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+def logistic_regression(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Multinomial logistic regression: one linear layer on the flattened input."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+
+
+def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (200, 200)) -> nn.Module:
+    """Fully connected ReLU network (the FedAvg paper's "2NN" with the default widths)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(input_shape)
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def _conv_net(input_shape: Sequence[int], num_classes: int, channels: Sequence[int], kernel: int,
+              hidden: int | None) -> nn.Module:
+    if len(input_shape) != 3:
+        raise ValueError(f"a CNN needs image input (channels, height, width), got shape {tuple(input_shape)}")
+    layers: list[nn.Module] = []
+    c_in, (height, width) = input_shape[0], input_shape[1:]
+    for c_out in channels:
+        layers += [nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2), nn.ReLU(), nn.MaxPool2d(2)]
+        c_in, height, width = c_out, height // 2, width // 2
+    if height == 0 or width == 0:
+        raise ValueError(f"input {tuple(input_shape)} is too small for {len(channels)} 2x2 poolings")
+    layers.append(nn.Flatten())
+    features = c_in * height * width
+    if hidden:
+        layers += [nn.Linear(features, hidden), nn.ReLU()]
+        features = hidden
+    layers.append(nn.Linear(features, num_classes))
+    return nn.Sequential(*layers)
+
+
+def cnn(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """The CNN of the FedAvg paper: two 5x5 conv layers (32, 64) with 2x2 max-pooling, FC 512."""
+    return _conv_net(input_shape, num_classes, channels=(32, 64), kernel=5, hidden=512)
+
+
+def small_cnn(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """A small, fast CNN: two 3x3 conv layers (16, 32) with 2x2 max-pooling, then a linear layer."""
+    return _conv_net(input_shape, num_classes, channels=(16, 32), kernel=3, hidden=None)
+
+
+ZOO: dict[str, Callable[..., nn.Module]] = {
+    "logreg": logistic_regression,
+    "mlp": mlp,
+    "cnn": cnn,
+    "small_cnn": small_cnn,
+}
+IMAGE_MODELS = frozenset({"cnn", "small_cnn"})
+
+
+def import_object(path: str) -> object:
+    """Import ``package.module:Name``. Raises ValueError naming the path when it cannot."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"expected 'package.module:ClassName', got {path!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import module {module_name!r} for {path!r}: {e}") from e
+    try:
+        return getattr(module, attr)
+    except AttributeError as e:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from e
+
+
+def build_model(name: str | None, class_path: str | None, kwargs: dict, input_shape: Sequence[int],
+                num_classes: int, seed: int) -> nn.Module:
+    """Build a zoo model by ``name`` or a user ``nn.Module`` by ``class_path`` with ``kwargs``.
+
+    The initial weights depend only on ``seed``, so every process builds the same model.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if class_path is not None:
+            cls = import_object(class_path)
+            model = cls(**kwargs)
+            if not isinstance(model, nn.Module):
+                raise ValueError(f"{class_path} built a {type(model).__name__}, not a torch.nn.Module")
+            return model
+        return ZOO[name](input_shape, num_classes, **kwargs)

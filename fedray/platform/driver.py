@@ -1,0 +1,167 @@
+"""Driver: owns one run. Samples devices, broadcasts the global model, aggregates, evaluates and is
+the only process that talks to MLflow. A plain class; ``fedray.run`` makes it an actor."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import ray
+import torch
+
+from fedray.agents.training import evaluate
+from fedray.config import JobSpec
+from fedray.data import datasets, partition
+from fedray.models.params import ParamSpec
+from fedray.models.zoo import build_model
+from fedray.platform import strategies
+from fedray.platform.aggregation import Partial
+from fedray.platform.pool import WorkerPool
+from fedray.platform.tracking import MlflowTracker
+from fedray.update import Update, rejection_reason
+
+
+@dataclass
+class RoundResult:
+    """What happened in one round; ``metrics`` are the values logged to MLflow at step ``round``."""
+
+    round: int
+    completed: bool
+    metrics: dict[str, float]
+    failures: dict[int, str] = field(default_factory=dict)
+
+
+class Driver:
+    def __init__(self, job: JobSpec, tracking_uri: str, job_yaml: str) -> None:
+        torch.set_num_threads(1)
+        self.job = job
+        dataset = datasets.load(job.data, job.seed)
+        split = partition.split(dataset.y, job.data, job.devices.count, job.seed)
+        self._test_x = torch.from_numpy(dataset.x[split.holdout])
+        self._test_y = torch.from_numpy(dataset.y[split.holdout])
+        self.model = build_model(job.model.name, job.model.class_, job.model.kwargs, dataset.input_shape,
+                                 dataset.num_classes, job.seed)
+        self.spec = ParamSpec.of(self.model)
+        self.strategy = strategies.build(job.strategy)
+        self.state = self.strategy.init(self.spec.flatten(self.model))
+        self.tracker = MlflowTracker(tracking_uri, job.tracking.experiment, job.name)
+        try:
+            self.tracker.log_params(job.flat())
+            self.tracker.log_text(job_yaml, "job.yaml")
+            self.pool = WorkerPool(job, ray.put((dataset.x, dataset.y)), dataset.num_classes, split)
+        except BaseException:
+            self.tracker.finish("FAILED")
+            raise
+        self._sampler = np.random.default_rng([job.seed, 1])
+        self.history: list[RoundResult] = []
+
+    def run_round(self, r: int) -> RoundResult:
+        """Run round ``r`` (1-based): train K sampled devices and, if at least ``min_completion`` of
+        them sent a valid update, apply the strategy; otherwise the model is left unchanged."""
+        start = time.perf_counter()
+        devices = self.job.devices
+        sampled = np.sort(self._sampler.choice(devices.count, devices.per_round, replace=False))
+        params_ref = ray.put(self.state.params)
+        results, failures = self.pool.call("fit", sampled, r, params_ref, timeout=devices.timeout_s)
+        partial = Partial.zeros(self.spec.size)
+        bytes_up, loss_sum = 0, 0.0
+        for payloads, device_failures in results:
+            failures.update(device_failures)
+            for d, payload in payloads.items():
+                bytes_up += len(payload)
+                try:
+                    update = Update.from_bytes(payload)
+                except ValueError as e:
+                    failures[d] = str(e)
+                    continue
+                reason = rejection_reason(update, expected_device=d, expected_round=r, expected_size=self.spec.size)
+                if reason is not None:
+                    failures[d] = f"rejected: {reason}"
+                    continue
+                partial.add(update.delta, update.num_samples)
+                loss_sum += update.train_loss * update.num_samples
+        completed = partial.count >= math.ceil(devices.min_completion * len(sampled))
+        metrics = {"participants": partial.count, "failures": len(failures), "bytes_up": bytes_up,
+                   "bytes_down": len(sampled) * self.state.params.nbytes, "round_failed": float(not completed)}
+        if partial.count:
+            metrics["train_loss"] = loss_sum / partial.weight
+        if completed:
+            self.state, diagnostics = self.strategy.apply(self.state, partial)
+            metrics.update(diagnostics)
+        if r % self.job.evaluation.every == 0 or r == self.job.rounds:
+            metrics.update(self.evaluate())
+            if self.job.evaluation.federated:
+                metrics.update(self._federated_evaluate(sampled, failures))
+        metrics["failures"] = len(failures)
+        metrics["round_seconds"] = time.perf_counter() - start
+        self.tracker.log_metrics(metrics, step=r)
+        result = RoundResult(r, completed, metrics, dict(sorted(failures.items())))
+        self.history.append(result)
+        return result
+
+    def evaluate(self) -> dict[str, float]:
+        """Accuracy and mean loss of the global model on the server's held-out test set."""
+        if not len(self._test_y):
+            return {}
+        self.spec.load(self.model, self.state.params)
+        loss, correct = evaluate(self.model, self._test_x, self._test_y)
+        return {"test_accuracy": correct / len(self._test_y), "test_loss": loss / len(self._test_y)}
+
+    def _federated_evaluate(self, sampled: np.ndarray, failures: dict[int, str]) -> dict[str, float]:
+        """Sample-weighted accuracy and loss of the global model on the sampled devices' test splits."""
+        params_ref = ray.put(self.state.params)
+        results, eval_failures = self.pool.call("evaluate", sampled, params_ref, timeout=self.job.devices.timeout_s)
+        per_device = []
+        for device_results, device_failures in results:
+            eval_failures.update(device_failures)
+            per_device.extend(device_results.values())
+        failures.update({d: f"evaluation: {reason}" for d, reason in eval_failures.items()})
+        samples = sum(n for n, _, _ in per_device)
+        if not samples:
+            return {}
+        return {"federated_test_accuracy": sum(c for _, _, c in per_device) / samples,
+                "federated_test_loss": sum(loss for _, loss, _ in per_device) / samples}
+
+    def finish(self, status: str = "FINISHED") -> dict:
+        """Log the final model, the plot and the failure log, end the MLflow run, return a summary."""
+        try:
+            if self.history:
+                self.tracker.log_text(json.dumps([asdict(h) for h in self.history], indent=1), "rounds.json")
+                self.tracker.log_figure(_plot(self.history), "accuracy_loss.png")
+            if self.job.tracking.log_model and status == "FINISHED":
+                self.spec.load(self.model, self.state.params)
+                self.tracker.log_model(self.model, self._test_x[:2].numpy())
+        finally:
+            self.tracker.finish(status)
+        last = self.history[-1].metrics if self.history else {}
+        return {
+            "run_id": self.tracker.run_id,
+            "rounds": len(self.history),
+            "completed_rounds": sum(h.completed for h in self.history),
+            "test_accuracy": last.get("test_accuracy"),
+            "test_loss": last.get("test_loss"),
+            "bytes_up": sum(h.metrics["bytes_up"] for h in self.history),
+            "bytes_down": sum(h.metrics["bytes_down"] for h in self.history),
+            "failures": sum(h.metrics["failures"] for h in self.history),
+        }
+
+
+def _plot(history: list[RoundResult]):
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+
+    evaluated = [h for h in history if "test_accuracy" in h.metrics]
+    rounds = [h.round for h in evaluated]
+    fig = Figure(figsize=(9, 3.5))
+    acc, loss = fig.subplots(1, 2)
+    acc.plot(rounds, [h.metrics["test_accuracy"] for h in evaluated], marker=".")
+    acc.set(xlabel="round", ylabel="test accuracy", title="Global model accuracy")
+    loss.plot(rounds, [h.metrics["test_loss"] for h in evaluated], marker=".", label="test")
+    trained = [h for h in history if "train_loss" in h.metrics]
+    loss.plot([h.round for h in trained], [h.metrics["train_loss"] for h in trained], label="train (devices)")
+    loss.set(xlabel="round", ylabel="cross-entropy", title="Loss")
+    loss.legend()
+    fig.tight_layout()
+    return fig

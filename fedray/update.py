@@ -1,0 +1,71 @@
+"""Update: what a device sends up each round, its wire format and its validation.
+
+The wire format is a 4-byte little-endian header length, a JSON header, then the raw float32
+delta. It is decoded without unpickling, and ``len(payload)`` is the number of bytes uploaded.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+_HEADER_LEN = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class Update:
+    """One device's result for one round.
+
+    ``delta`` is ``local - global`` of the federated parameters (float32, flat); ``num_samples`` is
+    the number of local training samples; ``local_steps`` the optimizer steps taken.
+    """
+
+    device_id: int
+    round: int
+    num_samples: int
+    local_steps: int
+    train_loss: float
+    delta: np.ndarray
+
+    def to_bytes(self) -> bytes:
+        header = {k: v for k, v in asdict(self).items() if k != "delta"}
+        header["dtype"] = str(self.delta.dtype)
+        header["length"] = int(self.delta.size)
+        blob = json.dumps(header).encode()
+        return _HEADER_LEN.pack(len(blob)) + blob + self.delta.tobytes()
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> Update:
+        """Decode a payload. Raises ValueError when it is malformed; the delta is not copied."""
+        try:
+            (n,) = _HEADER_LEN.unpack_from(payload)
+            header = json.loads(payload[_HEADER_LEN.size:_HEADER_LEN.size + n])
+            dtype, length = np.dtype(header.pop("dtype")), int(header.pop("length"))
+            offset = _HEADER_LEN.size + n
+            if len(payload) - offset != length * dtype.itemsize:
+                raise ValueError(f"payload holds {len(payload) - offset} bytes for {length} x {dtype}")
+            delta = np.frombuffer(payload, dtype=dtype, count=length, offset=offset)
+            return cls(delta=delta, **header)
+        except (struct.error, TypeError, KeyError, json.JSONDecodeError) as e:
+            raise ValueError(f"malformed update payload: {e}") from e
+
+
+def rejection_reason(update: Update, *, expected_device: int, expected_round: int,
+                     expected_size: int) -> str | None:
+    """Why ``update`` must not be aggregated, or None when it is valid."""
+    if update.device_id != expected_device:
+        return f"update claims device {update.device_id}, expected device {expected_device}"
+    if update.round != expected_round:
+        return f"update is for round {update.round}, expected round {expected_round}"
+    if update.delta.dtype != np.float32:
+        return f"delta has dtype {update.delta.dtype}, expected float32"
+    if update.delta.shape != (expected_size,):
+        return f"delta has shape {update.delta.shape}, expected ({expected_size},)"
+    if update.num_samples <= 0:
+        return f"num_samples is {update.num_samples}, expected > 0"
+    if not np.isfinite(update.delta).all():
+        return f"delta has {int((~np.isfinite(update.delta)).sum())} non-finite values"
+    return None
