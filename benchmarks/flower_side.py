@@ -7,9 +7,17 @@ Run with the Flower venv (see setup_flower.sh), not fedray's:
 
 Model and local training are fedray's own code (``fedray.models.zoo.small_cnn`` and
 ``fedray.agents.training``), so both frameworks train identically; only the orchestration differs.
-Round r's time is the wall time between the end of the centralized evaluation after round r-1 (round 0:
-the initial one) and the end of the one after round r, so it covers sampling, sending the global model,
-local training, aggregation and one evaluation on the test set.
+Round r's time runs from the end of the centralized evaluation after round r-1 (round 0: the initial
+one) to the end of the one after round r: sampling, sending the global model, local training,
+aggregation and one test-set evaluation. Round 1 also pays for Flower starting its Ray actors.
+
+Deviations from a stock Flower app, all to make the two sides comparable:
+- Each round's K devices are picked with fedray's sampler (``np.random.default_rng([seed, 1])``,
+  sorted ``choice(N, K, replace=False)``, as in fedray/platform/driver.py) and named in the train
+  message, so both frameworks train the same devices with the same per-(seed, round, device) RNG.
+  Flower still samples which K of its N (stateless, virtual) nodes carry them.
+- Ray is initialised here, with the arguments Flower would use, so that starting the Ray cluster is
+  not counted in round 1 (fedray's rounds do not include it either).
 """
 
 from __future__ import annotations
@@ -17,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -31,7 +38,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import (ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord,  # noqa: E402
+                      RecordDict)
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from fedray.agents.training import LocalTraining, evaluate, train  # noqa: E402
@@ -39,7 +47,7 @@ from fedray.models.zoo import small_cnn  # noqa: E402
 
 INPUT_SHAPE, NUM_CLASSES = (1, 28, 28), 10
 
-# Per-process cache (one per Ray actor): the workload is read once per actor, not once per round.
+# Per-process cache (one per Ray actor): the workload is read once per actor, not once per message.
 _cache: dict = {}
 
 
@@ -52,10 +60,10 @@ def _workload(path: str) -> dict:
     return _cache
 
 
-def generator_for(seed: int, server_round: int, client: int) -> torch.Generator:
-    """The local-training generator of ``client`` in ``server_round``; depends only on the triple."""
-    state = np.random.SeedSequence([seed, server_round, client]).generate_state(2, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+def device_generator(seed: int, server_round: int, device: int) -> torch.Generator:
+    """Same as fedray.agents.worker.device_generator (copied: that module is not import-light)."""
+    state = np.random.SeedSequence([seed, server_round, device]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 client_app = ClientApp()
@@ -63,18 +71,18 @@ client_app = ClientApp()
 
 @client_app.train()
 def client_train(msg: Message, context: Context) -> Message:
-    torch.set_num_threads(1)  # one core per client, as the actor reserves (num_cpus=1)
+    torch.set_num_threads(1)  # one core per client, matching the actor's num_cpus=1
     cfg = msg.content["config"]
-    client = int(context.node_config["partition-id"])
+    device = int(cfg["device"])
     w = _workload(str(cfg["workload"]))
-    rows = w["device_index"][w["device_offsets"][client]:w["device_offsets"][client + 1]]
+    rows = w["device_index"][w["device_offsets"][device]:w["device_offsets"][device + 1]]
     x, y = w["x_train"][rows], w["y_train"][rows]
 
     model = small_cnn(INPUT_SHAPE, NUM_CLASSES)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     local = LocalTraining(epochs=int(cfg["epochs"]), batch_size=int(cfg["batch-size"]), optimizer="sgd",
                           lr=float(cfg["lr"]))
-    _, loss = train(model, x, y, local, generator_for(int(cfg["seed"]), int(cfg["server-round"]), client))
+    _, loss = train(model, x, y, local, device_generator(int(cfg["seed"]), int(cfg["server-round"]), device))
 
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
                           "metrics": MetricRecord({"train-loss": loss, "num-examples": len(x)})})
@@ -85,7 +93,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", required=True)
     p.add_argument("--rounds", type=int, required=True)
-    p.add_argument("--per-round", type=int, required=True, help="clients sampled per round (K)")
+    p.add_argument("--per-round", type=int, required=True, help="devices trained per round (K)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=32)
@@ -93,13 +101,14 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
+    import flwr
+    import ray
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
-    # Use this file's importable twin (benchmarks/ is sys.path[0], which Flower passes to the Ray
-    # workers as PYTHONPATH): Ray then pickles the ClientApp by reference, not by value as for
-    # __main__, so the ClientApp that Flower re-sends with every message is a few bytes and the
-    # per-actor data cache persists across rounds.
+    # This file's importable twin (benchmarks/ is sys.path[0], which reaches the Ray workers through
+    # PYTHONPATH): Flower re-sends the ClientApp with every message, and Ray pickles one from
+    # __main__ by value but this one by reference, so the per-actor cache above survives.
     import flower_side
 
     workload = str(Path(args.workload).resolve())
@@ -113,6 +122,19 @@ def main() -> None:
         torch.manual_seed(args.seed)
         model = small_cnn(INPUT_SHAPE, NUM_CLASSES)
     initial = ArrayRecord(model.state_dict())
+
+    class FedAvgFedraySampling(FedAvg):
+        """FedAvg whose K train messages name the devices fedray's sampler picks this round."""
+
+        sampler = np.random.default_rng([args.seed, 1])
+
+        def configure_train(self, server_round, arrays, config, grid):
+            messages = list(super().configure_train(server_round, arrays, config, grid))
+            devices = np.sort(self.sampler.choice(num_devices, args.per_round, replace=False))
+            return [Message(RecordDict({self.arrayrecord_key: arrays,
+                                        self.configrecord_key: ConfigRecord({**config, "device": int(d)})}),
+                            dst_node_id=m.metadata.dst_node_id, message_type=MessageType.TRAIN)
+                    for m, d in zip(messages, devices, strict=True)]
 
     stamps: list[float] = []
     accuracy: list[float] = []
@@ -129,9 +151,8 @@ def main() -> None:
 
     @server_app.main()
     def server_main(grid: Grid, context: Context) -> None:
-        random.seed(args.seed)  # FedAvg samples clients with the global `random` module
-        strategy = FedAvg(
-            # int(N * K/N) may round down to K-1; min_train_nodes=K then lifts it back to exactly K.
+        strategy = FedAvgFedraySampling(
+            # int(N * K/N) may round down to K-1; min_train_nodes=K then makes it exactly K.
             fraction_train=args.per_round / num_devices, min_train_nodes=args.per_round,
             fraction_evaluate=0.0,  # no federated evaluation
             min_available_nodes=num_devices,
@@ -141,8 +162,9 @@ def main() -> None:
         strategy.start(grid=grid, initial_arrays=initial, num_rounds=args.rounds,
                        train_config=train_config, evaluate_fn=central_evaluate)
 
-    import ray
-    pythonpath = os.pathsep.join(sys.path + [os.environ.get("PYTHONPATH", "")])
+    # What flwr's RayBackend.init_ray does (it skips it when Ray is already up), with
+    # run_simulation's default init_args.
+    pythonpath = os.pathsep.join(sys.path + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
     os.environ["PYTHONPATH"] = pythonpath
     ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False,
              logging_level="WARNING", log_to_driver=True)
@@ -151,7 +173,8 @@ def main() -> None:
         client_app=flower_side.client_app,
         num_supernodes=num_devices,
         backend_name="ray",
-        # Ray sees all cores; 1 CPU per client gives one actor per core, each single-threaded.
+        # Flower's default is 2 CPUs per client (one actor on this 2-core box); 1 CPU gives one
+        # single-threaded actor per core.
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
 
@@ -161,14 +184,9 @@ def main() -> None:
         "round_seconds": [b - a for a, b in zip(stamps, stamps[1:])],
         "accuracy": accuracy,
         "final_accuracy": accuracy[-1],
-        "flwr_version": flwr_version(),
+        "flwr_version": flwr.__version__,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-
-
-def flwr_version() -> str:
-    import flwr
-    return flwr.__version__
 
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+import os
+
+import pytest
+import ray
+
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded local Ray for the whole test session (ray.init takes seconds)."""
+    from fedray.platform.run import connect
+
+    connect()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def tracking_uri(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def small_job(**overrides) -> dict:
+    """A job mapping that trains in about a second per round on digits."""
+    job = {
+        "name": "test",
+        "seed": 0,
+        "rounds": 2,
+        "data": {"dataset": "digits", "partition": {"kind": "iid"}},
+        "model": {"name": "logreg"},
+        "devices": {"count": 6, "per_round": 4, "workers": 2, "local": {"epochs": 1, "batch_size": 32, "lr": 0.1}},
+        "tracking": {"experiment": "tests", "log_model": False},
+    }
+    for key, value in overrides.items():
+        node = job
+        *parents, leaf = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return job

@@ -1,0 +1,102 @@
+import pytest
+from click.testing import CliRunner
+
+from fedray.cli import main
+from fedray.config import JobError, load_job, parse_job
+
+from conftest import small_job
+
+
+def errors(raw, overrides=()):
+    with pytest.raises(JobError) as info:
+        parse_job(raw, list(overrides))
+    return str(info.value)
+
+
+def test_valid_job_gets_defaults():
+    job = parse_job(small_job())
+    assert job.strategy.name == "fedavg" and job.strategy.server_lr == 1.0
+    assert job.devices.min_completion == 0.5
+    assert job.data.partition.kind == "iid"
+
+
+def test_unknown_field_is_named():
+    msg = errors(small_job(devices__local__learning_rate=0.1))
+    assert "devices.local.learning_rate: unknown field" in msg
+
+
+def test_misspelt_top_level_section_is_named():
+    raw = small_job()
+    raw["strategie"] = {"name": "fedavg"}
+    assert "strategie: unknown field" in errors(raw)
+
+
+def test_wrong_type_and_range_are_named():
+    msg = errors(small_job(rounds="many", devices__local__lr=-1))
+    assert "rounds:" in msg and "devices.local.lr:" in msg and "greater than 0" in msg
+
+
+def test_partition_fields_are_checked_per_kind():
+    msg = errors(small_job(data__partition={"kind": "iid", "alpha": 0.3}))
+    assert "data.partition.iid.alpha: unknown field" in msg
+    msg = errors(small_job(data__partition={"kind": "zipf"}))
+    assert "data.partition" in msg and "'iid', 'dirichlet', 'shards', 'quantity_skew'" in msg
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"devices__per_round": 9}, "devices.per_round (9) exceeds devices.count (6)"),
+    ({"model": {"name": "cnn", "class": "x:Y"}}, "exactly one of model.name"),
+    ({"model": {"name": "cnn"}, "data": {"dataset": "breast_cancer"}}, "needs image input"),
+    ({"data": {"dataset": "npz"}}, "data.path is required"),
+    ({"devices__local": {"epochs": 2, "steps": 10}}, "not both"),
+    ({"devices__local": {"optimizer": "adam", "momentum": 0.9}}, "momentum applies only"),
+    ({"devices__mode": "deployment"}, "devices.workers applies only"),
+])
+def test_impossible_combinations(overrides, needle):
+    assert needle in errors(small_job(**overrides))
+
+
+def test_overrides_apply_and_parse_values():
+    job = parse_job(small_job(), ["strategy.server_lr=0.5", "rounds=7", "devices.local.epochs=null", "devices.local.steps=3"])
+    assert job.strategy.server_lr == 0.5 and job.rounds == 7
+    assert job.devices.local.steps == 3 and job.devices.local.epochs is None
+
+
+def test_bad_override_is_named():
+    assert "not of the form" in errors(small_job(), ["rounds"])
+    assert "rounds: unknown field" not in errors(small_job(), ["rounds.x=1"])  # rounds is not a section
+    assert "rounds is not a section" in errors(small_job(), ["rounds.x=1"])
+
+
+def test_flat_params_use_dotted_names():
+    flat = parse_job(small_job()).flat()
+    assert flat["devices.local.lr"] == "0.1" and flat["model.name"] == "logreg"
+
+
+def test_load_job_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nrounds: [\n")
+    with pytest.raises(JobError, match="bad.yaml is not valid YAML"):
+        load_job(path)
+    path.write_text("- a\n- b\n")
+    with pytest.raises(JobError, match="must be a YAML mapping"):
+        load_job(path)
+    with pytest.raises(JobError, match="cannot read job file"):
+        load_job(tmp_path / "missing.yaml")
+
+
+def test_shipped_jobs_are_valid():
+    from pathlib import Path
+
+    jobs = sorted(Path(__file__).parent.parent.joinpath("jobs").glob("*.yaml"))
+    assert len(jobs) >= 3
+    for path in jobs:
+        load_job(path)
+
+
+def test_cli_validate(tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(main, ["validate", "jobs/quickstart.yaml", "--set", "rounds=3"])
+    assert ok.exit_code == 0 and "3 rounds" in ok.output
+    bad = runner.invoke(main, ["validate", "jobs/quickstart.yaml", "--set", "devices.per_round=0"])
+    assert bad.exit_code != 0 and "devices.per_round" in bad.output
