@@ -44,7 +44,7 @@ def validate(job_file: str, overrides: tuple[str, ...]) -> None:
 def run(job_file: str, overrides: tuple[str, ...], tracking_uri: str | None) -> None:
     """Run JOB_FILE on the local machine, or on the Ray cluster in RAY_ADDRESS."""
     job = _load(job_file, overrides)
-    from fedray.platform.run import run_job  # Ray and torch load only when a job runs
+    from fedray.platform.run import RunError, run_job  # Ray and torch load only when a job runs
     from fedray.platform.tracking import resolve_uri
 
     uri = resolve_uri(tracking_uri)
@@ -52,6 +52,8 @@ def run(job_file: str, overrides: tuple[str, ...], tracking_uri: str | None) -> 
     progress = _Progress(job.rounds, started)
     try:
         summary = run_job(job, Path(job_file).read_text(), uri, on_round=progress)
+    except RunError as e:
+        raise click.ClickException(f"{e}\nRounds already run stay logged in MLflow ({uri}).") from None
     except KeyboardInterrupt:
         raise click.ClickException("interrupted; the MLflow run was ended as KILLED") from None
     progress.close()

@@ -1,9 +1,11 @@
 import os
+from pathlib import Path
 
 import pytest
 import ray
 
-os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+# Ray workers inherit the environment: let them import tests/user_models.py
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")

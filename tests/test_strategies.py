@@ -50,3 +50,13 @@ def test_build_from_spec():
     p = Partial.zeros(1)
     p.add(np.array([1.0], np.float32), 1)
     assert s.apply(s.init(np.zeros(1, np.float32)), p)[0].params[0] == 2.0
+
+
+def test_balanced_assignment_spreads_samples():
+    from fedray.platform.pool import balanced_assignment
+
+    sizes = [100, 1, 1, 1, 50, 50, 3]
+    worker_of = balanced_assignment(sizes, 2)
+    loads = [sum(s for s, w in zip(sizes, worker_of) if w == k) for k in range(2)]
+    assert sorted(loads) == [103, 103]
+    assert sorted(balanced_assignment([5, 5, 5], 3).tolist()) == [0, 1, 2]

@@ -22,8 +22,9 @@ from fedray.data.partition import Split
 class WorkerPool:
     """Creates the workers once and routes each device to its sticky worker.
 
-    Simulation: ``devices.workers`` workers (default: one per CPU of the cluster), device ``d``
-    lives on worker ``d % workers``. Deployment: one worker per device.
+    Simulation: ``devices.workers`` workers (default: one per CPU of the cluster), devices spread
+    so that every worker holds about the same number of training samples (``balanced_assignment``).
+    Deployment: one worker per device.
     """
 
     def __init__(self, job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Split) -> None:
@@ -33,7 +34,7 @@ class WorkerPool:
             num_workers = count
         else:
             num_workers = min(job.devices.workers or cpus, count)
-        self.worker_of = np.arange(count) % num_workers
+        self.worker_of = balanced_assignment([len(t) for t in split.train], num_workers)
         self._shards = [{int(d): (split.train[d], split.test[d]) for d in np.flatnonzero(self.worker_of == w)}
                         for w in range(num_workers)]
         # more workers than CPUs share them rather than waiting for a free one
@@ -73,6 +74,18 @@ class WorkerPool:
     def _replace(self, w: int) -> None:
         ray.kill(self.actors[w], no_restart=True)
         self.actors[w] = self._spawn(w)
+
+
+def balanced_assignment(sizes: list[int], num_workers: int) -> np.ndarray:
+    """Worker index per device: largest devices first, each to the worker with the fewest samples so
+    far (LPT). Every device is equally likely to be sampled, so this balances the expected work."""
+    load = np.zeros(num_workers, dtype=np.int64)
+    worker_of = np.empty(len(sizes), dtype=np.int64)
+    for d in np.argsort(sizes, kind="stable")[::-1]:
+        w = int(np.argmin(load))
+        worker_of[d] = w
+        load[w] += sizes[d]
+    return worker_of
 
 
 def _first_line(error: Exception) -> str:

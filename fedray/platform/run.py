@@ -7,12 +7,16 @@ import warnings
 from collections.abc import Callable
 
 import ray
-from ray.exceptions import RayError
+from ray.exceptions import RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedray.config import JobSpec
 from fedray.platform.driver import Driver, RoundResult
 from fedray.platform.tracking import is_relative_local, resolve_uri
+
+
+class RunError(RuntimeError):
+    """The run stopped: the driver or a round failed. The message names the root cause."""
 
 
 def connect() -> None:
@@ -53,6 +57,15 @@ def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,
             ray.get(driver.finish.remote(status), timeout=120)
         except RayError:
             pass
+        if isinstance(e, RayError):
+            raise RunError(f"job {job.name!r} failed: {_root_cause(e)}") from e
         raise
     finally:
         ray.kill(driver)  # its workers share its fate
+
+
+def _root_cause(error: RayError) -> str:
+    if isinstance(error, RayTaskError):
+        return f"{type(error.cause).__name__}: {error.cause}"
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__

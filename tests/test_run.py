@@ -1,0 +1,148 @@
+"""End-to-end runs on a real local Ray, checked through the real MLflow client."""
+
+import mlflow
+import numpy as np
+import pytest
+import ray
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from fedray.config import parse_job
+from fedray.data import datasets, partition
+from fedray.platform.driver import Driver
+from fedray.platform.run import RunError, run_job
+
+from conftest import small_job
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def run(tracking_uri, **overrides):
+    raw = small_job(**overrides)
+    return run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri), raw
+
+
+def history(client, run_id, key):
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_run_is_tracked_in_mlflow(tracking_uri, tmp_path):
+    summary, raw = run(tracking_uri, rounds=4, evaluation={"every": 2, "federated": True},
+                       tracking={"experiment": "tests", "log_model": True})
+    client = MlflowClient(tracking_uri)
+    r = client.get_run(summary["run_id"])
+    assert r.info.status == "FINISHED"
+    assert client.get_experiment(r.info.experiment_id).name == "tests"
+    assert r.data.params["devices.per_round"] == "4" and r.data.params["model.name"] == "logreg"
+    assert len(history(client, r.info.run_id, "participants")) == 4
+    assert history(client, r.info.run_id, "participants") == [4, 4, 4, 4]
+    assert len(history(client, r.info.run_id, "test_accuracy")) == 2  # rounds 2 and 4
+    assert len(history(client, r.info.run_id, "federated_test_accuracy")) == 2
+    acc = history(client, r.info.run_id, "test_accuracy")
+    assert acc[-1] > max(acc[0], 0.5) and summary["test_accuracy"] == acc[-1]
+    # bytes: 650 float32 parameters (64*10 + 10) per device, up with a small header, down exactly
+    params = 64 * 10 + 10
+    assert history(client, r.info.run_id, "bytes_down") == [4 * 4 * params] * 4
+    up = history(client, r.info.run_id, "bytes_up")
+    assert all(4 * 4 * params < b < 4 * (4 * params + 200) for b in up)
+    for key in ("train_loss", "round_seconds", "failures", "test_loss"):
+        assert history(client, r.info.run_id, key)
+    artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+    assert {"job.yaml", "rounds.json", "accuracy_loss.png"} <= artifacts
+    assert yaml.safe_load(open(client.download_artifacts(r.info.run_id, "job.yaml", str(tmp_path)))) == raw
+    # the logged model is the final global model: it reproduces the logged accuracy on the holdout
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pytorch.load_model(f"runs:/{r.info.run_id}/model")
+    job = parse_job(raw)
+    data = datasets.load(job.data, job.seed)
+    holdout = partition.split(data.y, job.data, job.devices.count, job.seed).holdout
+    with torch.no_grad():
+        pred = model(torch.from_numpy(data.x[holdout])).argmax(1).numpy()
+    assert np.mean(pred == data.y[holdout]) == pytest.approx(acc[-1])
+
+
+def test_result_does_not_depend_on_worker_count(tracking_uri):
+    one, _ = run(tracking_uri, devices__workers=1)
+    three, _ = run(tracking_uri, devices__workers=3)
+    assert one["test_accuracy"] == three["test_accuracy"] and one["test_loss"] == three["test_loss"]
+
+
+def start_driver(tracking_uri, **overrides):
+    raw = small_job(**overrides)
+    return ray.remote(Driver).options(num_cpus=0).remote(parse_job(raw), tracking_uri, yaml.safe_dump(raw))
+
+
+def test_dead_worker_is_a_failure_and_is_replaced(tracking_uri):
+    driver = start_driver(tracking_uri, rounds=3, devices__count=4, devices__per_round=4)
+    first = ray.get(driver.run_round.remote(1))
+    assert first.completed and not first.failures
+    worker = ray.get(driver.__ray_call__.remote(lambda self: self.pool.actors[0]))
+    ray.kill(worker, no_restart=True)
+    second = ray.get(driver.run_round.remote(2))
+    on_worker_0 = ray.get(driver.__ray_call__.remote(lambda self: set(np.flatnonzero(self.pool.worker_of == 0))))
+    assert set(second.failures) == on_worker_0 and 0 < len(on_worker_0) < 4
+    assert all("worker 0 failed" in reason for reason in second.failures.values())
+    assert second.metrics["participants"] == 4 - len(on_worker_0) == 2  # equal shards: 2 per worker
+    assert second.completed  # 2 of 4 >= min_completion 0.5
+    third = ray.get(driver.run_round.remote(3))
+    assert third.completed and not third.failures and third.metrics["participants"] == 4
+    summary = ray.get(driver.finish.remote())
+    assert summary["failures"] == 2
+    client = MlflowClient(tracking_uri)
+    assert history(client, summary["run_id"], "failures") == [0, 2, 0]
+
+
+def poisoned_digits(path, poisoned_classes):
+    """Digits classes 0-5, features of the given classes set to +-1e30: training on them overflows."""
+    d = datasets.load(parse_job(small_job()).data, 0)
+    keep = d.y < 6
+    x, y = d.x[keep].reshape(-1, 64), d.y[keep]
+    bad = np.isin(y, poisoned_classes)
+    x[bad] = 1e30 * np.random.default_rng(0).choice([-1.0, 1.0], size=(bad.sum(), 64))
+    np.savez(path, x=x, y=y)
+    # one class per device, all six devices every round
+    return {"data": {"dataset": "npz", "path": str(path), "partition": {"kind": "shards", "labels_per_device": 1},
+                     "holdout": 0.2, "test_fraction": 0.0},
+            "devices__count": 6, "devices__per_round": 6}
+
+
+def test_non_finite_updates_are_rejected_and_model_kept(tracking_uri, tmp_path):
+    driver = start_driver(tracking_uri, **poisoned_digits(tmp_path / "all.npz", [0, 1, 2, 3, 4, 5]))
+    before = ray.get(driver.evaluate.remote())
+    result = ray.get(driver.run_round.remote(1))
+    assert not result.completed and result.metrics["participants"] == 0
+    assert len(result.failures) == 6 and all("non-finite" in r for r in result.failures.values())
+    assert ray.get(driver.evaluate.remote()) == before
+    assert ray.get(driver.finish.remote("FAILED"))["completed_rounds"] == 0
+
+
+def test_one_bad_device_does_not_stop_the_round(tracking_uri, tmp_path):
+    driver = start_driver(tracking_uri, **poisoned_digits(tmp_path / "one.npz", [5]))
+    result = ray.get(driver.run_round.remote(1))
+    assert result.completed and result.metrics["participants"] == 5
+    (bad,) = result.failures
+    assert "non-finite" in result.failures[bad]
+    ray.get(driver.finish.remote())
+
+
+def test_hung_devices_time_out_and_round_fails(tracking_uri):
+    driver = start_driver(tracking_uri, model={"class": "user_models:SlowLogReg",
+                                               "kwargs": {"features": 64, "classes": 10, "sleep_s": 0.5}},
+                          devices__timeout_s=1.0, devices__local={"steps": 6})
+    before = ray.get(driver.evaluate.remote())
+    result = ray.get(driver.run_round.remote(1))
+    assert not result.completed and len(result.failures) == 4
+    assert all("no answer within 1s" in r for r in result.failures.values())
+    assert ray.get(driver.evaluate.remote()) == before
+    ray.get(driver.finish.remote("FAILED"))
+
+
+def test_failed_run_keeps_what_was_logged(tracking_uri, tmp_path):
+    missing = tmp_path / "gone.npz"
+    np.savez(missing, x=np.ones((40, 3)), y=np.arange(40) % 2)
+    raw = small_job(rounds=3, data={"dataset": "npz", "path": str(missing)})
+    with pytest.raises(RunError, match="data.path: cannot read .*gone.npz"):
+        # the data file disappears after the run started: the driver's setup fails
+        missing.unlink()
+        run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri)
