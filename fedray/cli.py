@@ -39,25 +39,23 @@ def validate(job_file: str, overrides: tuple[str, ...]) -> None:
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help=_SET_HELP)
-@click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI",
+@click.option("--tracking-uri", default=None,
               help="MLflow tracking URI [default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here]")
 def run(job_file: str, overrides: tuple[str, ...], tracking_uri: str | None) -> None:
     """Run JOB_FILE on the local machine, or on the Ray cluster in RAY_ADDRESS."""
     job = _load(job_file, overrides)
     from fedray.platform.run import RunError, run_job  # Ray and torch load only when a job runs
-    from fedray.platform.tracking import resolve_uri
 
-    uri = resolve_uri(tracking_uri)
     started = time.monotonic()
     progress = _Progress(job.rounds, started)
     try:
-        summary = run_job(job, Path(job_file).read_text(), uri, on_round=progress)
+        summary = run_job(job, Path(job_file).read_text(), tracking_uri, on_round=progress)
     except RunError as e:
-        raise click.ClickException(f"{e}\nRounds already run stay logged in MLflow ({uri}).") from None
+        raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         raise click.ClickException("interrupted; the MLflow run was ended as KILLED") from None
     progress.close()
-    _print_summary(job, summary, uri, time.monotonic() - started)
+    _print_summary(job, summary, time.monotonic() - started)
 
 
 class _Progress:
@@ -90,11 +88,13 @@ def _fmt(value: float | None) -> str:
     return "  -   " if value is None else f"{value:.4f}"
 
 
-def _print_summary(job: JobSpec, s: dict, uri: str, seconds: float) -> None:
+def _print_summary(job: JobSpec, s: dict, seconds: float) -> None:
+    uri = s["tracking_uri"]
+    browse = uri if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
     click.echo(f"""
 {job.name}: {s['completed_rounds']}/{s['rounds']} rounds completed in {seconds:.1f}s
   test accuracy   {_fmt(s['test_accuracy'])}   test loss {_fmt(s['test_loss'])}
   bytes up/down   {s['bytes_up'] / 1e6:.2f} MB / {s['bytes_down'] / 1e6:.2f} MB
   device failures {s['failures']}
   MLflow run      {s['run_id']}  ({uri})
-  browse with     mlflow ui --backend-store-uri {uri}""")
+  browse with     {browse}""")

@@ -49,7 +49,7 @@ class Update:
                 raise ValueError(f"payload holds {len(payload) - offset} bytes for {length} x {dtype}")
             delta = np.frombuffer(payload, dtype=dtype, count=length, offset=offset)
             return cls(delta=delta, **header)
-        except (struct.error, TypeError, KeyError, json.JSONDecodeError) as e:
+        except (struct.error, TypeError, KeyError, ValueError) as e:  # JSON and unicode errors are ValueErrors
             raise ValueError(f"malformed update payload: {e}") from e
 
 

@@ -30,14 +30,23 @@ def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (2
     return nn.Sequential(*layers)
 
 
+class ChannelsLast(nn.Module):
+    """Puts the batch in channels-last memory order: CPU convolution and pooling run several times
+    faster on it than on the default NCHW order. The values are unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last)
+
+
 def _conv_net(input_shape: Sequence[int], num_classes: int, channels: Sequence[int], kernel: int,
               hidden: int | None) -> nn.Module:
     if len(input_shape) != 3:
         raise ValueError(f"a CNN needs image input (channels, height, width), got shape {tuple(input_shape)}")
-    layers: list[nn.Module] = []
+    layers: list[nn.Module] = [ChannelsLast()]
     c_in, (height, width) = input_shape[0], input_shape[1:]
     for c_out in channels:
-        layers += [nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2), nn.ReLU(), nn.MaxPool2d(2)]
+        # pooling before ReLU computes the same function as after it, on a quarter of the elements
+        layers += [nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2), nn.MaxPool2d(2), nn.ReLU()]
         c_in, height, width = c_out, height // 2, width // 2
     if height == 0 or width == 0:
         raise ValueError(f"input {tuple(input_shape)} is too small for {len(channels)} 2x2 poolings")
@@ -47,16 +56,18 @@ def _conv_net(input_shape: Sequence[int], num_classes: int, channels: Sequence[i
         layers += [nn.Linear(features, hidden), nn.ReLU()]
         features = hidden
     layers.append(nn.Linear(features, num_classes))
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers).to(memory_format=torch.channels_last)
 
 
 def cnn(input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """The CNN of the FedAvg paper: two 5x5 conv layers (32, 64) with 2x2 max-pooling, FC 512."""
+    """The CNN of the FedAvg paper: two 5x5 conv layers (32, 64), each with ReLU and 2x2 max-pooling,
+    a fully connected layer of 512 with ReLU, and the output layer."""
     return _conv_net(input_shape, num_classes, channels=(32, 64), kernel=5, hidden=512)
 
 
 def small_cnn(input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """A small, fast CNN: two 3x3 conv layers (16, 32) with 2x2 max-pooling, then a linear layer."""
+    """A small, fast CNN: two 3x3 conv layers (16, 32), each with ReLU and 2x2 max-pooling, then
+    the output layer."""
     return _conv_net(input_shape, num_classes, channels=(16, 32), kernel=3, hidden=None)
 
 

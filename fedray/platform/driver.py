@@ -139,6 +139,7 @@ class Driver:
         last = self.history[-1].metrics if self.history else {}
         return {
             "run_id": self.tracker.run_id,
+            "tracking_uri": self.tracker.uri,
             "rounds": len(self.history),
             "completed_rounds": sum(h.completed for h in self.history),
             "test_accuracy": last.get("test_accuracy"),

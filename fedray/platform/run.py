@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Callable
 
 import ray
+from ray._private import ray_constants
 from ray.exceptions import RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -26,22 +27,30 @@ def connect() -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
-    else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+        return
+    # Ray swaps 127.0.0.1 for the machine's address and listens on all interfaces unless it runs in
+    # its single-machine mode (the default on macOS and Windows). Ray reads this flag at import, so
+    # set it for the processes it starts and for this one.
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
 
 
 def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,
             on_round: Callable[[RoundResult], None] | None = None) -> dict:
-    """Run ``job`` to completion and return the Driver's summary. The MLflow run ends FINISHED, or
-    FAILED (keeping every round already logged) if a round raises."""
-    if os.environ.get("RAY_JOB_SUBMISSION_ID") and is_relative_local(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
-        warnings.warn("this Ray job logs to a relative MLflow path inside its temporary working directory, "
-                      "which Ray deletes; pass --tracking-uri with a tracking server or an absolute path",
-                      stacklevel=2)
+    """Run ``job`` to completion and return the Driver's summary. ``tracking_uri`` as given by the
+    user (None: ``MLFLOW_TRACKING_URI`` or MLflow's default). The MLflow run ends FINISHED, or FAILED
+    (keeping every round already logged) if a round raises; Ray errors become ``RunError``."""
     connect()
+    if ray.get_runtime_context().runtime_env.get("working_dir") and is_relative_local(
+            tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        warnings.warn("this Ray job logs MLflow runs to a relative path inside its temporary working "
+                      "directory, which Ray deletes; use --tracking-uri with a tracking server or an "
+                      "absolute path", stacklevel=2)
+    uri = resolve_uri(tracking_uri)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     driver = ray.remote(Driver).options(num_cpus=0, scheduling_strategy=here, max_restarts=0).remote(
-        job, resolve_uri(tracking_uri), job_yaml)
+        job, uri, job_yaml)
     # a round waits at most timeout_s for training and again for federated evaluation
     round_timeout = 2 * job.devices.timeout_s + 600
     try:
@@ -58,7 +67,8 @@ def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,
         except RayError:
             pass
         if isinstance(e, RayError):
-            raise RunError(f"job {job.name!r} failed: {_root_cause(e)}") from e
+            raise RunError(f"job {job.name!r} failed: {_root_cause(e)}\n"
+                           f"Rounds already run stay logged in MLflow at {uri}") from e
         raise
     finally:
         ray.kill(driver)  # its workers share its fate

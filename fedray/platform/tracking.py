@@ -42,6 +42,7 @@ class MlflowTracker:
         import mlflow
 
         self._mlflow = mlflow
+        self.uri = uri
         mlflow.set_tracking_uri(uri)
         exp = mlflow.get_experiment_by_name(experiment)
         if exp is None:

@@ -1,0 +1,110 @@
+"""Scale: 10,000 virtual devices vs 100, 100 trained per round, same per-device work.
+
+    .venv/bin/python benchmarks/scale.py [--rounds 10]
+
+Both jobs: synthetic data (32 features, 10 classes, 20 training samples per device), an MLP with
+one hidden layer of 64, 1 local epoch, 100 devices per round, one worker per CPU. Prints the
+median seconds per round after the first, their ratio, and the peak memory of all processes of
+this benchmark (this process, Ray's processes and the actors), summed as PSS so that shared pages
+(the object store) count once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from fedray.config import parse_job
+from fedray.platform.run import connect, run_job
+
+SAMPLES_PER_DEVICE = 20
+
+
+def scale_job(devices: int, rounds: int):
+    return parse_job({
+        "name": f"bench-scale-{devices}", "seed": 0, "rounds": rounds,
+        "data": {"dataset": "synthetic", "synthetic": {"samples": devices * SAMPLES_PER_DEVICE, "shape": [32],
+                                                        "classes": 10},
+                 "partition": {"kind": "iid"}, "holdout": 0.0, "test_fraction": 0.0},
+        "model": {"name": "mlp", "kwargs": {"hidden": [64]}},
+        "devices": {"count": devices, "per_round": 100, "local": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
+        "tracking": {"experiment": "benchmarks", "log_model": False},
+    })
+
+
+class PeakMemory:
+    """Samples the summed PSS of this process and all its descendants every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.peak, self._interval, self._stop = 0, interval, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, sum(_pss(pid) for pid in _family(os.getpid())))
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _family(root: int) -> list[int]:
+    """``root`` and all its descendants, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    family, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        family.append(pid)
+        todo.extend(children.get(pid, []))
+    return family
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size of ``pid`` in bytes (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def rounds_seconds(job, uri) -> list[float]:
+    stamps = [time.perf_counter()]
+    run_job(job, job.model_dump_json(), uri, on_round=lambda _: stamps.append(time.perf_counter()))
+    return [b - a for a, b in zip(stamps[1:], stamps[2:])]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=10)
+    args = p.parse_args()
+    connect()
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory() as memory:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        small = statistics.median(rounds_seconds(scale_job(100, args.rounds), uri))
+        large = statistics.median(rounds_seconds(scale_job(10_000, args.rounds), uri))
+    print("\nmedian seconds per round after the first (100 devices trained per round)")
+    print(f"{'100 devices':>14} {'10,000 devices':>16} {'ratio':>7} {'peak memory, all processes':>28}")
+    print(f"{small:14.3f} {large:16.3f} {large / small:7.3f} {memory.peak / 2**30:25.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
