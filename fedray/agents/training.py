@@ -68,7 +68,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> tuple[float, int]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128) -> tuple[float, int]:
     """Return ``(summed cross-entropy loss, number correct)`` of ``model`` on ``(x, y)``."""
     model.eval()
     loss_sum, correct = 0.0, 0
