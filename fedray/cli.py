@@ -30,8 +30,15 @@ def main() -> None:
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help=_SET_HELP)
 def validate(job_file: str, overrides: tuple[str, ...]) -> None:
-    """Check JOB_FILE without running it."""
+    """Check JOB_FILE without running it (including that a user model class imports)."""
     job = _load(job_file, overrides)
+    if job.model.class_ is not None:
+        from fedray.models.zoo import import_object
+
+        try:
+            import_object(job.model.class_)
+        except ValueError as e:
+            raise click.ClickException(f"{job_file}: model.class: {e}") from None
     click.echo(f"{job_file}: valid job {job.name!r}: {job.rounds} rounds, {job.devices.per_round} of "
                f"{job.devices.count} devices per round, dataset {job.data.dataset}")
 

@@ -1,0 +1,50 @@
+"""The `fedray` command line, run in-process on the session's Ray."""
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from fedray.cli import main
+
+from conftest import small_job
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def write_job(tmp_path, **overrides):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(small_job(**overrides)))
+    return str(path)
+
+
+def test_run_prints_progress_and_summary(tmp_path, tracking_uri):
+    result = CliRunner().invoke(main, ["run", write_job(tmp_path), "--tracking-uri", tracking_uri,
+                                       "--set", "rounds=3"])
+    assert result.exit_code == 0, result.output
+    assert "round 3/3" in result.output and "3/3 rounds completed" in result.output
+    assert f"mlflow ui --backend-store-uri {tracking_uri}" in result.output
+    run_id = result.output.split("MLflow run")[1].split()[0]
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["rounds"] == "3"
+
+
+def test_run_failure_names_the_cause_and_keeps_the_run(tmp_path, tracking_uri):
+    job = write_job(tmp_path, data={"dataset": "npz", "path": str(tmp_path / "missing.npz")})
+    result = CliRunner().invoke(main, ["run", job, "--tracking-uri", tracking_uri])
+    assert result.exit_code == 1
+    assert "data.path: cannot read" in result.output and "missing.npz" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_validate_checks_the_user_model_imports(tmp_path):
+    job = write_job(tmp_path, model={"class": "no_such_module:Net"})
+    result = CliRunner().invoke(main, ["validate", job])
+    assert result.exit_code == 1 and "model.class: cannot import module 'no_such_module'" in result.output
+    ok = CliRunner().invoke(main, ["validate", write_job(tmp_path, model={"class": "user_models:SlowLogReg"})])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_run_rejects_a_bad_job_before_starting_anything(tmp_path):
+    result = CliRunner().invoke(main, ["run", write_job(tmp_path, devices__per_round=50)])
+    assert result.exit_code == 1 and "devices.per_round (50) exceeds devices.count (6)" in result.output
