@@ -7,6 +7,7 @@ delta. It is decoded without unpickling, and ``len(payload)`` is the number of b
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import asdict, dataclass
 
@@ -64,8 +65,12 @@ def rejection_reason(update: Update, *, expected_device: int, expected_round: in
         return f"delta has dtype {update.delta.dtype}, expected float32"
     if update.delta.shape != (expected_size,):
         return f"delta has shape {update.delta.shape}, expected ({expected_size},)"
-    if update.num_samples <= 0:
-        return f"num_samples is {update.num_samples}, expected > 0"
+    for name in ("num_samples", "local_steps"):
+        value = getattr(update, name)
+        if type(value) is not int or value <= 0:
+            return f"{name} is {value!r}, expected an integer > 0"
+    if not isinstance(update.train_loss, float | int) or not math.isfinite(update.train_loss):
+        return f"train_loss is {update.train_loss!r}, expected a finite number"
     if not np.isfinite(update.delta).all():
         return f"delta has {int((~np.isfinite(update.delta)).sum())} non-finite values"
     return None

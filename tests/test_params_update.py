@@ -74,6 +74,9 @@ def test_malformed_payload_raises(payload):
     (update(delta=np.zeros(5, np.float64)), "dtype float64"),
     (update(delta=np.array([0, np.nan, np.inf, 1, 2], np.float32)), "2 non-finite"),
     (update(num_samples=0), "num_samples is 0"),
+    (update(num_samples=2.5), "num_samples is 2.5"),
+    (update(local_steps=True), "local_steps is True"),
+    (update(train_loss=float("nan")), "train_loss is nan"),
 ])
 def test_rejection_reasons(u, needle):
     reason = rejection_reason(u, expected_device=3, expected_round=2, expected_size=5)
