@@ -100,3 +100,12 @@ def test_cli_validate(tmp_path):
     assert ok.exit_code == 0 and "3 rounds" in ok.output
     bad = runner.invoke(main, ["validate", "jobs/quickstart.yaml", "--set", "devices.per_round=0"])
     assert bad.exit_code != 0 and "devices.per_round" in bad.output
+
+
+def test_every_package_directory_is_a_regular_package():
+    # setuptools' find_packages only ships directories with an __init__.py
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent / "fedray"
+    for directory in [root, *(p for p in root.rglob("*") if p.is_dir() and p.name != "__pycache__")]:
+        assert (directory / "__init__.py").exists(), f"{directory} lacks __init__.py"

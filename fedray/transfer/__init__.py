@@ -1,0 +1,1 @@
+"""Federated transfer fine-tuning and personalization (not yet implemented)."""
