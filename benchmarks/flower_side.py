@@ -42,7 +42,7 @@ from flwr.app import (ArrayRecord, ConfigRecord, Context, Message, MessageType, 
                       RecordDict)
 from flwr.clientapp import ClientApp  # noqa: E402
 
-from fedray.agents.training import LocalTraining, evaluate, train  # noqa: E402
+from fedray.agents.training import LocalTraining, device_generator, evaluate, train  # noqa: E402
 from fedray.models.zoo import small_cnn  # noqa: E402
 
 INPUT_SHAPE, NUM_CLASSES = (1, 28, 28), 10
@@ -58,12 +58,6 @@ def _workload(path: str) -> dict:
             _cache.update(path=path, **{k: torch.from_numpy(w[k]) for k in
                                         ("x_train", "y_train", "device_offsets", "device_index")})
     return _cache
-
-
-def device_generator(seed: int, server_round: int, device: int) -> torch.Generator:
-    """Same as fedray.agents.worker.device_generator (copied: that module is not import-light)."""
-    state = np.random.SeedSequence([seed, server_round, device]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
 
 
 client_app = ClientApp()

@@ -7,8 +7,7 @@ import time
 import numpy as np
 import torch
 
-from fedray.agents.training import LocalTraining, evaluate, train
-from fedray.agents.worker import device_generator
+from fedray.agents.training import LocalTraining, device_generator, evaluate, train
 from fedray.config import JobSpec, parse_job
 from fedray.data import datasets, partition
 from fedray.models.params import ParamSpec

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -24,6 +25,12 @@ class LocalTraining:
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
+
+
+def device_generator(seed: int, round: int, device_id: int) -> torch.Generator:
+    """The torch RNG of one device in one round: independent of which worker hosts the device."""
+    state = np.random.SeedSequence([seed, round, device_id]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 def make_optimizer(model: nn.Module, cfg: LocalTraining) -> torch.optim.Optimizer:

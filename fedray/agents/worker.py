@@ -10,17 +10,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedray.agents.training import LocalTraining, evaluate, train
+from fedray.agents.training import LocalTraining, device_generator, evaluate, train
 from fedray.config import JobSpec
 from fedray.models.params import ParamSpec
 from fedray.models.zoo import build_model
 from fedray.update import Update
-
-
-def device_generator(seed: int, round: int, device_id: int) -> torch.Generator:
-    """The torch RNG of one device in one round: independent of which worker hosts the device."""
-    state = np.random.SeedSequence([seed, round, device_id]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
 
 
 class DeviceWorker:

@@ -42,6 +42,7 @@ class Driver:
         split = partition.split(dataset.y, job.data, job.devices.count, job.seed)
         self._test_x = torch.from_numpy(dataset.x[split.holdout])
         self._test_y = torch.from_numpy(dataset.y[split.holdout])
+        self._example = dataset.x[:2].copy()  # input example for the logged model's signature
         self.model = build_model(job.model.name, job.model.class_, job.model.kwargs, dataset.input_shape,
                                  dataset.num_classes, job.seed)
         self.spec = ParamSpec.of(self.model)
@@ -84,7 +85,7 @@ class Driver:
                 partial.add(update.delta, update.num_samples)
                 loss_sum += update.train_loss * update.num_samples
         completed = partial.count >= math.ceil(devices.min_completion * len(sampled))
-        metrics = {"participants": partial.count, "failures": len(failures), "bytes_up": bytes_up,
+        metrics = {"participants": partial.count, "bytes_up": bytes_up,
                    "bytes_down": len(sampled) * self.state.params.nbytes, "round_failed": float(not completed)}
         if partial.count:
             metrics["train_loss"] = loss_sum / partial.weight
@@ -133,7 +134,7 @@ class Driver:
                 self.tracker.log_figure(_plot(self.history), "accuracy_loss.png")
             if self.job.tracking.log_model and status == "FINISHED":
                 self.spec.load(self.model, self.state.params)
-                self.tracker.log_model(self.model, self._test_x[:2].numpy())
+                self.tracker.log_model(self.model, self._example)
         finally:
             self.tracker.finish(status)
         last = self.history[-1].metrics if self.history else {}
