@@ -69,8 +69,8 @@ def rejection_reason(update: Update, *, expected_device: int, expected_round: in
         value = getattr(update, name)
         if type(value) is not int or value <= 0:
             return f"{name} is {value!r}, expected an integer > 0"
-    if not isinstance(update.train_loss, float | int) or not math.isfinite(update.train_loss):
-        return f"train_loss is {update.train_loss!r}, expected a finite number"
     if not np.isfinite(update.delta).all():
         return f"delta has {int((~np.isfinite(update.delta)).sum())} non-finite values"
+    if not isinstance(update.train_loss, float | int) or not math.isfinite(update.train_loss):
+        return f"train_loss is {update.train_loss!r}, expected a finite number"
     return None
