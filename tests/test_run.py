@@ -146,3 +146,15 @@ def test_failed_run_keeps_what_was_logged(tracking_uri, tmp_path):
         # the data file disappears after the run started: the driver's setup fails
         missing.unlink()
         run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri)
+
+
+def test_deployment_mode_runs_one_actor_per_device(tracking_uri):
+    driver = start_driver(tracking_uri, data={"dataset": "breast_cancer", "partition": {"kind": "quantity_skew",
+                                                                                       "beta": 2.0}},
+                          devices={"count": 3, "per_round": 3, "mode": "deployment",
+                                   "local": {"epochs": 1, "optimizer": "adam", "lr": 0.01}})
+    actors, worker_of = ray.get(driver.__ray_call__.remote(lambda self: (len(self.pool.actors), self.pool.worker_of)))
+    assert actors == 3 and sorted(worker_of.tolist()) == [0, 1, 2]
+    result = ray.get(driver.run_round.remote(1))
+    assert result.completed and result.metrics["participants"] == 3
+    ray.get(driver.finish.remote())
