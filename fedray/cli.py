@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ def validate(job_file: str, overrides: tuple[str, ...]) -> None:
     if job.model.class_ is not None:
         from fedray.models.zoo import import_object
 
+        sys.path.insert(0, os.getcwd())  # as on Ray's workers, which run from this directory
         try:
             import_object(job.model.class_)
         except ValueError as e:

@@ -22,7 +22,7 @@ class JobError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class IIDPartition(_Section):
@@ -94,6 +94,17 @@ class ModelSpec(_Section):
     def _check(self) -> ModelSpec:
         if (self.name is None) == (self.class_ is None):
             raise ValueError("give exactly one of model.name (logreg, mlp, cnn, small_cnn) or model.class")
+        if self.name is not None:
+            import inspect
+
+            from fedray.models.zoo import ZOO
+
+            signature = inspect.signature(ZOO[self.name])
+            try:
+                signature.bind(None, None, **self.kwargs)
+            except TypeError as e:
+                options = [p for p in signature.parameters if p not in ("input_shape", "num_classes")]
+                raise ValueError(f"model.kwargs for {self.name!r}: {e}; it takes {options or 'none'}") from None
         return self
 
 
@@ -128,7 +139,7 @@ class DevicesSpec(_Section):
     workers: PositiveInt | None = Field(None, description="simulation: actors hosting devices; default one per CPU")
     local: LocalSpec = LocalSpec()
     min_completion: Annotated[float, Field(gt=0, le=1)] = 0.5
-    timeout_s: PositiveFloat = 300.0
+    timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 300.0
 
     @model_validator(mode="after")
     def _check(self) -> DevicesSpec:
@@ -154,12 +165,9 @@ class TrackingSpec(_Section):
     log_model: bool = True
 
 
-IMAGE_DATASETS = frozenset({"digits", "mnist"})
-
-
 class JobSpec(_Section):
     name: str
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0)] = 0
     rounds: PositiveInt
     data: DataSpec
     model: ModelSpec
@@ -170,7 +178,7 @@ class JobSpec(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> JobSpec:
-        known_flat = self.data.dataset == "breast_cancer" or (
+        known_flat = self.data.dataset in ("breast_cancer", "csv") or (
             self.data.dataset == "synthetic" and len(self.data.synthetic.shape) != 3)
         if self.model.name in ("cnn", "small_cnn") and known_flat:
             raise ValueError(f"model.name {self.model.name!r} needs image input (channels, height, width); "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,9 +32,9 @@ class Update:
     delta: np.ndarray
 
     def to_bytes(self) -> bytes:
-        header = {k: v for k, v in asdict(self).items() if k != "delta"}
-        header["dtype"] = str(self.delta.dtype)
-        header["length"] = int(self.delta.size)
+        header = {"device_id": self.device_id, "round": self.round, "num_samples": self.num_samples,
+                  "local_steps": self.local_steps, "train_loss": self.train_loss,
+                  "dtype": str(self.delta.dtype), "length": int(self.delta.size)}
         blob = json.dumps(header).encode()
         return _HEADER_LEN.pack(len(blob)) + blob + self.delta.tobytes()
 
@@ -44,18 +44,20 @@ class Update:
         try:
             (n,) = _HEADER_LEN.unpack_from(payload)
             header = json.loads(payload[_HEADER_LEN.size:_HEADER_LEN.size + n])
+            if not isinstance(header, dict):
+                raise ValueError(f"header is a {type(header).__name__}, not an object")
             dtype, length = np.dtype(header.pop("dtype")), int(header.pop("length"))
             offset = _HEADER_LEN.size + n
             if len(payload) - offset != length * dtype.itemsize:
                 raise ValueError(f"payload holds {len(payload) - offset} bytes for {length} x {dtype}")
             delta = np.frombuffer(payload, dtype=dtype, count=length, offset=offset)
             return cls(delta=delta, **header)
-        except (struct.error, TypeError, KeyError, ValueError) as e:  # JSON and unicode errors are ValueErrors
+        except (struct.error, TypeError, KeyError, ValueError, OverflowError, RecursionError) as e:
             raise ValueError(f"malformed update payload: {e}") from e
 
 
-def rejection_reason(update: Update, *, expected_device: int, expected_round: int,
-                     expected_size: int) -> str | None:
+def rejection_reason(update: Update, *, expected_device: int, expected_round: int, expected_size: int,
+                     expected_samples: int) -> str | None:
     """Why ``update`` must not be aggregated, or None when it is valid."""
     if update.device_id != expected_device:
         return f"update claims device {update.device_id}, expected device {expected_device}"
@@ -69,8 +71,10 @@ def rejection_reason(update: Update, *, expected_device: int, expected_round: in
         value = getattr(update, name)
         if type(value) is not int or value <= 0:
             return f"{name} is {value!r}, expected an integer > 0"
+    if update.num_samples != expected_samples:
+        return f"num_samples is {update.num_samples}, but the device holds {expected_samples} training samples"
     if not np.isfinite(update.delta).all():
         return f"delta has {int((~np.isfinite(update.delta)).sum())} non-finite values"
-    if not isinstance(update.train_loss, float | int) or not math.isfinite(update.train_loss):
+    if type(update.train_loss) is not float or not math.isfinite(update.train_loss):
         return f"train_loss is {update.train_loss!r}, expected a finite number"
     return None

@@ -45,6 +45,14 @@ def test_validate_checks_the_user_model_imports(tmp_path):
     assert ok.exit_code == 0, ok.output
 
 
+def test_validate_imports_user_models_from_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "mynets.py").write_text("import torch\nclass Net(torch.nn.Linear):\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    result = CliRunner().invoke(main, ["validate", write_job(tmp_path, model={"class": "mynets:Net"})])
+    assert result.exit_code == 0, result.output
+
+
 def test_run_rejects_a_bad_job_before_starting_anything(tmp_path):
     result = CliRunner().invoke(main, ["run", write_job(tmp_path, devices__per_round=50)])
     assert result.exit_code == 1 and "devices.per_round (50) exceeds devices.count (6)" in result.output

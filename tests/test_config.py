@@ -51,9 +51,21 @@ def test_partition_fields_are_checked_per_kind():
     ({"devices__local": {"epochs": 2, "steps": 10}}, "not both"),
     ({"devices__local": {"optimizer": "adam", "momentum": 0.9}}, "momentum applies only"),
     ({"devices__mode": "deployment"}, "devices.workers applies only"),
+    ({"model": {"name": "cnn"}, "data": {"dataset": "csv", "path": "x.csv"}}, "needs image input"),
+    ({"model": {"name": "mlp", "kwargs": {"width": 3}}}, "model.kwargs for 'mlp'"),
+    ({"model": {"name": "logreg", "kwargs": {"hidden": [3]}}}, "it takes none"),
 ])
 def test_impossible_combinations(overrides, needle):
     assert needle in errors(small_job(**overrides))
+
+
+@pytest.mark.parametrize("override, field", [
+    ("devices.timeout_s=.inf", "devices.timeout_s"),
+    ("strategy.server_lr=.nan", "strategy.server_lr"),
+    ("seed=-1", "seed"),
+])
+def test_non_finite_and_negative_values_are_named(override, field):
+    assert f"{field}:" in errors(small_job(), [override])
 
 
 def test_overrides_apply_and_parse_values():

@@ -112,3 +112,21 @@ def test_user_model_import_errors_are_clear():
 def test_cnn_rejects_flat_input():
     with pytest.raises(ValueError, match="needs image input"):
         build_model("cnn", None, {}, (30,), 2, 0)
+
+
+def test_user_model_with_buffers_is_refused():
+    with pytest.raises(ValueError, match="floating-point buffers.*BatchNorm"):
+        build_model(None, "torch.nn:BatchNorm1d", {"num_features": 3}, (3,), 2, 0)
+
+
+def test_dropout_is_deterministic_given_the_generator():
+    d = datasets.synthetic(64, (4,), 2, 1.0, 0)
+    x, y = torch.from_numpy(d.x), torch.from_numpy(d.y)
+    results = []
+    for noise in range(2):
+        torch.manual_seed(noise)  # the global RNG state must not matter
+        model = build_model("logreg", None, {}, (4,), 2, 0)
+        model = torch.nn.Sequential(torch.nn.Dropout(0.5), model)
+        train(model, x, y, LocalTraining(epochs=1, batch_size=8), torch.Generator().manual_seed(7))
+        results.append(torch.cat([p.detach().ravel() for p in model.parameters()]))
+    assert torch.equal(*results)

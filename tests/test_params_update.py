@@ -61,7 +61,8 @@ def test_update_wire_round_trip_counts_bytes():
 
 
 @pytest.mark.parametrize("payload", [b"", b"\x05\x00\x00\x00{}", update().to_bytes()[:-4],
-                                     b"\x02\x00\x00\x00[]"])
+                                     b"\x02\x00\x00\x00[]", b"\x05\x00\x00\x001e999",
+                                     b"\x03\x00\x00\x00999"])
 def test_malformed_payload_raises(payload):
     with pytest.raises(ValueError):
         Update.from_bytes(payload)
@@ -74,14 +75,16 @@ def test_malformed_payload_raises(payload):
     (update(delta=np.zeros(5, np.float64)), "dtype float64"),
     (update(delta=np.array([0, np.nan, np.inf, 1, 2], np.float32)), "2 non-finite"),
     (update(num_samples=0), "num_samples is 0"),
+    (update(num_samples=10**30), "but the device holds 10 training samples"),
+    (update(train_loss=10**400), "train_loss is 1000"),
     (update(num_samples=2.5), "num_samples is 2.5"),
     (update(local_steps=True), "local_steps is True"),
     (update(train_loss=float("nan")), "train_loss is nan"),
 ])
 def test_rejection_reasons(u, needle):
-    reason = rejection_reason(u, expected_device=3, expected_round=2, expected_size=5)
+    reason = rejection_reason(u, expected_device=3, expected_round=2, expected_size=5, expected_samples=10)
     assert reason is not None and needle in reason
 
 
 def test_valid_update_is_accepted():
-    assert rejection_reason(update(), expected_device=3, expected_round=2, expected_size=5) is None
+    assert rejection_reason(update(), expected_device=3, expected_round=2, expected_size=5, expected_samples=10) is None

@@ -138,6 +138,17 @@ def test_hung_devices_time_out_and_round_fails(tracking_uri):
     ray.get(driver.finish.remote("FAILED"))
 
 
+def test_finish_twice_ends_the_run_once(tracking_uri):
+    driver = start_driver(tracking_uri, rounds=1)
+    ray.get(driver.run_round.remote(1))
+    first = ray.get(driver.finish.remote("FINISHED"))
+    assert ray.get(driver.finish.remote("FAILED")) == first
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(first["run_id"]).info.status == "FINISHED"
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_id for r in runs] == [first["run_id"]]  # no stray run in another experiment
+
+
 def test_failed_run_keeps_what_was_logged(tracking_uri, tmp_path):
     missing = tmp_path / "gone.npz"
     np.savez(missing, x=np.ones((40, 3)), y=np.arange(40) % 2)

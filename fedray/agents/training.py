@@ -47,9 +47,17 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining
     """Train ``model`` in place on ``(x, y)`` with mini-batch updates.
 
     A fresh optimizer is made per call (optimizer state does not carry over rounds). Batches are
-    drawn from a new permutation each epoch; the last batch of an epoch may be smaller.
+    drawn from a new permutation each epoch; the last batch of an epoch may be smaller. Randomness
+    inside the model (dropout) comes from ``generator``'s seed too, so a call is deterministic.
     Returns ``(steps taken, mean training loss over those steps)``.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(generator.initial_seed() ^ 0x5EED)
+        return _train(model, x, y, cfg, generator)
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining,
+           generator: torch.Generator) -> tuple[int, float]:
     n = len(x)
     if n == 0:
         raise ValueError("no local training samples")

@@ -77,7 +77,6 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "cnn": cnn,
     "small_cnn": small_cnn,
 }
-IMAGE_MODELS = frozenset({"cnn", "small_cnn"})
 
 
 def import_object(path: str) -> object:
@@ -99,14 +98,18 @@ def build_model(name: str | None, class_path: str | None, kwargs: dict, input_sh
                 num_classes: int, seed: int) -> nn.Module:
     """Build a zoo model by ``name`` or a user ``nn.Module`` by ``class_path`` with ``kwargs``.
 
-    The initial weights depend only on ``seed``, so every process builds the same model.
+    The initial weights depend only on ``seed``, so every process builds the same model. A user
+    model with floating-point buffers is refused: they would not be federated.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if class_path is not None:
-            cls = import_object(class_path)
-            model = cls(**kwargs)
-            if not isinstance(model, nn.Module):
-                raise ValueError(f"{class_path} built a {type(model).__name__}, not a torch.nn.Module")
-            return model
-        return ZOO[name](input_shape, num_classes, **kwargs)
+        if class_path is None:
+            return ZOO[name](input_shape, num_classes, **kwargs)
+        model = import_object(class_path)(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{class_path} built a {type(model).__name__}, not a torch.nn.Module")
+    buffers = [n for n, b in model.named_buffers() if b.is_floating_point()]
+    if buffers:
+        raise ValueError(f"{class_path} has floating-point buffers {buffers[:3]} (e.g. BatchNorm running "
+                         "statistics), which fedray does not federate yet; use GroupNorm or LayerNorm")
+    return model

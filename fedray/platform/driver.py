@@ -32,6 +32,7 @@ class RoundResult:
     completed: bool
     metrics: dict[str, float]
     failures: dict[int, str] = field(default_factory=dict)
+    evaluation_failures: dict[int, str] = field(default_factory=dict)
 
 
 class Driver:
@@ -43,6 +44,7 @@ class Driver:
         self._test_x = torch.from_numpy(dataset.x[split.holdout])
         self._test_y = torch.from_numpy(dataset.y[split.holdout])
         self._example = dataset.x[:2].copy()  # input example for the logged model's signature
+        self._train_sizes = [len(t) for t in split.train]
         self.model = build_model(job.model.name, job.model.class_, job.model.kwargs, dataset.input_shape,
                                  dataset.num_classes, job.seed)
         self.spec = ParamSpec.of(self.model)
@@ -78,13 +80,14 @@ class Driver:
                 except ValueError as e:
                     failures[d] = str(e)
                     continue
-                reason = rejection_reason(update, expected_device=d, expected_round=r, expected_size=self.spec.size)
+                reason = rejection_reason(update, expected_device=d, expected_round=r, expected_size=self.spec.size,
+                                          expected_samples=self._train_sizes[d])
                 if reason is not None:
                     failures[d] = f"rejected: {reason}"
                     continue
                 partial.add(update.delta, update.num_samples)
                 loss_sum += update.train_loss * update.num_samples
-        completed = partial.count >= math.ceil(devices.min_completion * len(sampled))
+        completed = partial.count >= quorum(devices.min_completion, len(sampled))
         metrics = {"participants": partial.count, "bytes_up": bytes_up,
                    "bytes_down": len(sampled) * self.state.params.nbytes, "round_failed": float(not completed)}
         if partial.count:
@@ -92,14 +95,17 @@ class Driver:
         if completed:
             self.state, diagnostics = self.strategy.apply(self.state, partial)
             metrics.update(diagnostics)
+        metrics["failures"] = len(failures)
+        evaluation_failures: dict[int, str] = {}
         if r % self.job.evaluation.every == 0 or r == self.job.rounds:
             metrics.update(self.evaluate())
             if self.job.evaluation.federated:
-                metrics.update(self._federated_evaluate(sampled, failures))
-        metrics["failures"] = len(failures)
+                federated, evaluation_failures = self._federated_evaluate(sampled)
+                metrics.update(federated, evaluation_failures=len(evaluation_failures))
         metrics["round_seconds"] = time.perf_counter() - start
         self.tracker.log_metrics(metrics, step=r)
-        result = RoundResult(r, completed, metrics, dict(sorted(failures.items())))
+        result = RoundResult(r, completed, metrics, dict(sorted(failures.items())),
+                             dict(sorted(evaluation_failures.items())))
         self.history.append(result)
         return result
 
@@ -111,32 +117,43 @@ class Driver:
         loss, correct = evaluate(self.model, self._test_x, self._test_y)
         return {"test_accuracy": correct / len(self._test_y), "test_loss": loss / len(self._test_y)}
 
-    def _federated_evaluate(self, sampled: np.ndarray, failures: dict[int, str]) -> dict[str, float]:
-        """Sample-weighted accuracy and loss of the global model on the sampled devices' test splits."""
+    def _federated_evaluate(self, sampled: np.ndarray) -> tuple[dict[str, float], dict[int, str]]:
+        """Sample-weighted accuracy and loss of the global model on the sampled devices' test
+        splits, and ``{device: reason}`` for the devices that could not evaluate."""
         params_ref = ray.put(self.state.params)
-        results, eval_failures = self.pool.call("evaluate", sampled, params_ref, timeout=self.job.devices.timeout_s)
+        results, failures = self.pool.call("evaluate", sampled, params_ref, timeout=self.job.devices.timeout_s)
         per_device = []
         for device_results, device_failures in results:
-            eval_failures.update(device_failures)
+            failures.update(device_failures)
             per_device.extend(device_results.values())
-        failures.update({d: f"evaluation: {reason}" for d, reason in eval_failures.items()})
         samples = sum(n for n, _, _ in per_device)
         if not samples:
-            return {}
+            return {}, failures
         return {"federated_test_accuracy": sum(c for _, _, c in per_device) / samples,
-                "federated_test_loss": sum(loss for _, loss, _ in per_device) / samples}
+                "federated_test_loss": sum(loss for _, loss, _ in per_device) / samples}, failures
+
+    def run_id(self) -> str:
+        """The MLflow run id (answered once setup is done)."""
+        return self.tracker.run_id
 
     def finish(self, status: str = "FINISHED") -> dict:
-        """Log the final model, the plot and the failure log, end the MLflow run, return a summary."""
-        try:
-            if self.history:
-                self.tracker.log_text(json.dumps([asdict(h) for h in self.history], indent=1), "rounds.json")
-                self.tracker.log_figure(_plot(self.history), "accuracy_loss.png")
-            if self.job.tracking.log_model and status == "FINISHED":
-                self.spec.load(self.model, self.state.params)
-                self.tracker.log_model(self.model, self._example)
-        finally:
-            self.tracker.finish(status)
+        """Log the round log, the plot and (if FINISHED) the final model, end the MLflow run with
+        ``status`` (FAILED if logging fails), and return a summary. Once the run has ended, only
+        returns the summary."""
+        if not self.tracker.ended:
+            end_status = status
+            try:
+                if self.history:
+                    self.tracker.log_text(json.dumps([asdict(h) for h in self.history], indent=1), "rounds.json")
+                    self.tracker.log_figure(_plot(self.history), "accuracy_loss.png")
+                if self.job.tracking.log_model and status == "FINISHED":
+                    self.spec.load(self.model, self.state.params)
+                    self.tracker.log_model(self.model, self._example)
+            except BaseException:
+                end_status = "FAILED"
+                raise
+            finally:
+                self.tracker.finish(end_status)
         last = self.history[-1].metrics if self.history else {}
         return {
             "run_id": self.tracker.run_id,
@@ -149,6 +166,12 @@ class Driver:
             "bytes_down": sum(h.metrics["bytes_down"] for h in self.history),
             "failures": sum(h.metrics["failures"] for h in self.history),
         }
+
+
+def quorum(min_completion: float, sampled: int) -> int:
+    """Accepted updates a round needs: ``ceil(min_completion * sampled)``, rounded first because
+    0.28 * 25 is 7.000000000000001 in floating point."""
+    return math.ceil(round(min_completion * sampled, 9))
 
 
 def _plot(history: list[RoundResult]):

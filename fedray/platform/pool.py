@@ -38,12 +38,12 @@ class WorkerPool:
         self._shards = [{int(d): (split.train[d], split.test[d]) for d in np.flatnonzero(self.worker_of == w)}
                         for w in range(num_workers)]
         # more workers than CPUs share them rather than waiting for a free one
-        self._options = {"num_cpus": min(1.0, cpus / num_workers), "max_restarts": 0}
+        self._actor_class = ray.remote(DeviceWorker).options(num_cpus=min(1.0, cpus / num_workers), max_restarts=0)
         self._args = (job, data, num_classes)
         self.actors = [self._spawn(w) for w in range(num_workers)]
 
     def _spawn(self, w: int) -> Any:
-        return ray.remote(DeviceWorker).options(**self._options).remote(*self._args, self._shards[w])
+        return self._actor_class.remote(*self._args, self._shards[w])
 
     def call(self, method: str, device_ids: np.ndarray, *args: Any, timeout: float
              ) -> tuple[list[tuple[dict, dict]], dict[int, str]]:

@@ -13,7 +13,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedray.config import JobSpec
 from fedray.platform.driver import Driver, RoundResult
-from fedray.platform.tracking import is_relative_local, resolve_uri
+from fedray.platform.tracking import is_relative_local, resolve_uri, terminate
 
 
 class RunError(RuntimeError):
@@ -53,25 +53,36 @@ def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,
         job, uri, job_yaml)
     # a round waits at most timeout_s for training and again for federated evaluation
     round_timeout = 2 * job.devices.timeout_s + 600
+    run_id = None
     try:
+        run_id = ray.get(driver.run_id.remote(), timeout=600)  # the driver's setup is done
         for r in range(1, job.rounds + 1):
             result = ray.get(driver.run_round.remote(r), timeout=round_timeout)
             if on_round is not None:
                 on_round(result)
         return ray.get(driver.finish.remote("FINISHED"), timeout=600)
     except BaseException as e:
-        # end the MLflow run with what was logged so far; a driver that is gone already ended it
-        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-        try:
-            ray.get(driver.finish.remote(status), timeout=120)
-        except RayError:
-            pass
+        _end_run(driver, uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         if isinstance(e, RayError):
             raise RunError(f"job {job.name!r} failed: {_root_cause(e)}\n"
                            f"Rounds already run stay logged in MLflow at {uri}") from e
         raise
     finally:
         ray.kill(driver)  # its workers share its fate
+
+
+def _end_run(driver, uri: str, run_id: str | None, status: str) -> None:
+    """End the MLflow run with what was logged so far: through the driver if it answers (it
+    flushes its pending metrics), else directly. On Ctrl-C the driver is not waited for."""
+    if status != "KILLED":
+        try:
+            ray.get(driver.finish.remote(status), timeout=120)
+            return
+        except RayError:  # the driver is gone or stuck; a driver whose setup failed ended its run
+            pass
+    ray.kill(driver)
+    if run_id is not None:
+        terminate(uri, run_id, status)
 
 
 def _root_cause(error: RayError) -> str:

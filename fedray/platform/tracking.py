@@ -44,15 +44,8 @@ class MlflowTracker:
         self._mlflow = mlflow
         self.uri = uri
         mlflow.set_tracking_uri(uri)
-        exp = mlflow.get_experiment_by_name(experiment)
-        if exp is None:
-            db = _sqlite_path(uri)
-            # a local sqlite store keeps artifacts beside the database, not in the working directory
-            location = (db.parent / "mlartifacts").as_uri() if db is not None else None
-            exp_id = mlflow.create_experiment(experiment, artifact_location=location)
-        else:
-            exp_id = exp.experiment_id
-        self.run_id = mlflow.start_run(experiment_id=exp_id, run_name=run_name).info.run_id
+        self.run_id = mlflow.start_run(experiment_id=_experiment_id(experiment, uri), run_name=run_name).info.run_id
+        self.ended = False
 
     def log_params(self, params: dict[str, str]) -> None:
         self._mlflow.log_params(params)
@@ -78,6 +71,40 @@ class MlflowTracker:
                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Flush pending metrics and end the run with ``status`` (FINISHED, FAILED or KILLED)."""
-        self._mlflow.flush_async_logging()
-        self._mlflow.end_run(status)
+        """Flush pending metrics and end the run with ``status`` (FINISHED, FAILED or KILLED).
+        Later calls do nothing."""
+        if self.ended:
+            return
+        self.ended = True
+        try:
+            self._mlflow.flush_async_logging()
+        finally:
+            self._mlflow.end_run(status)
+
+
+def _experiment_id(name: str, uri: str) -> str:
+    """The id of experiment ``name``, created if missing. A local sqlite store keeps artifacts
+    beside the database, not in the working directory."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    db = _sqlite_path(uri)
+    try:
+        return mlflow.create_experiment(name, artifact_location=(db.parent / "mlartifacts").as_uri() if db else None)
+    except MlflowException:  # another run created it meanwhile
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def terminate(uri: str, run_id: str, status: str) -> None:
+    """End run ``run_id`` with ``status`` if it is still running: for when its driver is gone."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status)
