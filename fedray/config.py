@@ -150,9 +150,57 @@ class DevicesSpec(_Section):
         return self
 
 
-class StrategySpec(_Section):
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
+class FedAvg(_Section):
+    """FedAvg: step by ``server_lr`` x the sample-weighted mean delta."""
+
     name: Literal["fedavg"] = "fedavg"
     server_lr: PositiveFloat = 1.0
+
+
+class FedAvgM(_Section):
+    """FedAvg with server momentum (Hsu et al. 2019)."""
+
+    name: Literal["fedavgm"]
+    server_lr: PositiveFloat = 1.0
+    momentum: Beta = 0.9
+
+
+class FedProx(_Section):
+    """FedAvg whose devices add (mu/2)||w - w_global||^2 to their loss (Li et al. 2020)."""
+
+    name: Literal["fedprox"]
+    server_lr: PositiveFloat = 1.0
+    mu: PositiveFloat = 0.01
+
+
+class FedNova(_Section):
+    """Normalized averaging: each delta divided by its device's effective local steps (Wang et al. 2020)."""
+
+    name: Literal["fednova"]
+    server_lr: PositiveFloat = 1.0
+
+
+class FedAdam(_Section):
+    """Adaptive server optimizers on the pseudo-gradient (Reddi et al. 2021)."""
+
+    name: Literal["fedadam", "fedyogi"]
+    server_lr: PositiveFloat = 0.01
+    beta1: Beta = 0.9
+    beta2: Beta = 0.99
+    tau: PositiveFloat = 1e-3
+
+
+class FedAdagrad(_Section):
+    name: Literal["fedadagrad"]
+    server_lr: PositiveFloat = 0.1
+    beta1: Beta = 0.0
+    tau: PositiveFloat = 1e-3
+
+
+StrategySpec = Annotated[FedAvg | FedAvgM | FedProx | FedNova | FedAdam | FedAdagrad, Field(discriminator="name")]
 
 
 class EvaluationSpec(_Section):
@@ -172,14 +220,23 @@ class JobSpec(_Section):
     data: DataSpec
     model: ModelSpec
     devices: DevicesSpec = DevicesSpec()
-    strategy: StrategySpec = StrategySpec()
+    strategy: StrategySpec = FedAvg()
     evaluation: EvaluationSpec = EvaluationSpec()
     tracking: TrackingSpec = TrackingSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_strategy_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("strategy"), dict) and "name" not in data["strategy"]:
+            data = {**data, "strategy": {"name": "fedavg", **data["strategy"]}}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> JobSpec:
         known_flat = self.data.dataset in ("breast_cancer", "csv") or (
             self.data.dataset == "synthetic" and len(self.data.synthetic.shape) != 3)
+        if self.strategy.name == "fednova" and self.devices.local.optimizer != "sgd":
+            raise ValueError("strategy fednova normalizes SGD steps; it needs devices.local.optimizer 'sgd'")
         if self.model.name in ("cnn", "small_cnn") and known_flat:
             raise ValueError(f"model.name {self.model.name!r} needs image input (channels, height, width); "
                              f"dataset {self.data.dataset!r} is not shaped so")
@@ -236,10 +293,16 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobSpec:
         raise JobError(f"{path}: {e}") from None
 
 
+_TAGGED = frozenset({"strategy", "partition"})
+
+
 def format_errors(error: ValidationError) -> str:
     lines = []
     for err in error.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "job"
+        # pydantic puts the union member's tag after a tagged section (strategy.fedavg.server_lr);
+        # users wrote strategy.server_lr
+        parts = [p for i, p in enumerate(err["loc"]) if i == 0 or err["loc"][i - 1] not in _TAGGED]
+        loc = ".".join(str(p) for p in parts) or "job"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"

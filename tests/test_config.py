@@ -38,7 +38,7 @@ def test_wrong_type_and_range_are_named():
 
 def test_partition_fields_are_checked_per_kind():
     msg = errors(small_job(data__partition={"kind": "iid", "alpha": 0.3}))
-    assert "data.partition.iid.alpha: unknown field" in msg
+    assert "data.partition.alpha: unknown field" in msg
     msg = errors(small_job(data__partition={"kind": "zipf"}))
     assert "data.partition" in msg and "'iid', 'dirichlet', 'shards', 'quantity_skew'" in msg
 
@@ -54,6 +54,11 @@ def test_partition_fields_are_checked_per_kind():
     ({"model": {"name": "cnn"}, "data": {"dataset": "csv", "path": "x.csv"}}, "needs image input"),
     ({"model": {"name": "mlp", "kwargs": {"width": 3}}}, "model.kwargs for 'mlp'"),
     ({"model": {"name": "logreg", "kwargs": {"hidden": [3]}}}, "it takes none"),
+    ({"strategy": {"name": "fednova"}, "devices__local": {"optimizer": "adam"}}, "fednova normalizes SGD"),
+    ({"strategy": {"name": "fedadam", "beta2": 1.0}}, "strategy.beta2: Input should be less than 1"),
+    ({"strategy": {"name": "fedprox", "mu": 0}}, "strategy.mu: Input should be greater than 0"),
+    ({"strategy": {"name": "fedavg", "mu": 0.1}}, "strategy.mu: unknown field"),
+    ({"strategy": {"name": "fedsgd"}}, "does not match any of the expected tags"),
 ])
 def test_impossible_combinations(overrides, needle):
     assert needle in errors(small_job(**overrides))
@@ -121,3 +126,9 @@ def test_every_package_directory_is_a_regular_package():
     root = Path(__file__).parent.parent / "fedray"
     for directory in [root, *(p for p in root.rglob("*") if p.is_dir() and p.name != "__pycache__")]:
         assert (directory / "__init__.py").exists(), f"{directory} lacks __init__.py"
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedprox", "fednova", "fedadam", "fedyogi", "fedadagrad"])
+def test_every_strategy_name_works_with_its_defaults(name):
+    job = parse_job(small_job(strategy={"name": "fedavg", "server_lr": 0.5}), [f"strategy.name={name}"])
+    assert job.strategy.name == name and job.strategy.server_lr == 0.5

@@ -130,3 +130,17 @@ def test_dropout_is_deterministic_given_the_generator():
         train(model, x, y, LocalTraining(epochs=1, batch_size=8), torch.Generator().manual_seed(7))
         results.append(torch.cat([p.detach().ravel() for p in model.parameters()]))
     assert torch.equal(*results)
+
+
+def test_fedprox_term_pulls_towards_the_start():
+    d = datasets.synthetic(200, (4,), 2, 1.0, 0)
+    x, y = torch.from_numpy(d.x), torch.from_numpy(d.y)
+    drift = {}
+    for mu in (0.0, 1.0, 100.0):
+        model = build_model("logreg", None, {}, (4,), 2, 0)
+        start = torch.cat([p.detach().ravel() for p in model.parameters()])
+        train(model, x, y, LocalTraining(epochs=3, batch_size=16, lr=0.005, prox_mu=mu), torch.Generator().manual_seed(0))
+        drift[mu] = float((torch.cat([p.detach().ravel() for p in model.parameters()]) - start).norm())
+    assert drift[0.0] > drift[1.0] > drift[100.0] > 0
+    # with a huge mu each step contracts towards the start: lr * mu = 0.5 per step
+    assert drift[100.0] < 0.1 * drift[0.0]

@@ -169,3 +169,12 @@ def test_deployment_mode_runs_one_actor_per_device(tracking_uri):
     result = ray.get(driver.run_round.remote(1))
     assert result.completed and result.metrics["participants"] == 3
     ray.get(driver.finish.remote())
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedprox", "fednova", "fedadam", "fedyogi", "fedadagrad"])
+def test_strategies_train_end_to_end(tracking_uri, name):
+    raw = small_job(rounds=3, strategy={"name": name})
+    summary = run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri)
+    run = MlflowClient(tracking_uri).get_run(summary["run_id"])
+    assert run.data.params["strategy.name"] == name and summary["completed_rounds"] == 3
+    assert summary["test_accuracy"] > 0.3  # chance is 0.1

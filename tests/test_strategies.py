@@ -41,15 +41,97 @@ def test_partials_merge_associatively():
 def test_empty_partial_and_bad_weight_raise():
     with pytest.raises(ValueError, match="empty aggregate"):
         Partial.zeros(3).mean()
-    with pytest.raises(ValueError, match="weight must be > 0"):
+    with pytest.raises(ValueError, match="weight and steps must be > 0"):
         Partial.zeros(3).add(np.ones(3, np.float32), 0)
 
 
 def test_build_from_spec():
-    s = strategies.build(StrategySpec(name="fedavg", server_lr=2.0))
+    from fedray.config import FedAvg
+
+    s = strategies.build(FedAvg(name="fedavg", server_lr=2.0))
     p = Partial.zeros(1)
-    p.add(np.array([1.0], np.float32), 1)
+    s.fold(p, np.array([1.0], np.float32), 1, 1)
     assert s.apply(s.init(np.zeros(1, np.float32)), p)[0].params[0] == 2.0
+
+
+def run(strategy, gradients, start=0.0):
+    """Apply ``strategy`` to one-device rounds whose mean delta is each of ``gradients``."""
+    state = strategy.init(np.full(len(gradients[0]), start, np.float32))
+    for g in gradients:
+        p = Partial.zeros(len(g))
+        strategy.fold(p, np.array(g, np.float32), 10, 5)
+        state, _ = strategy.apply(state, p)
+    return state
+
+
+def test_fedavgm_hand_computed():
+    # v1 = [1, 2]; v2 = 0.5 * [1, 2] + [1, 0] = [1.5, 1]; params = v1 + v2
+    state = run(strategies.fedavgm(server_lr=1.0, momentum=0.5), [[1, 2], [1, 0]])
+    np.testing.assert_allclose(state.params, [2.5, 3.0])
+    np.testing.assert_allclose(state.buffers[0], [1.5, 1.0])
+    assert state.round == 2
+
+
+def test_fedadam_fedyogi_fedadagrad_hand_computed():
+    # tau = 0.5 -> v0 = 0.25; g = 2; beta1 = beta2 = 0.5 -> m = 1
+    adam = run(strategies.fedadam(server_lr=1.0, beta1=0.5, beta2=0.5, tau=0.5), [[2.0]])
+    # v = 0.5 * 0.25 + 0.5 * 4 = 2.125
+    np.testing.assert_allclose(adam.params, [1 / (np.sqrt(2.125) + 0.5)], rtol=1e-6)
+    yogi = run(strategies.fedadam(server_lr=1.0, beta1=0.5, beta2=0.5, tau=0.5, yogi=True), [[2.0]])
+    # v = 0.25 - 0.5 * 4 * sign(0.25 - 4) = 2.25 -> step 1 / (1.5 + 0.5)
+    np.testing.assert_allclose(yogi.params, [0.5], rtol=1e-6)
+    np.testing.assert_allclose(yogi.buffers[1], [2.25], rtol=1e-6)
+    adagrad = run(strategies.fedadagrad(server_lr=1.0, beta1=0.0, tau=0.5), [[2.0]])
+    # m = 2, v = 0.25 + 4 = 4.25
+    np.testing.assert_allclose(adagrad.params, [2 / (np.sqrt(4.25) + 0.5)], rtol=1e-6)
+
+
+def test_yogi_second_moment_grows_slower_than_adagrad():
+    g = [[1.0]] * 5
+    yogi = run(strategies.fedadam(beta2=0.9, yogi=True), g)
+    adagrad = run(strategies.fedadagrad(), g)
+    assert yogi.buffers[1][0] < adagrad.buffers[1][0]
+
+
+def test_fednova_hand_computed():
+    # device 1: delta 2 after 1 step; device 2: delta 4 after 4 steps; equal samples
+    # normalized mean d = (2/1 + 4/4) / 2 = 1.5; tau_eff = (1 + 4) / 2 = 2.5 -> step 3.75 (FedAvg: 3)
+    for strategy, expected in ((strategies.fednova(), 3.75), (strategies.fedavg(), 3.0)):
+        p = Partial.zeros(1)
+        strategy.fold(p, np.array([2.0], np.float32), 10, 1)
+        strategy.fold(p, np.array([4.0], np.float32), 10, 4)
+        state, _ = strategy.apply(strategy.init(np.zeros(1, np.float32)), p)
+        assert state.params[0] == pytest.approx(expected)
+
+
+def test_fednova_effective_steps_with_momentum():
+    # constant gradient g, rho = 0.5: steps g, 1.5 g -> a = 2.5
+    assert strategies.effective_steps(2, 0.5) == pytest.approx(2.5)
+    assert strategies.effective_steps(7, 0.0) == 7.0
+
+
+def test_fednova_removes_objective_inconsistency():
+    """Quadratic devices f_i(w) = |w - c_i|^2 / 2 taking different numbers of local SGD steps:
+    FedAvg's fixed point leans towards the devices that take more steps; FedNova's does not."""
+    centers = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]], np.float32)
+    steps = [1, 5, 20]
+    lr = 0.01
+    optimum = centers.mean(0)  # equal samples: the global objective's minimizer
+
+    def train(strategy):
+        state = strategy.init(np.zeros(2, np.float32))
+        for _ in range(3000):
+            p = Partial.zeros(2)
+            for c, tau in zip(centers, steps):
+                # tau steps of gradient descent on |w - c|^2 / 2, in closed form
+                delta = (1 - (1 - lr) ** tau) * (c - state.params)
+                strategy.fold(p, delta.astype(np.float32), 100, tau)
+            state, _ = strategy.apply(state, p)
+        return np.linalg.norm(state.params - optimum)
+
+    avg, nova = train(strategies.fedavg()), train(strategies.fednova())
+    assert avg > 2.0  # biased towards the 20-step device
+    assert nova < 0.1 * avg and nova < 0.2
 
 
 def test_balanced_assignment_spreads_samples():

@@ -16,6 +16,7 @@ class LocalTraining:
 
     Exactly one of ``epochs`` (passes over the local data) or ``steps`` (mini-batch updates, cycling
     through the data) is set. ``momentum`` and ``weight_decay`` apply to SGD; ``weight_decay`` to Adam.
+    ``prox_mu > 0`` adds FedProx's proximal term (mu/2)||w - w_start||^2 to the loss.
     """
 
     epochs: int | None = 1
@@ -25,6 +26,7 @@ class LocalTraining:
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
+    prox_mu: float = 0.0
 
 
 def device_generator(seed: int, round: int, device_id: int) -> torch.Generator:
@@ -49,7 +51,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining
     A fresh optimizer is made per call (optimizer state does not carry over rounds). Batches are
     drawn from a new permutation each epoch; the last batch of an epoch may be smaller. Randomness
     inside the model (dropout) comes from ``generator``'s seed too, so a call is deterministic.
-    Returns ``(steps taken, mean training loss over those steps)``.
+    Returns ``(steps taken, mean training loss over those steps)``; the loss excludes the proximal term.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(generator.initial_seed() ^ 0x5EED)
@@ -62,6 +64,8 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTrainin
     if n == 0:
         raise ValueError("no local training samples")
     optimizer = make_optimizer(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params] if cfg.prox_mu else []
     batches_per_epoch = -(-n // cfg.batch_size)
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * batches_per_epoch
     model.train()
@@ -74,6 +78,8 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTrainin
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x[idx]), y[idx])
             loss.backward()
+            for p, anchor in zip(params, anchors):  # gradient of (mu/2)||w - w_start||^2
+                p.grad.add_(p.detach() - anchor, alpha=cfg.prox_mu)
             optimizer.step()
             loss_sum += loss.detach()
             step += 1

@@ -32,7 +32,8 @@ class DeviceWorker:
         self._model = build_model(job.model.name, job.model.class_, job.model.kwargs, x.shape[1:],
                                   num_classes, job.seed)
         self._spec = ParamSpec.of(self._model)
-        self._local = LocalTraining(**job.devices.local.model_dump())
+        self._local = LocalTraining(**job.devices.local.model_dump(),
+                                    prox_mu=job.strategy.mu if job.strategy.name == "fedprox" else 0.0)
         self._seed = job.seed
 
     def fit(self, round: int, global_params: np.ndarray, device_ids: list[int]) -> tuple[dict[int, bytes], dict[int, str]]:

@@ -9,7 +9,9 @@ import numpy as np
 
 @dataclass
 class Partial:
-    """Weighted sum of deltas, sum of weights and number of updates folded in.
+    """Sums over the updates folded in: ``weighted_sum = sum w_i delta_i / a_i``, ``weight = sum w_i``,
+    ``steps_weight = sum w_i a_i`` and ``count``, where ``w_i`` is the update's weight (its samples)
+    and ``a_i`` its effective local steps (1 unless the strategy normalizes, as FedNova does).
 
     Partials from disjoint sets of devices merge by addition, so devices -> edge -> cloud is the
     same fold at every tier. ``add`` and ``merge`` accumulate in place.
@@ -17,26 +19,33 @@ class Partial:
 
     weighted_sum: np.ndarray
     weight: float = 0.0
+    steps_weight: float = 0.0
     count: int = 0
 
     @classmethod
     def zeros(cls, size: int) -> Partial:
         return cls(np.zeros(size, dtype=np.float32))
 
-    def add(self, delta: np.ndarray, weight: float) -> None:
-        if weight <= 0:
-            raise ValueError(f"update weight must be > 0, got {weight}")
-        self.weighted_sum += np.float32(weight) * delta
+    def add(self, delta: np.ndarray, weight: float, steps: float = 1.0) -> None:
+        if weight <= 0 or steps <= 0:
+            raise ValueError(f"update weight and steps must be > 0, got {weight} and {steps}")
+        self.weighted_sum += np.float32(weight / steps) * delta
         self.weight += weight
+        self.steps_weight += weight * steps
         self.count += 1
 
     def merge(self, other: Partial) -> None:
         self.weighted_sum += other.weighted_sum
         self.weight += other.weight
+        self.steps_weight += other.steps_weight
         self.count += other.count
 
     def mean(self) -> np.ndarray:
-        """The weighted mean delta. Raises ValueError on an empty Partial."""
+        """The weighted mean of the (normalized) deltas. Raises ValueError on an empty Partial."""
         if self.count == 0:
             raise ValueError("cannot take the mean of an empty aggregate")
         return self.weighted_sum / np.float32(self.weight)
+
+    def effective_steps(self) -> float:
+        """``sum w_i a_i / sum w_i``: 1 for plain averaging, FedNova's tau_eff when normalizing."""
+        return self.steps_weight / self.weight

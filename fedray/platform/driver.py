@@ -48,7 +48,7 @@ class Driver:
         self.model = build_model(job.model.name, job.model.class_, job.model.kwargs, dataset.input_shape,
                                  dataset.num_classes, job.seed)
         self.spec = ParamSpec.of(self.model)
-        self.strategy = strategies.build(job.strategy)
+        self.strategy = strategies.build(job.strategy, job.devices.local.momentum)
         self.state = self.strategy.init(self.spec.flatten(self.model))
         self.tracker = MlflowTracker(tracking_uri, job.tracking.experiment, job.name)
         try:
@@ -85,7 +85,7 @@ class Driver:
                 if reason is not None:
                     failures[d] = f"rejected: {reason}"
                     continue
-                partial.add(update.delta, update.num_samples)
+                self.strategy.fold(partial, update.delta, update.num_samples, update.local_steps)
                 loss_sum += update.train_loss * update.num_samples
         completed = partial.count >= quorum(devices.min_completion, len(sampled))
         metrics = {"participants": partial.count, "bytes_up": bytes_up,

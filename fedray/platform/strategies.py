@@ -1,5 +1,10 @@
-"""Server strategies as pure state transitions: ``init(params) -> state`` and
-``apply(state, partial) -> (state, diagnostics)``. No Ray, no MLflow, no I/O."""
+"""Server strategies as pure state transitions: ``init(params) -> state``,
+``fold(partial, delta, num_samples, local_steps)`` and ``apply(state, partial) -> (state, diagnostics)``.
+No Ray, no MLflow, no I/O.
+
+All of them fold updates linearly into a ``Partial`` (so they run unchanged through a tree of
+aggregators) and differ in how an update is weighted and how the server steps on the mean.
+"""
 
 from __future__ import annotations
 
@@ -8,39 +13,135 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedray.config import StrategySpec
 from fedray.platform.aggregation import Partial
 
 
 @dataclass(frozen=True)
 class ServerState:
-    """The global model (flat float32 federated parameters) after ``round`` applied rounds."""
+    """The global model (flat float32 federated parameters) after ``round`` applied rounds, and the
+    server optimizer's buffers (momentum, first and second moments), each shaped like ``params``."""
 
     params: np.ndarray
     round: int = 0
+    buffers: tuple[np.ndarray, ...] = ()
+
+
+Fold = Callable[[Partial, np.ndarray, int, int], None]
 
 
 @dataclass(frozen=True)
 class Strategy:
     name: str
     init: Callable[[np.ndarray], ServerState]
+    fold: Fold
     apply: Callable[[ServerState, Partial], tuple[ServerState, dict[str, float]]]
 
 
-def fedavg(server_lr: float = 1.0) -> Strategy:
-    """FedAvg (McMahan et al., 2017): step the global model by ``server_lr`` times the
-    sample-weighted mean delta. ``server_lr = 1`` is plain weighted model averaging."""
+def _sample_weighted(partial: Partial, delta: np.ndarray, num_samples: int, local_steps: int) -> None:
+    partial.add(delta, num_samples)
+
+
+def _stepper(name: str, fold: Fold, buffer_inits: tuple[float, ...],
+             step: Callable[[np.ndarray, tuple[np.ndarray, ...]], tuple[np.ndarray, tuple[np.ndarray, ...]]],
+             ) -> Strategy:
+    """A strategy whose server moves by ``step(pseudo_gradient, buffers) -> (step, buffers)``, where
+    the pseudo-gradient is the Partial's mean delta scaled by its effective steps; the buffers start
+    filled with ``buffer_inits``."""
 
     def init(params: np.ndarray) -> ServerState:
-        return ServerState(np.array(params, dtype=np.float32))
+        params = np.array(params, dtype=np.float32)
+        return ServerState(params, 0, tuple(np.full_like(params, value) for value in buffer_inits))
 
     def apply(state: ServerState, partial: Partial) -> tuple[ServerState, dict[str, float]]:
-        step = partial.mean()
-        step *= np.float32(server_lr)
-        return ServerState(state.params + step, state.round + 1), {"update_norm": float(np.linalg.norm(step))}
+        pseudo_gradient = partial.mean() * np.float32(partial.effective_steps())
+        update, buffers = step(pseudo_gradient, state.buffers)
+        return (ServerState(state.params + update, state.round + 1, buffers),
+                {"update_norm": float(np.linalg.norm(update))})
 
-    return Strategy("fedavg", init, apply)
+    return Strategy(name, init, fold, apply)
 
 
-def build(spec: StrategySpec) -> Strategy:
-    return fedavg(spec.server_lr)
+def fedavg(server_lr: float = 1.0, name: str = "fedavg", fold: Fold = _sample_weighted) -> Strategy:
+    """FedAvg (McMahan et al. 2017): step by ``server_lr`` x the sample-weighted mean delta.
+    ``server_lr = 1`` is plain weighted model averaging."""
+    lr = np.float32(server_lr)
+    return _stepper(name, fold, (), lambda g, buffers: (lr * g, buffers))
+
+
+def fedavgm(server_lr: float = 1.0, momentum: float = 0.9) -> Strategy:
+    """Server momentum (Hsu et al. 2019): ``v = momentum * v + delta``; step ``server_lr * v``."""
+    lr, beta = np.float32(server_lr), np.float32(momentum)
+
+    def step(g, buffers):
+        (v,) = buffers
+        v = beta * v + g
+        return lr * v, (v,)
+
+    return _stepper("fedavgm", _sample_weighted, (0.0,), step)
+
+
+def fednova(server_lr: float = 1.0, local_momentum: float = 0.0) -> Strategy:
+    """FedNova (Wang et al. 2020): device i's delta is divided by its effective number of local
+    steps ``a_i`` and the mean is scaled back by ``sum p_i a_i``; with plain SGD ``a_i = tau_i``
+    (its local steps), with momentum rho ``a_i = (tau_i - rho (1 - rho^tau_i) / (1 - rho)) / (1 - rho)``."""
+
+    def fold(partial: Partial, delta: np.ndarray, num_samples: int, local_steps: int) -> None:
+        partial.add(delta, num_samples, steps=effective_steps(local_steps, local_momentum))
+
+    return fedavg(server_lr, "fednova", fold)
+
+
+def effective_steps(local_steps: int, momentum: float) -> float:
+    """FedNova's ``a_i`` for ``local_steps`` of SGD with heavy-ball ``momentum``."""
+    if momentum == 0:
+        return float(local_steps)
+    rho = momentum
+    return (local_steps - rho * (1 - rho ** local_steps) / (1 - rho)) / (1 - rho)
+
+
+def fedadam(server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,
+            yogi: bool = False) -> Strategy:
+    """FedAdam / FedYogi (Reddi et al. 2021, Algorithm 2, no bias correction, v starts at tau^2):
+    ``m = b1 m + (1 - b1) g``; Adam ``v = b2 v + (1 - b2) g^2``, Yogi
+    ``v = v - (1 - b2) g^2 sign(v - g^2)``; step ``server_lr * m / (sqrt(v) + tau)``."""
+    lr, b1, b2, eps = (np.float32(v) for v in (server_lr, beta1, beta2, tau))
+
+    def step(g, buffers):
+        m, v = buffers
+        m = b1 * m + (1 - b1) * g
+        g2 = g * g
+        v = v - (1 - b2) * g2 * np.sign(v - g2) if yogi else b2 * v + (1 - b2) * g2
+        return lr * m / (np.sqrt(v) + eps), (m, v)
+
+    return _stepper("fedyogi" if yogi else "fedadam", _sample_weighted, (0.0, tau * tau), step)
+
+
+def fedadagrad(server_lr: float = 0.1, beta1: float = 0.0, tau: float = 1e-3) -> Strategy:
+    """FedAdagrad (Reddi et al. 2021): ``m = b1 m + (1 - b1) g``, ``v = v + g^2``;
+    step ``server_lr * m / (sqrt(v) + tau)``; v starts at tau^2."""
+    lr, b1, eps = np.float32(server_lr), np.float32(beta1), np.float32(tau)
+
+    def step(g, buffers):
+        m, v = buffers
+        m = b1 * m + (1 - b1) * g
+        v = v + g * g
+        return lr * m / (np.sqrt(v) + eps), (m, v)
+
+    return _stepper("fedadagrad", _sample_weighted, (0.0, tau * tau), step)
+
+
+def build(spec, local_momentum: float = 0.0) -> Strategy:
+    """The strategy a job's ``strategy`` section names. ``local_momentum`` is the devices' SGD
+    momentum, which FedNova's normalization needs. (FedProx's mu acts on the devices; its server
+    side is FedAvg.)"""
+    if spec.name in ("fedavg", "fedprox"):
+        return fedavg(spec.server_lr, spec.name)
+    if spec.name == "fedavgm":
+        return fedavgm(spec.server_lr, spec.momentum)
+    if spec.name == "fednova":
+        return fednova(spec.server_lr, local_momentum)
+    if spec.name in ("fedadam", "fedyogi"):
+        return fedadam(spec.server_lr, spec.beta1, spec.beta2, spec.tau, yogi=spec.name == "fedyogi")
+    if spec.name == "fedadagrad":
+        return fedadagrad(spec.server_lr, spec.beta1, spec.tau)
+    raise ValueError(f"unknown strategy {spec.name!r}")
