@@ -153,14 +153,18 @@ class DevicesSpec(_Section):
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
-class FedAvg(_Section):
+class _Strategy(_Section):
+    norm_bound: PositiveFloat | None = Field(None, description="clip each update to this L2 norm first")
+
+
+class FedAvg(_Strategy):
     """FedAvg: step by ``server_lr`` x the sample-weighted mean delta."""
 
     name: Literal["fedavg"] = "fedavg"
     server_lr: PositiveFloat = 1.0
 
 
-class FedAvgM(_Section):
+class FedAvgM(_Strategy):
     """FedAvg with server momentum (Hsu et al. 2019)."""
 
     name: Literal["fedavgm"]
@@ -168,7 +172,7 @@ class FedAvgM(_Section):
     momentum: Beta = 0.9
 
 
-class FedProx(_Section):
+class FedProx(_Strategy):
     """FedAvg whose devices add (mu/2)||w - w_global||^2 to their loss (Li et al. 2020)."""
 
     name: Literal["fedprox"]
@@ -176,14 +180,14 @@ class FedProx(_Section):
     mu: PositiveFloat = 0.01
 
 
-class FedNova(_Section):
+class FedNova(_Strategy):
     """Normalized averaging: each delta divided by its device's effective local steps (Wang et al. 2020)."""
 
     name: Literal["fednova"]
     server_lr: PositiveFloat = 1.0
 
 
-class FedAdam(_Section):
+class FedAdam(_Strategy):
     """Adaptive server optimizers on the pseudo-gradient (Reddi et al. 2021)."""
 
     name: Literal["fedadam", "fedyogi"]
@@ -193,14 +197,51 @@ class FedAdam(_Section):
     tau: PositiveFloat = 1e-3
 
 
-class FedAdagrad(_Section):
+class FedAdagrad(_Strategy):
     name: Literal["fedadagrad"]
     server_lr: PositiveFloat = 0.1
     beta1: Beta = 0.0
     tau: PositiveFloat = 1e-3
 
 
-StrategySpec = Annotated[FedAvg | FedAvgM | FedProx | FedNova | FedAdam | FedAdagrad, Field(discriminator="name")]
+class Median(_Strategy):
+    """Coordinate-wise median of the round's updates (robust; not linear, so no tiers or CKKS)."""
+
+    name: Literal["median"]
+    server_lr: PositiveFloat = 1.0
+
+
+class TrimmedMean(_Strategy):
+    """Coordinate-wise mean without the beta fraction of largest and smallest values."""
+
+    name: Literal["trimmed_mean"]
+    server_lr: PositiveFloat = 1.0
+    beta: Annotated[float, Field(ge=0, lt=0.5)] = 0.1
+
+
+class Krum(_Strategy):
+    """Krum / Multi-Krum: average the ``selected`` updates closest to their neighbours, tolerating
+    ``byzantine`` attackers per round (Krum selects 1; Multi-Krum defaults to n - f)."""
+
+    name: Literal["krum", "multi_krum"]
+    server_lr: PositiveFloat = 1.0
+    byzantine: Annotated[int, Field(ge=0)] = 1
+    selected: PositiveInt | None = None
+
+
+StrategySpec = Annotated[FedAvg | FedAvgM | FedProx | FedNova | FedAdam | FedAdagrad | Median | TrimmedMean | Krum,
+                         Field(discriminator="name")]
+
+
+class AttackSpec(_Section):
+    """Adversarial devices, to measure robustness: a ``fraction`` of devices (chosen from the seed)
+    send ``-scale * delta`` (sign_flip), ``scale * delta`` (scaling), Gaussian noise of ``std``
+    (gaussian), or train on flipped labels ``classes - 1 - y`` (label_flip)."""
+
+    fraction: Annotated[float, Field(gt=0, lt=1)]
+    kind: Literal["sign_flip", "scaling", "gaussian", "label_flip"] = "sign_flip"
+    scale: PositiveFloat = 1.0
+    std: PositiveFloat = 1.0
 
 
 class EvaluationSpec(_Section):
@@ -223,6 +264,7 @@ class JobSpec(_Section):
     strategy: StrategySpec = FedAvg()
     evaluation: EvaluationSpec = EvaluationSpec()
     tracking: TrackingSpec = TrackingSpec()
+    attack: AttackSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -235,6 +277,18 @@ class JobSpec(_Section):
     def _check(self) -> JobSpec:
         known_flat = self.data.dataset in ("breast_cancer", "csv") or (
             self.data.dataset == "synthetic" and len(self.data.synthetic.shape) != 3)
+        if self.strategy.name in ("krum", "multi_krum"):
+            # every completed round must have enough updates for Krum
+            from fedray.platform.aggregation import quorum
+
+            n, f = quorum(self.devices.min_completion, self.devices.per_round), self.strategy.byzantine
+            if n <= 2 * f + 2:
+                raise ValueError(f"strategy {self.strategy.name} with byzantine={f} needs more than 2f + 2 = "
+                                 f"{2 * f + 2} updates per round, but a round may complete with {n} "
+                                 "(devices.per_round x devices.min_completion)")
+            if self.strategy.selected is not None and self.strategy.selected > n - f:
+                raise ValueError(f"strategy.selected ({self.strategy.selected}) exceeds n - f = {n - f} "
+                                 "for the smallest round that completes")
         if self.strategy.name == "fednova" and self.devices.local.optimizer != "sgd":
             raise ValueError("strategy fednova normalizes SGD steps; it needs devices.local.optimizer 'sgd'")
         if self.model.name in ("cnn", "small_cnn") and known_flat:

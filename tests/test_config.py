@@ -59,6 +59,12 @@ def test_partition_fields_are_checked_per_kind():
     ({"strategy": {"name": "fedprox", "mu": 0}}, "strategy.mu: Input should be greater than 0"),
     ({"strategy": {"name": "fedavg", "mu": 0.1}}, "strategy.mu: unknown field"),
     ({"strategy": {"name": "fedsgd"}}, "does not match any of the expected tags"),
+    ({"strategy": {"name": "krum", "byzantine": 1}, "devices__per_round": 6}, "needs more than 2f + 2 = 4 updates"),
+    ({"strategy": {"name": "multi_krum", "byzantine": 0, "selected": 5}, "devices__min_completion": 1.0},
+     "strategy.selected (5) exceeds n - f = 4"),
+    ({"strategy": {"name": "trimmed_mean", "beta": 0.5}}, "strategy.beta: Input should be less than 0.5"),
+    ({"attack": {"fraction": 0.2, "kind": "poison"}}, "attack.kind"),
+    ({"attack": {"kind": "sign_flip"}}, "attack.fraction: Field required"),
 ])
 def test_impossible_combinations(overrides, needle):
     assert needle in errors(small_job(**overrides))

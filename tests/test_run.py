@@ -1,5 +1,7 @@
 """End-to-end runs on a real local Ray, checked through the real MLflow client."""
 
+import json
+
 import mlflow
 import numpy as np
 import pytest
@@ -178,3 +180,27 @@ def test_strategies_train_end_to_end(tracking_uri, name):
     run = MlflowClient(tracking_uri).get_run(summary["run_id"])
     assert run.data.params["strategy.name"] == name and summary["completed_rounds"] == 3
     assert summary["test_accuracy"] > 0.3  # chance is 0.1
+
+
+def test_robust_rules_resist_sign_flipping_attackers(tracking_uri):
+    """IID digits, 10 devices all sampled, 2 of them send -10 x their delta every round."""
+    attack = {"fraction": 0.2, "kind": "sign_flip", "scale": 10.0}
+
+    def accuracy(strategy, attacked=True):
+        raw = small_job(rounds=6, devices={"count": 10, "per_round": 10, "workers": 2, "min_completion": 1.0,
+                                           "local": {"epochs": 2, "batch_size": 32, "lr": 0.5}},
+                        strategy=strategy, attack=attack if attacked else None)
+        summary = run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri)
+        return summary["test_accuracy"], summary["run_id"]
+
+    clean, _ = accuracy({"name": "fedavg"}, attacked=False)
+    attacked, run_id = accuracy({"name": "fedavg"})
+    assert attacked < clean - 0.3  # FedAvg collapses
+    client = MlflowClient(tracking_uri)
+    attackers = json.loads(open(client.download_artifacts(run_id, "attackers.json")).read())
+    assert len(attackers) == 2 and history(client, run_id, "attackers") == [2] * 6
+    for strategy in ({"name": "median"}, {"name": "trimmed_mean", "beta": 0.2},
+                     {"name": "multi_krum", "byzantine": 2}):
+        robust, run_id = accuracy(strategy)
+        assert robust > clean - 0.05, strategy
+    assert history(client, run_id, "flagged") == [2] * 6  # Multi-Krum leaves out n - f = 2 updates

@@ -147,6 +147,41 @@ def test_balanced_assignment_spreads_samples():
 @pytest.mark.parametrize("fraction, k, needed", [(0.28, 25, 7), (0.14, 50, 7), (0.56, 25, 14), (0.5, 4, 2),
                                                  (0.5, 5, 3), (1.0, 10, 10), (0.01, 10, 1)])
 def test_quorum(fraction, k, needed):
-    from fedray.platform.driver import quorum
+    from fedray.platform.aggregation import quorum
 
     assert quorum(fraction, k) == needed
+
+
+def test_robust_rules_hand_computed():
+    from fedray.platform import robust
+
+    d = np.array([[1, 10], [2, 20], [3, 30], [4, 40], [100, -1000]], np.float32)
+    np.testing.assert_array_equal(robust.coordinate_median(d), [3, 20])
+    # beta 0.2 of 5 drops one each side per coordinate: [2, 3, 4] and [10, 20, 30]
+    np.testing.assert_allclose(robust.trimmed_mean(d, 0.2), [3, 20])
+    np.testing.assert_allclose(robust.trimmed_mean(d, 0.0), d.mean(0))
+    with pytest.raises(ValueError, match="beta < 0.5"):
+        robust.trimmed_mean(d, 0.5)
+
+
+def test_krum_scores_and_selection_hand_computed():
+    from fedray.platform import robust
+
+    d = np.array([[0.0], [1.0], [2.0], [10.0]], np.float32)
+    # f = 0: n - f - 2 = 2 nearest; squared distances: row0 -> 1, 4; row1 -> 1, 1; row2 -> 1, 4;
+    # row3 -> 64, 81
+    np.testing.assert_allclose(robust.krum_scores(d, 0), [5, 2, 5, 145])
+    mean, chosen = robust.multi_krum(d, 0, 1)
+    assert chosen.tolist() == [1] and mean[0] == 1.0
+    mean, chosen = robust.multi_krum(d, 0, 3)
+    assert chosen.tolist() == [0, 1, 2] and mean[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="more than 2f \\+ 2"):
+        robust.krum_scores(d, 1)
+
+
+def test_clip_to_norm():
+    from fedray.platform import robust
+
+    np.testing.assert_allclose(robust.clip_to_norm(np.array([3, 4], np.float32), 1.0), [0.6, 0.8])
+    short = np.array([0.3, 0.4], np.float32)
+    assert robust.clip_to_norm(short, 1.0) is short

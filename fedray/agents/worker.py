@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedray.agents.attacks import corrupt, flip_labels
 from fedray.agents.training import LocalTraining, device_generator, evaluate, train
 from fedray.config import JobSpec
 from fedray.models.params import ParamSpec
@@ -19,15 +20,21 @@ from fedray.update import Update
 
 class DeviceWorker:
     """Hosts ``shards``: ``{device_id: (train_indices, test_indices)}`` into ``data = (x, y)``.
+    Devices in ``attackers`` carry out the job's attack.
 
     The data is sliced once, here; ``fit`` and ``evaluate`` never reload it.
     """
 
     def __init__(self, job: JobSpec, data: tuple[np.ndarray, np.ndarray], num_classes: int,
-                 shards: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+                 shards: dict[int, tuple[np.ndarray, np.ndarray]], attackers: frozenset[int] = frozenset()) -> None:
         torch.set_num_threads(1)
         x, y = data
         self._train = {d: (torch.from_numpy(x[tr]), torch.from_numpy(y[tr])) for d, (tr, _) in shards.items()}
+        self._attack, self._attackers = job.attack, attackers
+        if job.attack is not None and job.attack.kind == "label_flip":
+            for d in attackers:
+                features, labels = self._train[d]
+                self._train[d] = (features, flip_labels(labels, num_classes))
         self._test = {d: (torch.from_numpy(x[te]), torch.from_numpy(y[te])) for d, (_, te) in shards.items()}
         self._model = build_model(job.model.name, job.model.class_, job.model.kwargs, x.shape[1:],
                                   num_classes, job.seed)
@@ -48,6 +55,8 @@ class DeviceWorker:
                 self._spec.load(self._model, start)
                 steps, loss = train(self._model, x, y, self._local, device_generator(self._seed, round, d))
                 delta = self._spec.flatten(self._model) - start
+                if d in self._attackers:
+                    delta = corrupt(delta, self._attack, np.random.default_rng([self._seed, round, d, 3]))
                 payloads[d] = Update(d, round, len(x), steps, loss, delta).to_bytes()
             except Exception as e:  # a failing device is recorded, not fatal to the worker
                 failures[d] = f"{type(e).__name__}: {e}"

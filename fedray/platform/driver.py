@@ -4,7 +4,6 @@ the only process that talks to MLflow. A plain class; ``fedray.run`` makes it an
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -18,7 +17,7 @@ from fedray.data import datasets, partition
 from fedray.models.params import ParamSpec
 from fedray.models.zoo import build_model
 from fedray.platform import strategies
-from fedray.platform.aggregation import Partial
+from fedray.platform.aggregation import Partial, quorum
 from fedray.platform.pool import WorkerPool
 from fedray.platform.tracking import MlflowTracker
 from fedray.update import Update, rejection_reason
@@ -70,7 +69,8 @@ class Driver:
         params_ref = ray.put(self.state.params)
         results, failures = self.pool.call("fit", sampled, r, params_ref, timeout=devices.timeout_s)
         partial = Partial.zeros(self.spec.size)
-        bytes_up, loss_sum = 0, 0.0
+        raw: list[np.ndarray] = []  # the deltas themselves, for robust (non-linear) rules
+        bytes_up, loss_sum, samples = 0, 0.0, 0
         for payloads, device_failures in results:
             failures.update(device_failures)
             for d, payload in payloads.items():
@@ -85,14 +85,24 @@ class Driver:
                 if reason is not None:
                     failures[d] = f"rejected: {reason}"
                     continue
-                self.strategy.fold(partial, update.delta, update.num_samples, update.local_steps)
+                if self.strategy.reduce is None:
+                    self.strategy.fold(partial, update.delta, update.num_samples, update.local_steps)
+                else:
+                    raw.append(update.delta)
                 loss_sum += update.train_loss * update.num_samples
-        completed = partial.count >= quorum(devices.min_completion, len(sampled))
-        metrics = {"participants": partial.count, "bytes_up": bytes_up,
+                samples += update.num_samples
+        accepted = partial.count + len(raw)
+        completed = accepted >= quorum(devices.min_completion, len(sampled))
+        metrics = {"participants": accepted, "bytes_up": bytes_up,
                    "bytes_down": len(sampled) * self.state.params.nbytes, "round_failed": float(not completed)}
-        if partial.count:
-            metrics["train_loss"] = loss_sum / partial.weight
+        if self.pool.attackers:
+            metrics["attackers"] = len(self.pool.attackers.intersection(sampled.tolist()))
+        if accepted:
+            metrics["train_loss"] = loss_sum / samples
         if completed:
+            if raw:
+                partial, diagnostics = self.strategy.reduce(np.stack(raw))
+                metrics.update(diagnostics)
             self.state, diagnostics = self.strategy.apply(self.state, partial)
             metrics.update(diagnostics)
         metrics["failures"] = len(failures)
@@ -143,6 +153,8 @@ class Driver:
         if not self.tracker.ended:
             end_status = status
             try:
+                if self.pool.attackers:
+                    self.tracker.log_text(json.dumps(sorted(self.pool.attackers)), "attackers.json")
                 if self.history:
                     self.tracker.log_text(json.dumps([asdict(h) for h in self.history], indent=1), "rounds.json")
                     self.tracker.log_figure(_plot(self.history), "accuracy_loss.png")
@@ -166,12 +178,6 @@ class Driver:
             "bytes_down": sum(h.metrics["bytes_down"] for h in self.history),
             "failures": sum(h.metrics["failures"] for h in self.history),
         }
-
-
-def quorum(min_completion: float, sampled: int) -> int:
-    """Accepted updates a round needs: ``ceil(min_completion * sampled)``, rounded first because
-    0.28 * 25 is 7.000000000000001 in floating point."""
-    return math.ceil(round(min_completion * sampled, 9))
 
 
 def _plot(history: list[RoundResult]):

@@ -14,6 +14,7 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayError
 
+from fedray.agents.attacks import choose_attackers
 from fedray.agents.worker import DeviceWorker
 from fedray.config import JobSpec
 from fedray.data.partition import Split
@@ -39,11 +40,12 @@ class WorkerPool:
                         for w in range(num_workers)]
         # more workers than CPUs share them rather than waiting for a free one
         self._actor_class = ray.remote(DeviceWorker).options(num_cpus=min(1.0, cpus / num_workers), max_restarts=0)
+        self.attackers = (choose_attackers(count, job.attack.fraction, job.seed) if job.attack else frozenset())
         self._args = (job, data, num_classes)
         self.actors = [self._spawn(w) for w in range(num_workers)]
 
     def _spawn(self, w: int) -> Any:
-        return self._actor_class.remote(*self._args, self._shards[w])
+        return self._actor_class.remote(*self._args, self._shards[w], self.attackers.intersection(self._shards[w]))
 
     def call(self, method: str, device_ids: np.ndarray, *args: Any, timeout: float
              ) -> tuple[list[tuple[dict, dict]], dict[int, str]]:

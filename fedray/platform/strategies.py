@@ -2,17 +2,20 @@
 ``fold(partial, delta, num_samples, local_steps)`` and ``apply(state, partial) -> (state, diagnostics)``.
 No Ray, no MLflow, no I/O.
 
-All of them fold updates linearly into a ``Partial`` (so they run unchanged through a tree of
-aggregators) and differ in how an update is weighted and how the server steps on the mean.
+Linear strategies fold updates into a ``Partial`` (so they run unchanged through a tree of
+aggregators) and differ in how an update is weighted and how the server steps on the mean. Robust
+rules have ``reduce`` instead: it takes all the round's deltas as one ``(n, d)`` array and
+returns the Partial that ``apply`` steps on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from fedray.platform import robust
 from fedray.platform.aggregation import Partial
 
 
@@ -27,6 +30,7 @@ class ServerState:
 
 
 Fold = Callable[[Partial, np.ndarray, int, int], None]
+Reduce = Callable[[np.ndarray], tuple[Partial, dict[str, float]]]
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class Strategy:
     init: Callable[[np.ndarray], ServerState]
     fold: Fold
     apply: Callable[[ServerState, Partial], tuple[ServerState, dict[str, float]]]
+    reduce: Reduce | None = None  # set for robust (non-linear) rules, which do not fold
 
 
 def _sample_weighted(partial: Partial, delta: np.ndarray, num_samples: int, local_steps: int) -> None:
@@ -130,10 +135,57 @@ def fedadagrad(server_lr: float = 0.1, beta1: float = 0.0, tau: float = 1e-3) ->
     return _stepper("fedadagrad", _sample_weighted, (0.0, tau * tau), step)
 
 
+def robust_rule(name: str, rule: Callable[[np.ndarray], tuple[np.ndarray, dict[str, float]]],
+                server_lr: float = 1.0) -> Strategy:
+    """A robust aggregation ``rule(deltas) -> (aggregate, diagnostics)`` with a plain server step."""
+
+    def reduce(deltas: np.ndarray) -> tuple[Partial, dict[str, float]]:
+        aggregate, diagnostics = rule(deltas)
+        return Partial(aggregate, weight=1.0, steps_weight=1.0, count=len(deltas)), diagnostics
+
+    return replace(fedavg(server_lr, name), reduce=reduce)
+
+
+def krum(byzantine: int, selected: int | None, server_lr: float = 1.0, name: str = "multi_krum") -> Strategy:
+    """Multi-Krum with ``selected`` updates (default ``n - byzantine``); Krum when ``selected = 1``.
+    Diagnostics: ``flagged``, the number of updates left out."""
+
+    def rule(deltas: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        m = selected if selected is not None else len(deltas) - byzantine
+        aggregate, chosen = robust.multi_krum(deltas, byzantine, m)
+        return aggregate, {"flagged": float(len(deltas) - len(chosen))}
+
+    return robust_rule(name, rule, server_lr)
+
+
+def norm_bounded(strategy: Strategy, bound: float) -> Strategy:
+    """``strategy`` with every delta clipped to L2 norm ``bound`` before it is folded or reduced."""
+
+    def fold(partial: Partial, delta: np.ndarray, num_samples: int, local_steps: int) -> None:
+        strategy.fold(partial, robust.clip_to_norm(delta, bound), num_samples, local_steps)
+
+    def reduce(deltas: np.ndarray) -> tuple[Partial, dict[str, float]]:
+        return strategy.reduce(np.stack([robust.clip_to_norm(d, bound) for d in deltas]))
+
+    return replace(strategy, fold=fold, reduce=reduce if strategy.reduce else None)
+
+
 def build(spec, local_momentum: float = 0.0) -> Strategy:
-    """The strategy a job's ``strategy`` section names. ``local_momentum`` is the devices' SGD
-    momentum, which FedNova's normalization needs. (FedProx's mu acts on the devices; its server
-    side is FedAvg.)"""
+    """The strategy a job's ``strategy`` section names, norm-bounded if it sets ``norm_bound``.
+    ``local_momentum`` is the devices' SGD momentum, which FedNova's normalization needs.
+    (FedProx's mu acts on the devices; its server side is FedAvg.)"""
+    strategy = _build(spec, local_momentum)
+    return norm_bounded(strategy, spec.norm_bound) if spec.norm_bound else strategy
+
+
+def _build(spec, local_momentum: float) -> Strategy:
+    if spec.name == "median":
+        return robust_rule("median", lambda d: (robust.coordinate_median(d), {}), spec.server_lr)
+    if spec.name == "trimmed_mean":
+        return robust_rule("trimmed_mean", lambda d: (robust.trimmed_mean(d, spec.beta), {}), spec.server_lr)
+    if spec.name in ("krum", "multi_krum"):
+        selected = 1 if spec.name == "krum" else spec.selected
+        return krum(spec.byzantine, selected, spec.server_lr, spec.name)
     if spec.name in ("fedavg", "fedprox"):
         return fedavg(spec.server_lr, spec.name)
     if spec.name == "fedavgm":
