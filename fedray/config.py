@@ -154,6 +154,7 @@ Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class _Strategy(_Section):
+    server_lr: PositiveFloat = 1.0
     norm_bound: PositiveFloat | None = Field(None, description="clip each update to this L2 norm first")
 
 
@@ -161,14 +162,12 @@ class FedAvg(_Strategy):
     """FedAvg: step by ``server_lr`` x the sample-weighted mean delta."""
 
     name: Literal["fedavg"] = "fedavg"
-    server_lr: PositiveFloat = 1.0
 
 
 class FedAvgM(_Strategy):
     """FedAvg with server momentum (Hsu et al. 2019)."""
 
     name: Literal["fedavgm"]
-    server_lr: PositiveFloat = 1.0
     momentum: Beta = 0.9
 
 
@@ -176,7 +175,6 @@ class FedProx(_Strategy):
     """FedAvg whose devices add (mu/2)||w - w_global||^2 to their loss (Li et al. 2020)."""
 
     name: Literal["fedprox"]
-    server_lr: PositiveFloat = 1.0
     mu: PositiveFloat = 0.01
 
 
@@ -184,7 +182,6 @@ class FedNova(_Strategy):
     """Normalized averaging: each delta divided by its device's effective local steps (Wang et al. 2020)."""
 
     name: Literal["fednova"]
-    server_lr: PositiveFloat = 1.0
 
 
 class FedAdam(_Strategy):
@@ -208,14 +205,12 @@ class Median(_Strategy):
     """Coordinate-wise median of the round's updates (robust; not linear, so no tiers or CKKS)."""
 
     name: Literal["median"]
-    server_lr: PositiveFloat = 1.0
 
 
 class TrimmedMean(_Strategy):
     """Coordinate-wise mean without the beta fraction of largest and smallest values."""
 
     name: Literal["trimmed_mean"]
-    server_lr: PositiveFloat = 1.0
     beta: Annotated[float, Field(ge=0, lt=0.5)] = 0.1
 
 
@@ -224,7 +219,6 @@ class Krum(_Strategy):
     ``byzantine`` attackers per round (Krum selects 1; Multi-Krum defaults to n - f)."""
 
     name: Literal["krum", "multi_krum"]
-    server_lr: PositiveFloat = 1.0
     byzantine: Annotated[int, Field(ge=0)] = 1
     selected: PositiveInt | None = None
 
