@@ -184,6 +184,12 @@ class FedNova(_Strategy):
     name: Literal["fednova"]
 
 
+class Scaffold(_Strategy):
+    """SCAFFOLD: control variates correct client drift; each device keeps its own between rounds."""
+
+    name: Literal["scaffold"]
+
+
 class FedAdam(_Strategy):
     """Adaptive server optimizers on the pseudo-gradient (Reddi et al. 2021)."""
 
@@ -223,7 +229,7 @@ class Krum(_Strategy):
     selected: PositiveInt | None = None
 
 
-StrategySpec = Annotated[FedAvg | FedAvgM | FedProx | FedNova | FedAdam | FedAdagrad | Median | TrimmedMean | Krum,
+StrategySpec = Annotated[FedAvg | FedAvgM | FedProx | FedNova | Scaffold | FedAdam | FedAdagrad | Median | TrimmedMean | Krum,
                          Field(discriminator="name")]
 
 
@@ -283,6 +289,9 @@ class JobSpec(_Section):
             if self.strategy.selected is not None and self.strategy.selected > n - f:
                 raise ValueError(f"strategy.selected ({self.strategy.selected}) exceeds n - f = {n - f} "
                                  "for the smallest round that completes")
+        if self.strategy.name == "scaffold" and (self.devices.local.optimizer != "sgd" or self.devices.local.momentum):
+            raise ValueError("strategy scaffold corrects plain SGD steps; it needs devices.local.optimizer 'sgd' "
+                             "and momentum 0")
         if self.strategy.name == "fednova" and self.devices.local.optimizer != "sgd":
             raise ValueError("strategy fednova normalizes SGD steps; it needs devices.local.optimizer 'sgd'")
         if self.model.name in ("cnn", "small_cnn") and known_flat:

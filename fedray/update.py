@@ -21,7 +21,8 @@ class Update:
     """One device's result for one round.
 
     ``delta`` is ``local - global`` of the federated parameters (float32, flat); ``num_samples`` is
-    the number of local training samples; ``local_steps`` the optimizer steps taken.
+    the number of local training samples; ``local_steps`` the optimizer steps taken; ``control``
+    the change of the device's control variate (SCAFFOLD only), shaped like ``delta``.
     """
 
     device_id: int
@@ -30,13 +31,16 @@ class Update:
     local_steps: int
     train_loss: float
     delta: np.ndarray
+    control: np.ndarray | None = None
 
     def to_bytes(self) -> bytes:
         header = {"device_id": self.device_id, "round": self.round, "num_samples": self.num_samples,
                   "local_steps": self.local_steps, "train_loss": self.train_loss,
-                  "dtype": str(self.delta.dtype), "length": int(self.delta.size)}
+                  "dtype": str(self.delta.dtype), "length": int(self.delta.size),
+                  "control": self.control is not None}
         blob = json.dumps(header).encode()
-        return _HEADER_LEN.pack(len(blob)) + blob + self.delta.tobytes()
+        control = b"" if self.control is None else self.control.astype(self.delta.dtype).tobytes()
+        return _HEADER_LEN.pack(len(blob)) + blob + self.delta.tobytes() + control
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> Update:
@@ -47,17 +51,19 @@ class Update:
             if not isinstance(header, dict):
                 raise ValueError(f"header is a {type(header).__name__}, not an object")
             dtype, length = np.dtype(header.pop("dtype")), int(header.pop("length"))
+            vectors = 2 if header.pop("control") is True else 1
             offset = _HEADER_LEN.size + n
-            if len(payload) - offset != length * dtype.itemsize:
-                raise ValueError(f"payload holds {len(payload) - offset} bytes for {length} x {dtype}")
-            delta = np.frombuffer(payload, dtype=dtype, count=length, offset=offset)
-            return cls(delta=delta, **header)
+            if len(payload) - offset != vectors * length * dtype.itemsize:
+                raise ValueError(f"payload holds {len(payload) - offset} bytes for {vectors} x {length} x {dtype}")
+            delta, control = (np.frombuffer(payload, dtype=dtype, count=length, offset=offset + i * length * dtype.itemsize)
+                              if i < vectors else None for i in range(2))
+            return cls(delta=delta, control=control, **header)
         except (struct.error, TypeError, KeyError, ValueError, OverflowError, RecursionError) as e:
             raise ValueError(f"malformed update payload: {e}") from e
 
 
 def rejection_reason(update: Update, *, expected_device: int, expected_round: int, expected_size: int,
-                     expected_samples: int) -> str | None:
+                     expected_samples: int, expect_control: bool = False) -> str | None:
     """Why ``update`` must not be aggregated, or None when it is valid."""
     if update.device_id != expected_device:
         return f"update claims device {update.device_id}, expected device {expected_device}"
@@ -75,6 +81,11 @@ def rejection_reason(update: Update, *, expected_device: int, expected_round: in
         return f"num_samples is {update.num_samples}, but the device holds {expected_samples} training samples"
     if not np.isfinite(update.delta).all():
         return f"delta has {int((~np.isfinite(update.delta)).sum())} non-finite values"
+    if (update.control is not None) != expect_control:
+        return "control variate missing" if expect_control else "unexpected control variate"
+    if update.control is not None and (update.control.shape != update.delta.shape
+                                       or not np.isfinite(update.control).all()):
+        return f"control variate has shape {update.control.shape} or non-finite values"
     if type(update.train_loss) is not float or not math.isfinite(update.train_loss):
         return f"train_loss is {update.train_loss!r}, expected a finite number"
     return None

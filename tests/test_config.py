@@ -134,7 +134,10 @@ def test_every_package_directory_is_a_regular_package():
         assert (directory / "__init__.py").exists(), f"{directory} lacks __init__.py"
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedprox", "fednova", "fedadam", "fedyogi", "fedadagrad"])
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedprox", "fednova", "scaffold", "fedadam", "fedyogi", "fedadagrad",
+                                  "median", "trimmed_mean", "krum", "multi_krum"])
 def test_every_strategy_name_works_with_its_defaults(name):
-    job = parse_job(small_job(strategy={"name": "fedavg", "server_lr": 0.5}), [f"strategy.name={name}"])
+    # Krum needs more than 2f + 2 updates in any round that completes: 10 x 0.5 > 4
+    raw = small_job(strategy={"name": "fedavg", "server_lr": 0.5}, devices__count=10, devices__per_round=10)
+    job = parse_job(raw, [f"strategy.name={name}"])
     assert job.strategy.name == name and job.strategy.server_lr == 0.5

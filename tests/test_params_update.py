@@ -88,3 +88,16 @@ def test_rejection_reasons(u, needle):
 
 def test_valid_update_is_accepted():
     assert rejection_reason(update(), expected_device=3, expected_round=2, expected_size=5, expected_samples=10) is None
+
+
+def test_update_with_control_round_trip_and_checks():
+    u = update(control=np.full(5, 0.5, np.float32))
+    back = Update.from_bytes(u.to_bytes())
+    np.testing.assert_array_equal(back.control, u.control)
+    np.testing.assert_array_equal(back.delta, u.delta)
+    kwargs = dict(expected_device=3, expected_round=2, expected_size=5, expected_samples=10)
+    assert rejection_reason(back, **kwargs, expect_control=True) is None
+    assert "unexpected control variate" in rejection_reason(back, **kwargs)
+    assert "control variate missing" in rejection_reason(update(), **kwargs, expect_control=True)
+    bad = update(control=np.array([0, 0, np.nan, 0, 0], np.float32))
+    assert "non-finite" in rejection_reason(bad, **kwargs, expect_control=True)

@@ -173,13 +173,15 @@ def test_deployment_mode_runs_one_actor_per_device(tracking_uri):
     ray.get(driver.finish.remote())
 
 
-@pytest.mark.parametrize("name", ["fedavgm", "fedprox", "fednova", "fedadam", "fedyogi", "fedadagrad"])
+@pytest.mark.parametrize("name", ["fedavgm", "fedprox", "fednova", "scaffold", "fedadam", "fedyogi", "fedadagrad"])
 def test_strategies_train_end_to_end(tracking_uri, name):
     raw = small_job(rounds=3, strategy={"name": name})
     summary = run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri)
     run = MlflowClient(tracking_uri).get_run(summary["run_id"])
     assert run.data.params["strategy.name"] == name and summary["completed_rounds"] == 3
     assert summary["test_accuracy"] > 0.3  # chance is 0.1
+    if name == "scaffold":  # the server control variate moved
+        assert all(v > 0 for v in history(MlflowClient(tracking_uri), summary["run_id"], "control_norm"))
 
 
 def test_robust_rules_resist_sign_flipping_attackers(tracking_uri):

@@ -4,6 +4,7 @@ import pytest
 from fedray.config import StrategySpec
 from fedray.platform import strategies
 from fedray.platform.aggregation import Partial
+from fedray.update import Update
 
 
 def test_fedavg_hand_computed():
@@ -50,8 +51,13 @@ def test_build_from_spec():
 
     s = strategies.build(FedAvg(name="fedavg", server_lr=2.0))
     p = Partial.zeros(1)
-    s.fold(p, np.array([1.0], np.float32), 1, 1)
+    s.fold(p, upd([1.0], 1, 1))
     assert s.apply(s.init(np.zeros(1, np.float32)), p)[0].params[0] == 2.0
+
+
+def upd(delta, num_samples=10, local_steps=5, control=None):
+    return Update(0, 1, num_samples, local_steps, 0.1, np.array(delta, np.float32),
+                  None if control is None else np.array(control, np.float32))
 
 
 def run(strategy, gradients, start=0.0):
@@ -59,7 +65,7 @@ def run(strategy, gradients, start=0.0):
     state = strategy.init(np.full(len(gradients[0]), start, np.float32))
     for g in gradients:
         p = Partial.zeros(len(g))
-        strategy.fold(p, np.array(g, np.float32), 10, 5)
+        strategy.fold(p, upd(g))
         state, _ = strategy.apply(state, p)
     return state
 
@@ -98,8 +104,8 @@ def test_fednova_hand_computed():
     # normalized mean d = (2/1 + 4/4) / 2 = 1.5; tau_eff = (1 + 4) / 2 = 2.5 -> step 3.75 (FedAvg: 3)
     for strategy, expected in ((strategies.fednova(), 3.75), (strategies.fedavg(), 3.0)):
         p = Partial.zeros(1)
-        strategy.fold(p, np.array([2.0], np.float32), 10, 1)
-        strategy.fold(p, np.array([4.0], np.float32), 10, 4)
+        strategy.fold(p, upd([2.0], 10, 1))
+        strategy.fold(p, upd([4.0], 10, 4))
         state, _ = strategy.apply(strategy.init(np.zeros(1, np.float32)), p)
         assert state.params[0] == pytest.approx(expected)
 
@@ -125,7 +131,7 @@ def test_fednova_removes_objective_inconsistency():
             for c, tau in zip(centers, steps):
                 # tau steps of gradient descent on |w - c|^2 / 2, in closed form
                 delta = (1 - (1 - lr) ** tau) * (c - state.params)
-                strategy.fold(p, delta.astype(np.float32), 100, tau)
+                strategy.fold(p, upd(delta, 100, tau))
             state, _ = strategy.apply(state, p)
         return np.linalg.norm(state.params - optimum)
 
@@ -185,3 +191,24 @@ def test_clip_to_norm():
     np.testing.assert_allclose(robust.clip_to_norm(np.array([3, 4], np.float32), 1.0), [0.6, 0.8])
     short = np.array([0.3, 0.4], np.float32)
     assert robust.clip_to_norm(short, 1.0) is short
+
+
+def test_scaffold_hand_computed():
+    # N = 4 devices, 2 answer: deltas 1 and 3 (equal samples), control changes 0.4 and 0.8
+    # params: 0 + 0.5 * 2 = 1; server control: 0 + (0.4 + 0.8) / 4 = 0.3
+    strategy = strategies.scaffold(num_devices=4, server_lr=0.5)
+    p = Partial.zeros(1)
+    strategy.fold(p, upd([1.0], 5, 3, control=[0.4]))
+    strategy.fold(p, upd([3.0], 5, 3, control=[0.8]))
+    state, diag = strategy.apply(strategy.init(np.zeros(1, np.float32)), p)
+    assert state.params[0] == pytest.approx(1.0) and state.buffers[0][0] == pytest.approx(0.3)
+    assert strategy.control_variates and diag["control_norm"] == pytest.approx(0.3)
+
+
+def test_control_sums_merge():
+    a, b = Partial.zeros(2), Partial.zeros(2)
+    a.add(np.ones(2, np.float32), 1, control=np.array([1, 2], np.float32))
+    b.add(np.ones(2, np.float32), 1, control=np.array([3, 4], np.float32))
+    a.merge(b)
+    np.testing.assert_array_equal(a.control_sum, [4, 6])
+    assert Partial.zeros(2).control_sum is None

@@ -45,27 +45,31 @@ def make_optimizer(model: nn.Module, cfg: LocalTraining) -> torch.optim.Optimize
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining,
-          generator: torch.Generator) -> tuple[int, float]:
+          generator: torch.Generator, correction: torch.Tensor | None = None) -> tuple[int, float]:
     """Train ``model`` in place on ``(x, y)`` with mini-batch updates.
 
     A fresh optimizer is made per call (optimizer state does not carry over rounds). Batches are
     drawn from a new permutation each epoch; the last batch of an epoch may be smaller. Randomness
     inside the model (dropout) comes from ``generator``'s seed too, so a call is deterministic.
+    ``correction`` (flat, in the order of the trainable parameters) is added to every gradient:
+    SCAFFOLD's ``c - c_i``.
     Returns ``(steps taken, mean training loss over those steps)``; the loss excludes the proximal term.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(generator.initial_seed() ^ 0x5EED)
-        return _train(model, x, y, cfg, generator)
+        return _train(model, x, y, cfg, generator, correction)
 
 
 def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining,
-           generator: torch.Generator) -> tuple[int, float]:
+           generator: torch.Generator, correction: torch.Tensor | None) -> tuple[int, float]:
     n = len(x)
     if n == 0:
         raise ValueError("no local training samples")
     optimizer = make_optimizer(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if cfg.prox_mu else []
+    corrections = [] if correction is None else [
+        c.view_as(p) for c, p in zip(torch.split(correction, [p.numel() for p in params]), params)]
     batches_per_epoch = -(-n // cfg.batch_size)
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * batches_per_epoch
     model.train()
@@ -80,6 +84,8 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTrainin
             loss.backward()
             for p, anchor in zip(params, anchors):  # gradient of (mu/2)||w - w_start||^2
                 p.grad.add_(p.detach() - anchor, alpha=cfg.prox_mu)
+            for p, c in zip(params, corrections):
+                p.grad.add_(c)
             optimizer.step()
             loss_sum += loss.detach()
             step += 1

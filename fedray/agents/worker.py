@@ -42,10 +42,13 @@ class DeviceWorker:
         self._local = LocalTraining(**job.devices.local.model_dump(),
                                     prox_mu=job.strategy.mu if job.strategy.name == "fedprox" else 0.0)
         self._seed = job.seed
+        self._controls: dict[int, np.ndarray] = {}  # SCAFFOLD: each device's control variate c_i
 
-    def fit(self, round: int, global_params: np.ndarray, device_ids: list[int]) -> tuple[dict[int, bytes], dict[int, str]]:
-        """Train each device from ``global_params``. Returns ``({device: Update payload},
-        {device: failure reason})``; one device's error does not stop the others."""
+    def fit(self, device_ids: list[int], round: int, global_params: np.ndarray,
+            server_control: np.ndarray | None = None) -> tuple[dict[int, bytes], dict[int, str]]:
+        """Train each device from ``global_params`` (with SCAFFOLD, correcting its gradients by
+        ``server_control - c_i``). Returns ``({device: Update payload}, {device: failure reason})``;
+        one device's error does not stop the others."""
         start = np.array(global_params, dtype=np.float32)  # writable copy, once per call
         payloads: dict[int, bytes] = {}
         failures: dict[int, str] = {}
@@ -53,16 +56,22 @@ class DeviceWorker:
             try:
                 x, y = self._train[d]
                 self._spec.load(self._model, start)
-                steps, loss = train(self._model, x, y, self._local, device_generator(self._seed, round, d))
+                own = None if server_control is None else self._controls.get(d, np.zeros_like(start))
+                correction = None if own is None else torch.from_numpy(server_control - own)
+                steps, loss = train(self._model, x, y, self._local, device_generator(self._seed, round, d), correction)
                 delta = self._spec.flatten(self._model) - start
+                control = None
+                if own is not None:  # SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K lr)
+                    self._controls[d] = own - server_control - delta / np.float32(steps * self._local.lr)
+                    control = self._controls[d] - own
                 if d in self._attackers:
                     delta = corrupt(delta, self._attack, np.random.default_rng([self._seed, round, d, 3]))
-                payloads[d] = Update(d, round, len(x), steps, loss, delta).to_bytes()
+                payloads[d] = Update(d, round, len(x), steps, loss, delta, control).to_bytes()
             except Exception as e:  # a failing device is recorded, not fatal to the worker
                 failures[d] = f"{type(e).__name__}: {e}"
         return payloads, failures
 
-    def evaluate(self, global_params: np.ndarray, device_ids: list[int]) -> tuple[dict[int, tuple[int, float, int]], dict[int, str]]:
+    def evaluate(self, device_ids: list[int], global_params: np.ndarray) -> tuple[dict[int, tuple[int, float, int]], dict[int, str]]:
         """Evaluate ``global_params`` on each device's local test split. Returns
         ``({device: (samples, summed loss, correct)}, {device: failure reason})``."""
         self._spec.load(self._model, np.array(global_params, dtype=np.float32))

@@ -14,6 +14,8 @@ class Partial:
     ``steps_weight = sum w_i a_i`` and ``count``, where ``w_i`` is the update's weight (its samples)
     and ``a_i`` its effective local steps (1 unless the strategy normalizes, as FedNova does).
 
+    ``control_sum`` is the plain sum of the devices' control-variate changes (SCAFFOLD), or None.
+
     Partials from disjoint sets of devices merge by addition, so devices -> edge -> cloud is the
     same fold at every tier. ``add`` and ``merge`` accumulate in place.
     """
@@ -22,24 +24,34 @@ class Partial:
     weight: float = 0.0
     steps_weight: float = 0.0
     count: int = 0
+    control_sum: np.ndarray | None = None
 
     @classmethod
     def zeros(cls, size: int) -> Partial:
         return cls(np.zeros(size, dtype=np.float32))
 
-    def add(self, delta: np.ndarray, weight: float, steps: float = 1.0) -> None:
+    def add(self, delta: np.ndarray, weight: float, steps: float = 1.0, control: np.ndarray | None = None) -> None:
         if weight <= 0 or steps <= 0:
             raise ValueError(f"update weight and steps must be > 0, got {weight} and {steps}")
         self.weighted_sum += np.float32(weight / steps) * delta
         self.weight += weight
         self.steps_weight += weight * steps
         self.count += 1
+        self._add_control(control)
 
     def merge(self, other: Partial) -> None:
         self.weighted_sum += other.weighted_sum
         self.weight += other.weight
         self.steps_weight += other.steps_weight
         self.count += other.count
+        self._add_control(other.control_sum)
+
+    def _add_control(self, control: np.ndarray | None) -> None:
+        if control is None:
+            return
+        if self.control_sum is None:
+            self.control_sum = np.zeros_like(self.weighted_sum)
+        self.control_sum += control
 
     def mean(self) -> np.ndarray:
         """The weighted mean of the (normalized) deltas. Raises ValueError on an empty Partial."""

@@ -47,7 +47,7 @@ class Driver:
         self.model = build_model(job.model.name, job.model.class_, job.model.kwargs, dataset.input_shape,
                                  dataset.num_classes, job.seed)
         self.spec = ParamSpec.of(self.model)
-        self.strategy = strategies.build(job.strategy, job.devices.local.momentum)
+        self.strategy = strategies.build(job.strategy, job.devices.local.momentum, job.devices.count)
         self.state = self.strategy.init(self.spec.flatten(self.model))
         self.tracker = MlflowTracker(tracking_uri, job.tracking.experiment, job.name)
         try:
@@ -66,8 +66,9 @@ class Driver:
         start = time.perf_counter()
         devices = self.job.devices
         sampled = np.sort(self._sampler.choice(devices.count, devices.per_round, replace=False))
-        params_ref = ray.put(self.state.params)
-        results, failures = self.pool.call("fit", sampled, r, params_ref, timeout=devices.timeout_s)
+        broadcast = [self.state.params] + ([self.state.buffers[0]] if self.strategy.control_variates else [])
+        refs = [ray.put(v) for v in broadcast]
+        results, failures = self.pool.call("fit", sampled, r, *refs, timeout=devices.timeout_s)
         partial = Partial.zeros(self.spec.size)
         raw: list[np.ndarray] = []  # the deltas themselves, for robust (non-linear) rules
         bytes_up, loss_sum, samples = 0, 0.0, 0
@@ -81,12 +82,13 @@ class Driver:
                     failures[d] = str(e)
                     continue
                 reason = rejection_reason(update, expected_device=d, expected_round=r, expected_size=self.spec.size,
-                                          expected_samples=self._train_sizes[d])
+                                          expected_samples=self._train_sizes[d],
+                                          expect_control=self.strategy.control_variates)
                 if reason is not None:
                     failures[d] = f"rejected: {reason}"
                     continue
                 if self.strategy.reduce is None:
-                    self.strategy.fold(partial, update.delta, update.num_samples, update.local_steps)
+                    self.strategy.fold(partial, update)
                 else:
                     raw.append(update.delta)
                 loss_sum += update.train_loss * update.num_samples
@@ -94,7 +96,7 @@ class Driver:
         accepted = partial.count + len(raw)
         completed = accepted >= quorum(devices.min_completion, len(sampled))
         metrics = {"participants": accepted, "bytes_up": bytes_up,
-                   "bytes_down": len(sampled) * self.state.params.nbytes, "round_failed": float(not completed)}
+                   "bytes_down": len(sampled) * sum(v.nbytes for v in broadcast), "round_failed": float(not completed)}
         if self.pool.attackers:
             metrics["attackers"] = len(self.pool.attackers.intersection(sampled.tolist()))
         if accepted:

@@ -49,13 +49,13 @@ class WorkerPool:
 
     def call(self, method: str, device_ids: np.ndarray, *args: Any, timeout: float
              ) -> tuple[list[tuple[dict, dict]], dict[int, str]]:
-        """Call ``method(*args, ids)`` on every worker hosting some of ``device_ids``, wait at most
+        """Call ``method(ids, *args)`` on every worker hosting some of ``device_ids``, wait at most
         ``timeout`` seconds in all, and return the workers' results and ``{device: reason}`` for the
         devices of workers that died or did not answer in time."""
         by_worker: dict[int, list[int]] = defaultdict(list)
         for d in device_ids:
             by_worker[int(self.worker_of[d])].append(int(d))
-        pending = {getattr(self.actors[w], method).remote(*args, ids): w for w, ids in by_worker.items()}
+        pending = {getattr(self.actors[w], method).remote(ids, *args): w for w, ids in by_worker.items()}
         results, failures = [], {}
         deadline = time.monotonic() + timeout
         while pending:

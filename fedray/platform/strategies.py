@@ -1,5 +1,5 @@
 """Server strategies as pure state transitions: ``init(params) -> state``,
-``fold(partial, delta, num_samples, local_steps)`` and ``apply(state, partial) -> (state, diagnostics)``.
+``fold(partial, update)`` and ``apply(state, partial) -> (state, diagnostics)``.
 No Ray, no MLflow, no I/O.
 
 Linear strategies fold updates into a ``Partial`` (so they run unchanged through a tree of
@@ -17,6 +17,7 @@ import numpy as np
 
 from fedray.platform import robust
 from fedray.platform.aggregation import Partial
+from fedray.update import Update
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class ServerState:
     buffers: tuple[np.ndarray, ...] = ()
 
 
-Fold = Callable[[Partial, np.ndarray, int, int], None]
+Fold = Callable[[Partial, Update], None]
 Reduce = Callable[[np.ndarray], tuple[Partial, dict[str, float]]]
 
 
@@ -40,10 +41,11 @@ class Strategy:
     fold: Fold
     apply: Callable[[ServerState, Partial], tuple[ServerState, dict[str, float]]]
     reduce: Reduce | None = None  # set for robust (non-linear) rules, which do not fold
+    control_variates: bool = False  # SCAFFOLD: devices get buffers[0] and send control changes
 
 
-def _sample_weighted(partial: Partial, delta: np.ndarray, num_samples: int, local_steps: int) -> None:
-    partial.add(delta, num_samples)
+def _sample_weighted(partial: Partial, update: Update) -> None:
+    partial.add(update.delta, update.num_samples)
 
 
 def _stepper(name: str, fold: Fold, buffer_inits: tuple[float, ...],
@@ -90,8 +92,8 @@ def fednova(server_lr: float = 1.0, local_momentum: float = 0.0) -> Strategy:
     steps ``a_i`` and the mean is scaled back by ``sum p_i a_i``; with plain SGD ``a_i = tau_i``
     (its local steps), with momentum rho ``a_i = (tau_i - rho (1 - rho^tau_i) / (1 - rho)) / (1 - rho)``."""
 
-    def fold(partial: Partial, delta: np.ndarray, num_samples: int, local_steps: int) -> None:
-        partial.add(delta, num_samples, steps=effective_steps(local_steps, local_momentum))
+    def fold(partial: Partial, update: Update) -> None:
+        partial.add(update.delta, update.num_samples, steps=effective_steps(update.local_steps, local_momentum))
 
     return fedavg(server_lr, "fednova", fold)
 
@@ -135,6 +137,29 @@ def fedadagrad(server_lr: float = 0.1, beta1: float = 0.0, tau: float = 1e-3) ->
     return _stepper("fedadagrad", _sample_weighted, (0.0, tau * tau), step)
 
 
+def scaffold(num_devices: int, server_lr: float = 1.0) -> Strategy:
+    """SCAFFOLD (Karimireddy et al. 2020, option II): devices correct each gradient by ``c - c_i``
+    and send the change of their control variate ``c_i``; the server steps by ``server_lr`` x the
+    sample-weighted mean delta and moves ``c`` (``buffers[0]``) by the sum of the control changes
+    divided by the number of devices ``N``."""
+    lr = np.float32(server_lr)
+
+    def init(params: np.ndarray) -> ServerState:
+        params = np.array(params, dtype=np.float32)
+        return ServerState(params, 0, (np.zeros_like(params),))
+
+    def fold(partial: Partial, update: Update) -> None:
+        partial.add(update.delta, update.num_samples, control=update.control)
+
+    def apply(state: ServerState, partial: Partial) -> tuple[ServerState, dict[str, float]]:
+        step = lr * partial.mean()
+        control = state.buffers[0] + partial.control_sum / np.float32(num_devices)
+        return (ServerState(state.params + step, state.round + 1, (control,)),
+                {"update_norm": float(np.linalg.norm(step)), "control_norm": float(np.linalg.norm(control))})
+
+    return Strategy("scaffold", init, fold, apply, control_variates=True)
+
+
 def robust_rule(name: str, rule: Callable[[np.ndarray], tuple[np.ndarray, dict[str, float]]],
                 server_lr: float = 1.0) -> Strategy:
     """A robust aggregation ``rule(deltas) -> (aggregate, diagnostics)`` with a plain server step."""
@@ -161,8 +186,8 @@ def krum(byzantine: int, selected: int | None, server_lr: float = 1.0, name: str
 def norm_bounded(strategy: Strategy, bound: float) -> Strategy:
     """``strategy`` with every delta clipped to L2 norm ``bound`` before it is folded or reduced."""
 
-    def fold(partial: Partial, delta: np.ndarray, num_samples: int, local_steps: int) -> None:
-        strategy.fold(partial, robust.clip_to_norm(delta, bound), num_samples, local_steps)
+    def fold(partial: Partial, update: Update) -> None:
+        strategy.fold(partial, replace(update, delta=robust.clip_to_norm(update.delta, bound)))
 
     def reduce(deltas: np.ndarray) -> tuple[Partial, dict[str, float]]:
         return strategy.reduce(np.stack([robust.clip_to_norm(d, bound) for d in deltas]))
@@ -170,15 +195,18 @@ def norm_bounded(strategy: Strategy, bound: float) -> Strategy:
     return replace(strategy, fold=fold, reduce=reduce if strategy.reduce else None)
 
 
-def build(spec, local_momentum: float = 0.0) -> Strategy:
+def build(spec, local_momentum: float = 0.0, num_devices: int = 1) -> Strategy:
     """The strategy a job's ``strategy`` section names, norm-bounded if it sets ``norm_bound``.
-    ``local_momentum`` is the devices' SGD momentum, which FedNova's normalization needs.
+    ``local_momentum`` is the devices' SGD momentum, which FedNova's normalization needs;
+    ``num_devices`` (N) scales SCAFFOLD's control update.
     (FedProx's mu acts on the devices; its server side is FedAvg.)"""
-    strategy = _build(spec, local_momentum)
+    strategy = _build(spec, local_momentum, num_devices)
     return norm_bounded(strategy, spec.norm_bound) if spec.norm_bound else strategy
 
 
-def _build(spec, local_momentum: float) -> Strategy:
+def _build(spec, local_momentum: float, num_devices: int) -> Strategy:
+    if spec.name == "scaffold":
+        return scaffold(num_devices, spec.server_lr)
     if spec.name == "median":
         return robust_rule("median", lambda d: (robust.coordinate_median(d), {}), spec.server_lr)
     if spec.name == "trimmed_mean":
