@@ -41,3 +41,19 @@ def small_job(**overrides) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = value
     return job
+
+
+def start_driver(tracking_uri: str, **overrides):
+    """A Driver actor for ``small_job(**overrides)``, to run rounds one by one."""
+    import yaml
+
+    from fedray.config import parse_job
+    from fedray.platform.driver import Driver
+
+    raw = small_job(**overrides)
+    return ray.remote(Driver).options(num_cpus=0).remote(parse_job(raw), tracking_uri, yaml.safe_dump(raw))
+
+
+def history(client, run_id: str, key: str) -> list[float]:
+    """A run's values of metric ``key`` in step order."""
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -64,6 +66,16 @@ def test_partition_fields_are_checked_per_kind():
      "strategy.selected (5) exceeds n - f = 4"),
     ({"strategy": {"name": "trimmed_mean", "beta": 0.5}}, "strategy.beta: Input should be less than 0.5"),
     ({"attack": {"fraction": 0.2, "kind": "poison"}}, "attack.kind"),
+    ({"strategy": {"name": "fedasync", "server_lr": 0.5}}, "strategy.server_lr: unknown field"),
+    ({"strategy": {"name": "fedbuff", "concurrency": 7}}, "strategy.concurrency (7) exceeds devices.count (6)"),
+    ({"strategy": {"name": "fedbuff", "staleness": {"kind": "polynomial", "b": 2}}},
+     "staleness b does not apply to kind 'polynomial'"),
+    ({"strategy": {"name": "fedasync"}, "devices__deadline_s": 5}, "devices.deadline_s applies to synchronous rounds"),
+    ({"devices__deadline_s": 300}, "devices.deadline_s (300) must be below devices.timeout_s (300)"),
+    ({"devices__late": "next_round"}, "needs devices.deadline_s"),
+    ({"devices__speed": {"kind": "slow_fraction", "slowdown": 0.5}}, "devices.speed.slowdown: Input should be greater"),
+    ({"devices__speed": {"kind": "lognormal", "fraction": 0.5}}, "devices.speed.fraction: unknown field"),
+    ({"devices__partial_work": 1.0}, "devices.partial_work: Input should be less than 1"),
     ({"attack": {"kind": "sign_flip"}}, "attack.fraction: Field required"),
 ])
 def test_impossible_combinations(overrides, needle):
@@ -134,10 +146,15 @@ def test_every_package_directory_is_a_regular_package():
         assert (directory / "__init__.py").exists(), f"{directory} lacks __init__.py"
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedprox", "fednova", "scaffold", "fedadam", "fedyogi", "fedadagrad",
-                                  "median", "trimmed_mean", "krum", "multi_krum"])
+NAMES = ["fedavg", "fedavgm", "fedprox", "fednova", "scaffold", "fedadam", "fedyogi", "fedadagrad", "fedasync", "fedbuff",
+         "median", "trimmed_mean", "krum", "multi_krum"]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_every_strategy_name_works_with_its_defaults(name):
     # Krum needs more than 2f + 2 updates in any round that completes: 10 x 0.5 > 4
-    raw = small_job(strategy={"name": "fedavg", "server_lr": 0.5}, devices__count=10, devices__per_round=10)
+    raw = small_job(devices__count=10, devices__per_round=10, evaluation={"federated": True})
     job = parse_job(raw, [f"strategy.name={name}"])
-    assert job.strategy.name == name and job.strategy.server_lr == 0.5
+    assert job.strategy.name == name
+    shipped = Path(__file__).parent.parent / "jobs" / "mnist_noniid.yaml"
+    assert load_job(shipped, [f"strategy.name={name}"]).strategy.name == name

@@ -12,10 +12,9 @@ from mlflow import MlflowClient
 
 from fedray.config import parse_job
 from fedray.data import datasets, partition
-from fedray.platform.driver import Driver
 from fedray.platform.run import RunError, run_job
 
-from conftest import small_job
+from conftest import history, small_job, start_driver
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -23,10 +22,6 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 def run(tracking_uri, **overrides):
     raw = small_job(**overrides)
     return run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri), raw
-
-
-def history(client, run_id, key):
-    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
 def test_run_is_tracked_in_mlflow(tracking_uri, tmp_path):
@@ -68,11 +63,6 @@ def test_result_does_not_depend_on_worker_count(tracking_uri):
     one, _ = run(tracking_uri, devices__workers=1)
     three, _ = run(tracking_uri, devices__workers=3)
     assert one["test_accuracy"] == three["test_accuracy"] and one["test_loss"] == three["test_loss"]
-
-
-def start_driver(tracking_uri, **overrides):
-    raw = small_job(**overrides)
-    return ray.remote(Driver).options(num_cpus=0).remote(parse_job(raw), tracking_uri, yaml.safe_dump(raw))
 
 
 def test_dead_worker_is_a_failure_and_is_replaced(tracking_uri):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedray.config import StrategySpec
+from fedray.agents.training import effective_steps
 from fedray.platform import strategies
 from fedray.platform.aggregation import Partial
 from fedray.update import Update
@@ -47,7 +47,7 @@ def test_empty_partial_and_bad_weight_raise():
 
 
 def test_build_from_spec():
-    from fedray.config import FedAvg
+    from fedray.config.strategy import FedAvg
 
     s = strategies.build(FedAvg(name="fedavg", server_lr=2.0))
     p = Partial.zeros(1)
@@ -112,8 +112,8 @@ def test_fednova_hand_computed():
 
 def test_fednova_effective_steps_with_momentum():
     # constant gradient g, rho = 0.5: steps g, 1.5 g -> a = 2.5
-    assert strategies.effective_steps(2, 0.5) == pytest.approx(2.5)
-    assert strategies.effective_steps(7, 0.0) == 7.0
+    assert effective_steps(2, 0.5) == pytest.approx(2.5)
+    assert effective_steps(7, 0.0) == 7.0
 
 
 def test_fednova_removes_objective_inconsistency():
@@ -212,3 +212,47 @@ def test_control_sums_merge():
     a.merge(b)
     np.testing.assert_array_equal(a.control_sum, [4, 6])
     assert Partial.zeros(2).control_sum is None
+
+
+def test_staleness_functions_hand_computed():
+    constant = strategies.staleness_weight("constant")
+    polynomial = strategies.staleness_weight("polynomial", a=0.5)
+    hinge = strategies.staleness_weight("hinge", a=10, b=4)
+    assert [constant(t) for t in (0, 7)] == [1.0, 1.0]
+    assert [polynomial(t) for t in (0, 3, 8)] == [1.0, 0.5, pytest.approx(1 / 3)]
+    assert [hinge(t) for t in (0, 4, 5, 6)] == [1.0, 1.0, pytest.approx(1 / 11), pytest.approx(1 / 21)]
+    with pytest.raises(ValueError, match="unknown staleness function 'linear'"):
+        strategies.staleness_weight("linear")
+
+
+def test_fedasync_mixes_the_stale_local_model_hand_computed():
+    # current model [1, 1]; a device trained from version [0, 0] to [2, 4] (delta [2, 4]), 1 step stale.
+    # FedAsync: x <- (1 - a) x + a x_local with a = alpha * s(1) = 0.5 * 1 -> [1.5, 2.5]
+    strategy = strategies.AsyncStrategy("fedasync", 1, 0.5, strategies.staleness_weight("constant"), True, 4)
+    state = strategy.init(np.array([1, 1], np.float32))
+    partial = Partial.zeros(2)
+    strategy.fold(partial, np.array([2, 4], np.float32), 1, np.zeros(2, np.float32), state.params)
+    new, diag = strategy.apply(state, partial)
+    np.testing.assert_allclose(new.params, [1.5, 2.5])
+    assert new.round == 1 and diag["update_norm"] == pytest.approx(np.hypot(0.5, 1.5))
+
+
+def test_fedbuff_staleness_weighted_buffer_hand_computed():
+    # buffer of 2, server_lr 1, s(t) = (1 + t)^-0.5: delta [2] fresh (s = 1), delta [4] 3 steps stale
+    # (s = 0.5): step = (1 * 2 + 0.5 * 4) / 2 = 2; FedBuff does not rebase deltas
+    strategy = strategies.AsyncStrategy("fedbuff", 2, 1.0, strategies.staleness_weight("polynomial", 0.5), False, 4)
+    state = strategy.init(np.array([10], np.float32))
+    partial = Partial.zeros(1)
+    strategy.fold(partial, np.array([2], np.float32), 0, state.params, state.params)
+    strategy.fold(partial, np.array([4], np.float32), 3, np.array([-100], np.float32), state.params)
+    assert strategy.apply(state, partial)[0].params[0] == pytest.approx(12.0)
+
+
+def test_async_defaults_from_spec():
+    from fedray.config.strategy import FedAsync, FedBuff
+
+    buff = strategies.build_async(FedBuff(name="fedbuff"), per_round=5)
+    assert (buff.concurrency, buff.buffer_size, buff.mixing, buff.server_lr) == (5, 3, False, 1.0)
+    fedasync = strategies.build_async(FedAsync(name="fedasync", concurrency=2, max_staleness=3), per_round=5)
+    assert (fedasync.concurrency, fedasync.buffer_size, fedasync.mixing, fedasync.server_lr) == (2, 1, True, 0.6)
+    assert fedasync.max_staleness == 3 and fedasync.weight(3) == 0.5

@@ -35,6 +35,15 @@ def device_generator(seed: int, round: int, device_id: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
+def effective_steps(local_steps: int, momentum: float) -> float:
+    """How many plain SGD steps ``local_steps`` of SGD with heavy-ball ``momentum`` rho amount to
+    (FedNova's ``a_i``): ``(tau - rho (1 - rho^tau) / (1 - rho)) / (1 - rho)``; ``tau`` without momentum."""
+    if momentum == 0:
+        return float(local_steps)
+    rho = momentum
+    return (local_steps - rho * (1 - rho ** local_steps) / (1 - rho)) / (1 - rho)
+
+
 def make_optimizer(model: nn.Module, cfg: LocalTraining) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":

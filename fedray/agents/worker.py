@@ -7,11 +7,16 @@ mode it hosts exactly one device.
 
 from __future__ import annotations
 
+import asyncio
+import time
+from dataclasses import replace
+
 import numpy as np
 import torch
 
 from fedray.agents.attacks import corrupt, flip_labels
-from fedray.agents.training import LocalTraining, device_generator, evaluate, train
+from fedray.agents.heterogeneity import local_steps, slowdowns
+from fedray.agents.training import LocalTraining, device_generator, effective_steps, evaluate, train
 from fedray.config import JobSpec
 from fedray.models.params import ParamSpec
 from fedray.models.zoo import build_model
@@ -22,7 +27,9 @@ class DeviceWorker:
     """Hosts ``shards``: ``{device_id: (train_indices, test_indices)}`` into ``data = (x, y)``.
     Devices in ``attackers`` carry out the job's attack.
 
-    The data is sliced once, here; ``fit`` and ``evaluate`` never reload it.
+    An asyncio actor: calls on one worker train one at a time (training never awaits), but a slow
+    device's extra wait (``devices.speed``) is an ``await``, so the worker trains other devices
+    meanwhile, as separate real devices would. The data is sliced once, here.
     """
 
     def __init__(self, job: JobSpec, data: tuple[np.ndarray, np.ndarray], num_classes: int,
@@ -41,48 +48,43 @@ class DeviceWorker:
         self._spec = ParamSpec.of(self._model)
         self._local = LocalTraining(**job.devices.local.model_dump(),
                                     prox_mu=job.strategy.mu if job.strategy.name == "fedprox" else 0.0)
+        self._slowdown = slowdowns(job.devices.speed, job.devices.count, job.seed)
+        self._partial_work = job.devices.partial_work
         self._seed = job.seed
         self._controls: dict[int, np.ndarray] = {}  # SCAFFOLD: each device's control variate c_i
 
-    def fit(self, device_ids: list[int], round: int, global_params: np.ndarray,
-            server_control: np.ndarray | None = None) -> tuple[dict[int, bytes], dict[int, str]]:
-        """Train each device from ``global_params`` (with SCAFFOLD, correcting its gradients by
-        ``server_control - c_i``). Returns ``({device: Update payload}, {device: failure reason})``;
-        one device's error does not stop the others."""
-        start = np.array(global_params, dtype=np.float32)  # writable copy, once per call
-        payloads: dict[int, bytes] = {}
-        failures: dict[int, str] = {}
-        for d in device_ids:
-            try:
-                x, y = self._train[d]
-                self._spec.load(self._model, start)
-                own = None if server_control is None else self._controls.get(d, np.zeros_like(start))
-                correction = None if own is None else torch.from_numpy(server_control - own)
-                steps, loss = train(self._model, x, y, self._local, device_generator(self._seed, round, d), correction)
-                delta = self._spec.flatten(self._model) - start
-                control = None
-                if own is not None:  # SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K lr)
-                    self._controls[d] = own - server_control - delta / np.float32(steps * self._local.lr)
-                    control = self._controls[d] - own
-                if d in self._attackers:
-                    delta = corrupt(delta, self._attack, np.random.default_rng([self._seed, round, d, 3]))
-                payloads[d] = Update(d, round, len(x), steps, loss, delta, control).to_bytes()
-            except Exception as e:  # a failing device is recorded, not fatal to the worker
-                failures[d] = f"{type(e).__name__}: {e}"
-        return payloads, failures
+    async def fit(self, device: int, round: int, global_params: np.ndarray,
+                  server_control: np.ndarray | None = None) -> bytes:
+        """Train ``device`` from ``global_params`` (with SCAFFOLD, correcting its gradients by
+        ``server_control - c_i``) and return its serialized Update. ``round`` is the synchronous
+        round, or the dispatch number of an asynchronous run: it seeds the device's randomness."""
+        started = time.perf_counter()
+        start = np.array(global_params, dtype=np.float32)  # writable copy
+        x, y = self._train[device]
+        self._spec.load(self._model, start)
+        own = None if server_control is None else self._controls.get(device, np.zeros_like(start))
+        correction = None if own is None else torch.from_numpy(server_control - own)
+        planned = self._local.steps or self._local.epochs * -(-len(x) // self._local.batch_size)
+        steps = local_steps(planned, self._partial_work, np.random.default_rng([self._seed, round, device, 4]))
+        local = self._local if steps == planned else replace(self._local, epochs=None, steps=steps)
+        steps, loss = train(self._model, x, y, local, device_generator(self._seed, round, device), correction)
+        delta = self._spec.flatten(self._model) - start
+        control = None
+        if own is not None:  # SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K lr), K in plain SGD steps
+            scale = effective_steps(steps, self._local.momentum) * self._local.lr
+            self._controls[device] = own - server_control - delta / np.float32(scale)
+            control = self._controls[device] - own
+        if device in self._attackers:
+            delta = corrupt(delta, self._attack, np.random.default_rng([self._seed, round, device, 3]))
+        payload = Update(device, round, len(x), steps, loss, delta, control).to_bytes()
+        await asyncio.sleep((self._slowdown[device] - 1) * (time.perf_counter() - started))
+        return payload
 
-    def evaluate(self, device_ids: list[int], global_params: np.ndarray) -> tuple[dict[int, tuple[int, float, int]], dict[int, str]]:
-        """Evaluate ``global_params`` on each device's local test split. Returns
-        ``({device: (samples, summed loss, correct)}, {device: failure reason})``."""
+    async def evaluate(self, device: int, global_params: np.ndarray) -> tuple[int, float, int]:
+        """Evaluate ``global_params`` on ``device``'s local test split: ``(samples, summed loss, correct)``."""
+        x, y = self._test[device]
+        if not len(x):
+            return 0, 0.0, 0
         self._spec.load(self._model, np.array(global_params, dtype=np.float32))
-        results: dict[int, tuple[int, float, int]] = {}
-        failures: dict[int, str] = {}
-        for d in device_ids:
-            try:
-                x, y = self._test[d]
-                if len(x):
-                    loss, correct = evaluate(self._model, x, y)
-                    results[d] = (len(x), loss, correct)
-            except Exception as e:
-                failures[d] = f"{type(e).__name__}: {e}"
-        return results, failures
+        loss, correct = evaluate(self._model, x, y)
+        return len(x), loss, correct

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -12,26 +13,44 @@ import ray
 import torch
 
 from fedray.agents.training import evaluate
-from fedray.config import JobSpec
+from fedray.config import ASYNC_STRATEGIES, JobSpec
 from fedray.data import datasets, partition
 from fedray.models.params import ParamSpec
 from fedray.models.zoo import build_model
 from fedray.platform import strategies
 from fedray.platform.aggregation import Partial, quorum
-from fedray.platform.pool import WorkerPool
+from fedray.platform.strategies import AsyncStrategy
+from fedray.platform.pool import Done, WorkerPool
 from fedray.platform.tracking import MlflowTracker
 from fedray.update import Update, rejection_reason
 
 
 @dataclass
 class RoundResult:
-    """What happened in one round; ``metrics`` are the values logged to MLflow at step ``round``."""
+    """What happened in one round (for async strategies: one server step); ``metrics`` are the
+    values logged to MLflow at step ``round``."""
 
     round: int
     completed: bool
     metrics: dict[str, float]
     failures: dict[int, str] = field(default_factory=dict)
     evaluation_failures: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Intake:
+    """What one round received: failure reasons per device, bytes, the loss of accepted updates."""
+
+    failures: dict[int, str] = field(default_factory=dict)
+    failed_tasks: int = 0
+    bytes_up: int = 0
+    loss_sum: float = 0.0
+    samples: int = 0
+    staleness: list[int] = field(default_factory=list)
+
+    def fail(self, device: int, reason: str) -> None:
+        self.failures[device] = reason
+        self.failed_tasks += 1
 
 
 class Driver:
@@ -47,7 +66,10 @@ class Driver:
         self.model = build_model(job.model.name, job.model.class_, job.model.kwargs, dataset.input_shape,
                                  dataset.num_classes, job.seed)
         self.spec = ParamSpec.of(self.model)
-        self.strategy = strategies.build(job.strategy, job.devices.local.momentum, job.devices.count)
+        if job.strategy.name in ASYNC_STRATEGIES:
+            self.strategy = strategies.build_async(job.strategy, job.devices.per_round)
+        else:
+            self.strategy = strategies.build(job.strategy, job.devices.local.momentum, job.devices.count)
         self.state = self.strategy.init(self.spec.flatten(self.model))
         self.tracker = MlflowTracker(tracking_uri, job.tracking.experiment, job.name)
         try:
@@ -59,55 +81,29 @@ class Driver:
             raise
         self._sampler = np.random.default_rng([job.seed, 1])
         self.history: list[RoundResult] = []
+        self._staleness = Counter()  # staleness of every accepted late or asynchronous update
+        # asynchronous runs: arrivals not yet folded, model versions devices train from, dispatches
+        self._arrived: deque[Done] = deque()
+        self._versions: dict[int, np.ndarray] = {}
+        self._broadcast: tuple[int, ray.ObjectRef] | None = None
+        self._dispatched = 0
 
     def run_round(self, r: int) -> RoundResult:
-        """Run round ``r`` (1-based): train K sampled devices and, if at least ``min_completion`` of
-        them sent a valid update, apply the strategy; otherwise the model is left unchanged."""
+        """Run round ``r`` (1-based) and log its metrics. Synchronous: train K sampled devices and,
+        if at least ``min_completion`` of them sent a valid update, apply the strategy; otherwise
+        the model is left unchanged. Asynchronous: collect arrivals until the server steps."""
         start = time.perf_counter()
-        devices = self.job.devices
-        sampled = np.sort(self._sampler.choice(devices.count, devices.per_round, replace=False))
-        broadcast = [self.state.params] + ([self.state.buffers[0]] if self.strategy.control_variates else [])
-        refs = [ray.put(v) for v in broadcast]
-        results, failures = self.pool.call("fit", sampled, r, *refs, timeout=devices.timeout_s)
-        partial = Partial.zeros(self.spec.size)
-        raw: list[np.ndarray] = []  # the deltas themselves, for robust (non-linear) rules
-        bytes_up, loss_sum, samples = 0, 0.0, 0
-        for payloads, device_failures in results:
-            failures.update(device_failures)
-            for d, payload in payloads.items():
-                bytes_up += len(payload)
-                try:
-                    update = Update.from_bytes(payload)
-                except ValueError as e:
-                    failures[d] = str(e)
-                    continue
-                reason = rejection_reason(update, expected_device=d, expected_round=r, expected_size=self.spec.size,
-                                          expected_samples=self._train_sizes[d],
-                                          expect_control=self.strategy.control_variates)
-                if reason is not None:
-                    failures[d] = f"rejected: {reason}"
-                    continue
-                if self.strategy.reduce is None:
-                    self.strategy.fold(partial, update)
-                else:
-                    raw.append(update.delta)
-                loss_sum += update.train_loss * update.num_samples
-                samples += update.num_samples
-        accepted = partial.count + len(raw)
-        completed = accepted >= quorum(devices.min_completion, len(sampled))
-        metrics = {"participants": accepted, "bytes_up": bytes_up,
-                   "bytes_down": len(sampled) * sum(v.nbytes for v in broadcast), "round_failed": float(not completed)}
-        if self.pool.attackers:
-            metrics["attackers"] = len(self.pool.attackers.intersection(sampled.tolist()))
-        if accepted:
-            metrics["train_loss"] = loss_sum / samples
-        if completed:
-            if raw:
-                partial, diagnostics = self.strategy.reduce(np.stack(raw))
-                metrics.update(diagnostics)
-            self.state, diagnostics = self.strategy.apply(self.state, partial)
-            metrics.update(diagnostics)
-        metrics["failures"] = len(failures)
+        intake = _Intake()
+        if isinstance(self.strategy, AsyncStrategy):
+            completed, metrics, sampled = self._async_step(intake)
+        else:
+            completed, metrics, sampled = self._sync_round(r, intake)
+        if intake.samples:
+            metrics["train_loss"] = intake.loss_sum / intake.samples
+        if intake.staleness:
+            metrics.update(staleness_mean=float(np.mean(intake.staleness)), staleness_max=max(intake.staleness))
+            self._staleness.update(intake.staleness)
+        metrics.update(bytes_up=intake.bytes_up, failures=intake.failed_tasks, round_failed=float(not completed))
         evaluation_failures: dict[int, str] = {}
         if r % self.job.evaluation.every == 0 or r == self.job.rounds:
             metrics.update(self.evaluate())
@@ -116,10 +112,133 @@ class Driver:
                 metrics.update(federated, evaluation_failures=len(evaluation_failures))
         metrics["round_seconds"] = time.perf_counter() - start
         self.tracker.log_metrics(metrics, step=r)
-        result = RoundResult(r, completed, metrics, dict(sorted(failures.items())),
+        result = RoundResult(r, completed, metrics, dict(sorted(intake.failures.items())),
                              dict(sorted(evaluation_failures.items())))
         self.history.append(result)
         return result
+
+    def _accept(self, done: Done, expected_round: int, intake: _Intake) -> Update | None:
+        """The valid Update a finished task returned, or None with the reason in ``intake.failures``."""
+        d = done.task.device
+        if done.failure is not None:
+            intake.fail(d, done.failure)
+            return None
+        intake.bytes_up += len(done.value)
+        try:
+            update = Update.from_bytes(done.value)
+        except ValueError as e:
+            intake.fail(d, str(e))
+            return None
+        reason = rejection_reason(update, expected_device=d, expected_round=expected_round, expected_size=self.spec.size,
+                                  expected_samples=self._train_sizes[d],
+                                  expect_control=getattr(self.strategy, "control_variates", False))
+        if reason is not None:
+            intake.fail(d, f"rejected: {reason}")
+            return None
+        intake.loss_sum += update.train_loss * update.num_samples
+        intake.samples += update.num_samples
+        return update
+
+    def _sync_round(self, r: int, intake: _Intake) -> tuple[bool, dict[str, float], np.ndarray]:
+        devices = self.job.devices
+        # devices still training for an earlier round (late updates carried over) sit this one out
+        busy = [t.device for t in self.pool.pending.values()]
+        idle = np.setdiff1d(np.arange(devices.count), busy) if busy else devices.count
+        k = min(devices.per_round, devices.count - len(set(busy)))
+        sampled = np.sort(self._sampler.choice(idle, k, replace=False))
+        broadcast = [self.state.params] + ([self.state.buffers[0]] if self.strategy.control_variates else [])
+        refs = [ray.put(v) for v in broadcast]
+        carried = list(self.pool.pending)
+        fresh = [self.pool.submit("fit", d, r, *refs, tag=r) for d in sampled]
+        until = time.monotonic() + (devices.deadline_s or devices.timeout_s)
+        partial = Partial.zeros(self.spec.size)
+        raw: list[np.ndarray] = []  # the deltas themselves, for robust (non-linear) rules
+        for done in self.pool.as_completed(fresh + carried, until):
+            update = self._accept(done, done.task.tag, intake)
+            if update is None:
+                continue
+            if done.task.tag < r:
+                intake.staleness.append(r - done.task.tag)
+            if self.strategy.reduce is None:
+                self.strategy.fold(partial, update)
+            else:
+                raw.append(update.delta)
+        metrics: dict[str, float] = {}
+        for done in self.pool.expire(devices.timeout_s):
+            intake.fail(done.task.device, done.failure)
+        if devices.deadline_s is not None:
+            late = [ref for ref in fresh if ref in self.pool.pending]
+            metrics["late"] = len(late)
+            # a late update gets one more round's deadline (devices.late: next_round), no more
+            for task in self.pool.drop(carried + (late if devices.late == "drop" else [])):
+                missed = "the round deadline" if task.tag == r else f"the deadlines of rounds {task.tag} and {r}"
+                intake.fail(task.device, f"missed {missed} ({devices.deadline_s:g}s, devices.deadline_s)")
+        accepted = partial.count + len(raw)
+        completed = accepted >= quorum(devices.min_completion, len(sampled))
+        metrics.update(participants=accepted, bytes_down=len(sampled) * sum(v.nbytes for v in broadcast))
+        if intake.staleness:
+            metrics["late_accepted"] = len(intake.staleness)
+        if self.pool.attackers:
+            metrics["attackers"] = len(self.pool.attackers.intersection(sampled.tolist()))
+        if completed:
+            if raw:
+                partial, diagnostics = self.strategy.reduce(np.stack(raw))
+                metrics.update(diagnostics)
+            self.state, diagnostics = self.strategy.apply(self.state, partial)
+            metrics.update(diagnostics)
+        return completed, metrics, sampled
+
+    def _async_step(self, intake: _Intake) -> tuple[bool, dict[str, float], np.ndarray]:
+        """Fold arrivals, keeping ``concurrency`` devices training, until the buffer is full; then
+        step the server. Gives up (the model unchanged) once more device runs failed in this step
+        than there are devices. Returns the devices whose updates were folded, too."""
+        strategy, devices = self.strategy, self.job.devices
+        partial = Partial.zeros(self.spec.size)
+        dispatched, dropped, folded = 0, 0, []
+        while partial.count < strategy.buffer_size and intake.failed_tasks <= devices.count:
+            while len(self.pool.pending) < strategy.concurrency:
+                self._dispatch()
+                dispatched += 1
+            if not self._arrived:
+                oldest = min(t.submitted for t in self.pool.pending.values())
+                self._arrived.extend(self.pool.wait(list(self.pool.pending), oldest + devices.timeout_s - time.monotonic()))
+                self._arrived.extend(self.pool.expire(devices.timeout_s))
+                continue
+            done = self._arrived.popleft()
+            number, version = done.task.tag
+            update = self._accept(done, number, intake)
+            if update is None:
+                continue
+            staleness = self.state.round - version
+            if strategy.max_staleness is not None and staleness > strategy.max_staleness:
+                dropped += 1
+                continue
+            intake.staleness.append(staleness)
+            folded.append(done.task.device)
+            strategy.fold(partial, update.delta, staleness, self._versions[version], self.state.params)
+        metrics = {"participants": partial.count, "bytes_down": dispatched * self.state.params.nbytes,
+                   "dispatched": dispatched, "stale_dropped": dropped, "in_flight": len(self.pool.pending)}
+        completed = partial.count == strategy.buffer_size
+        if completed:
+            self.state, diagnostics = strategy.apply(self.state, partial)
+            metrics.update(diagnostics)
+        waiting = list(self.pool.pending.values()) + [done.task for done in self._arrived]
+        live = {task.tag[1] for task in waiting} | {self.state.round}
+        self._versions = {v: p for v, p in self._versions.items() if v in live}
+        return completed, metrics, np.unique(folded)
+
+    def _dispatch(self) -> None:
+        """Start one idle device, drawn uniformly, training from the current model."""
+        busy = {t.device for t in self.pool.pending.values()}
+        device = int(self._sampler.integers(self.job.devices.count))
+        while device in busy:
+            device = int(self._sampler.integers(self.job.devices.count))
+        version = self.state.round
+        if self._broadcast is None or self._broadcast[0] != version:
+            self._broadcast = (version, ray.put(self.state.params))
+            self._versions[version] = self.state.params
+        self._dispatched += 1
+        self.pool.submit("fit", device, self._dispatched, self._broadcast[1], tag=(self._dispatched, version))
 
     def evaluate(self) -> dict[str, float]:
         """Accuracy and mean loss of the global model on the server's held-out test set."""
@@ -130,14 +249,18 @@ class Driver:
         return {"test_accuracy": correct / len(self._test_y), "test_loss": loss / len(self._test_y)}
 
     def _federated_evaluate(self, sampled: np.ndarray) -> tuple[dict[str, float], dict[int, str]]:
-        """Sample-weighted accuracy and loss of the global model on the sampled devices' test
-        splits, and ``{device: reason}`` for the devices that could not evaluate."""
+        """Sample-weighted accuracy and loss of the global model on the test splits of the round's
+        sampled devices (asynchronous: of the devices whose updates made this step), and
+        ``{device: reason}`` for the devices that could not evaluate."""
         params_ref = ray.put(self.state.params)
-        results, failures = self.pool.call("evaluate", sampled, params_ref, timeout=self.job.devices.timeout_s)
-        per_device = []
-        for device_results, device_failures in results:
-            failures.update(device_failures)
-            per_device.extend(device_results.values())
+        refs = [self.pool.submit("evaluate", d, params_ref) for d in sampled]
+        per_device, failures = [], {}
+        for done in self.pool.as_completed(refs, time.monotonic() + self.job.devices.timeout_s):
+            if done.failure is None:
+                per_device.append(done.value)
+            else:
+                failures[done.task.device] = done.failure
+        failures.update({done.task.device: done.failure for done in self.pool.expire(self.job.devices.timeout_s, refs)})
         samples = sum(n for n, _, _ in per_device)
         if not samples:
             return {}, failures
@@ -153,8 +276,11 @@ class Driver:
         ``status`` (FAILED if logging fails), and return a summary. Once the run has ended, only
         returns the summary."""
         if not self.tracker.ended:
+            self.pool.drop(list(self.pool.pending))  # asynchronous runs leave devices training
             end_status = status
             try:
+                if self._staleness:
+                    self.tracker.log_text(json.dumps(dict(sorted(self._staleness.items()))), "staleness.json")
                 if self.pool.attackers:
                     self.tracker.log_text(json.dumps(sorted(self.pool.attackers)), "attackers.json")
                 if self.history:

@@ -1,23 +1,45 @@
-"""WorkerPool: the DeviceWorker actors of one run, and calling them with a deadline.
+"""WorkerPool: the DeviceWorker actors of one run, and the device tasks in flight on them.
 
-Ray errors and timeouts become per-device failure reasons; a dead or hung worker is replaced
-before the next call, so one bad round does not poison the run.
+Every call trains or evaluates one device. Ray errors become per-device failure reasons; a worker
+that dies or hangs is replaced (its other tasks fail with it), so one bad device does not poison
+the run.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayError
+from ray.exceptions import RayError, RayTaskError
 
 from fedray.agents.attacks import choose_attackers
 from fedray.agents.worker import DeviceWorker
 from fedray.config import JobSpec
 from fedray.data.partition import Split
+
+
+@dataclass(frozen=True)
+class Task:
+    """A device call in flight: ``tag`` is the caller's (the round or model version it serves)."""
+
+    device: int
+    tag: Any
+    worker: int
+    generation: int
+    submitted: float
+
+
+@dataclass(frozen=True)
+class Done:
+    """A finished task: its ``value``, or why it failed (``failure``)."""
+
+    task: Task
+    value: Any = None
+    failure: str | None = None
 
 
 class WorkerPool:
@@ -43,38 +65,87 @@ class WorkerPool:
         self.attackers = (choose_attackers(count, job.attack.fraction, job.seed) if job.attack else frozenset())
         self._args = (job, data, num_classes)
         self.actors = [self._spawn(w) for w in range(num_workers)]
+        # started before the first round, whose deadline should not pay for it; a worker that cannot
+        # start (a user model that does not import) fails the run here, with its error
+        ray.get([actor.__ray_ready__.remote() for actor in self.actors], timeout=job.devices.timeout_s)
+        self._generation = [0] * num_workers
+        self.pending: dict[ray.ObjectRef, Task] = {}
+        self._dropped: dict[ray.ObjectRef, Task] = {}
 
     def _spawn(self, w: int) -> Any:
         return self._actor_class.remote(*self._args, self._shards[w], self.attackers.intersection(self._shards[w]))
 
-    def call(self, method: str, device_ids: np.ndarray, *args: Any, timeout: float
-             ) -> tuple[list[tuple[dict, dict]], dict[int, str]]:
-        """Call ``method(ids, *args)`` on every worker hosting some of ``device_ids``, wait at most
-        ``timeout`` seconds in all, and return the workers' results and ``{device: reason}`` for the
-        devices of workers that died or did not answer in time."""
-        by_worker: dict[int, list[int]] = defaultdict(list)
-        for d in device_ids:
-            by_worker[int(self.worker_of[d])].append(int(d))
-        pending = {getattr(self.actors[w], method).remote(ids, *args): w for w, ids in by_worker.items()}
-        results, failures = [], {}
-        deadline = time.monotonic() + timeout
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
-            w = pending.pop(ready[0])
-            try:
-                results.append(ray.get(ready[0], timeout=timeout))
-            except (RayError, GetTimeoutError) as e:
-                failures.update({d: f"worker {w} failed: {type(e).__name__}: {_first_line(e)}" for d in by_worker[w]})
-                self._replace(w)
-        for w in pending.values():
-            failures.update({d: f"no answer within {timeout:g}s (devices.timeout_s)" for d in by_worker[w]})
-            self._replace(w)
-        return results, failures
+    def submit(self, method: str, device: int, *args: Any, tag: Any = None) -> ray.ObjectRef:
+        """Call ``method(device, *args)`` on the device's worker; the task stays in ``pending``
+        until ``wait``, ``drop`` or ``expire`` hands it back."""
+        w = int(self.worker_of[device])
+        ref = getattr(self.actors[w], method).remote(int(device), *args)
+        self.pending[ref] = Task(int(device), tag, w, self._generation[w], time.monotonic())
+        return ref
 
-    def _replace(self, w: int) -> None:
+    def wait(self, refs: list[ray.ObjectRef], timeout: float) -> list[Done]:
+        """Wait at most ``timeout`` seconds for one of ``refs`` (pending tasks) to finish; return
+        every one of them that has, with its value or failure."""
+        refs = [ref for ref in refs if ref in self.pending]
+        if not refs:
+            return []
+        ready, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, timeout))
+        if ready:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        return [self._resolve(ref) for ref in ready]
+
+    def _resolve(self, ref: ray.ObjectRef) -> Done:
+        task = self.pending.pop(ref)
+        try:
+            return Done(task, ray.get(ref))
+        except RayTaskError as e:  # the device's own error; the worker is fine
+            return Done(task, failure=f"{type(e.cause).__name__}: {e.cause}")
+        except RayError as e:  # the worker died or was killed
+            self._replace(task.worker, task.generation)
+            return Done(task, failure=f"worker {task.worker} failed: {type(e).__name__}: {_first_line(e)}")
+
+    def as_completed(self, refs: list[ray.ObjectRef], until: float) -> Iterator[Done]:
+        """Yield the tasks of ``refs`` as they finish, until all have or ``time.monotonic()``
+        reaches ``until``."""
+        while any(ref in self.pending for ref in refs) and (left := until - time.monotonic()) > 0:
+            yield from self.wait(refs, left)
+
+    def expire(self, timeout: float, refs: list[ray.ObjectRef] | None = None) -> list[Done]:
+        """Fail the pending tasks (of ``refs``, default all) submitted more than ``timeout``
+        seconds ago, replacing their workers: a worker that does not answer is hung. So is one
+        still busy with a task dropped ``timeout`` seconds after it was submitted."""
+        now = time.monotonic()
+        if self._dropped:
+            finished, _ = ray.wait(list(self._dropped), num_returns=len(self._dropped), timeout=0)
+            for ref in finished:
+                del self._dropped[ref]
+        old = [ref for ref in (self.pending if refs is None else refs)
+               if ref in self.pending and now - self.pending[ref].submitted >= timeout]
+        stuck = [ref for ref, task in self._dropped.items() if now - task.submitted >= timeout]
+        tasks = [self.pending[ref] for ref in old] + [self._dropped.pop(ref) for ref in stuck]
+        for w, generation in {(task.worker, task.generation) for task in tasks}:
+            self._replace(w, generation)
+        return [Done(self.pending.pop(ref), failure=f"no answer within {timeout:g}s (devices.timeout_s)")
+                for ref in old if ref in self.pending]
+
+    def drop(self, refs: list[ray.ObjectRef]) -> list[Task]:
+        """Cancel pending tasks whose results are no longer wanted and return them. ``expire``
+        still watches them: a worker that cannot stop one is hung."""
+        tasks = []
+        for ref in refs:
+            if ref in self.pending:
+                tasks.append(self.pending.pop(ref))
+                self._dropped[ref] = tasks[-1]
+                ray.cancel(ref)
+        return tasks
+
+    def _replace(self, w: int, generation: int) -> None:
+        """Kill worker ``w`` and start a new one, unless that generation was already replaced.
+        The old worker's other pending tasks fail with it."""
+        if self._generation[w] != generation:
+            return
         ray.kill(self.actors[w], no_restart=True)
+        self._generation[w] += 1
         self.actors[w] = self._spawn(w)
 
 

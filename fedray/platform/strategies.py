@@ -5,7 +5,8 @@ No Ray, no MLflow, no I/O.
 Linear strategies fold updates into a ``Partial`` (so they run unchanged through a tree of
 aggregators) and differ in how an update is weighted and how the server steps on the mean. Robust
 rules have ``reduce`` instead: it takes all the round's deltas as one ``(n, d)`` array and
-returns the Partial that ``apply`` steps on.
+returns the Partial that ``apply`` steps on. Asynchronous strategies (``AsyncStrategy``) fold each
+arriving update with a weight that depends on its staleness and step once their buffer is full.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import math
+
 import numpy as np
 
+from fedray.agents.training import effective_steps
 from fedray.platform import robust
 from fedray.platform.aggregation import Partial
 from fedray.update import Update
@@ -96,14 +100,6 @@ def fednova(server_lr: float = 1.0, local_momentum: float = 0.0) -> Strategy:
         partial.add(update.delta, update.num_samples, steps=effective_steps(update.local_steps, local_momentum))
 
     return fedavg(server_lr, "fednova", fold)
-
-
-def effective_steps(local_steps: int, momentum: float) -> float:
-    """FedNova's ``a_i`` for ``local_steps`` of SGD with heavy-ball ``momentum``."""
-    if momentum == 0:
-        return float(local_steps)
-    rho = momentum
-    return (local_steps - rho * (1 - rho ** local_steps) / (1 - rho)) / (1 - rho)
 
 
 def fedadam(server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,
@@ -193,6 +189,63 @@ def norm_bounded(strategy: Strategy, bound: float) -> Strategy:
         return strategy.reduce(np.stack([robust.clip_to_norm(d, bound) for d in deltas]))
 
     return replace(strategy, fold=fold, reduce=reduce if strategy.reduce else None)
+
+
+def staleness_weight(kind: str, a: float = 0.5, b: int = 4) -> Callable[[int], float]:
+    """Xie et al. 2019's weight for an update ``t`` server steps stale: ``constant`` 1,
+    ``polynomial`` ``(1 + t)^-a``, ``hinge`` 1 for ``t <= b`` else ``1 / (1 + a (t - b))``."""
+    if kind == "constant":
+        return lambda t: 1.0
+    if kind == "polynomial":
+        return lambda t: (1.0 + t) ** -a
+    if kind == "hinge":
+        return lambda t: 1.0 if t <= b else 1.0 / (1.0 + a * (t - b))
+    raise ValueError(f"unknown staleness function {kind!r}; valid: constant, polynomial, hinge")
+
+
+@dataclass(frozen=True)
+class AsyncStrategy:
+    """FedAsync and FedBuff. Up to ``concurrency`` devices train at once, each from the model
+    current when it started. Every arriving delta is folded with weight ``weight(t)``, where ``t``
+    is its staleness (server steps since its device started); after ``buffer_size`` arrivals the
+    server steps by ``server_lr * sum weight(t_i) delta_i / buffer_size``. With ``mixing``
+    (FedAsync, buffer 1) a delta is first rebased on the current model, so the step is
+    ``x <- (1 - a) x + a x_local`` with ``a = server_lr * weight(t)``. Updates staler than
+    ``max_staleness`` are dropped by the driver."""
+
+    name: str
+    buffer_size: int
+    server_lr: float
+    weight: Callable[[int], float]
+    mixing: bool
+    concurrency: int
+    max_staleness: int | None = None
+
+    def init(self, params: np.ndarray) -> ServerState:
+        return ServerState(np.array(params, dtype=np.float32))
+
+    def fold(self, partial: Partial, delta: np.ndarray, staleness: int, start: np.ndarray, current: np.ndarray) -> None:
+        """Fold a ``delta`` trained from ``start`` into ``partial``; ``current`` is the model now."""
+        if self.mixing and staleness:
+            delta = delta + (start - current)
+        partial.add(delta, self.weight(staleness))
+
+    def apply(self, state: ServerState, partial: Partial) -> tuple[ServerState, dict[str, float]]:
+        step = np.float32(self.server_lr / partial.count) * partial.weighted_sum
+        return ServerState(state.params + step, state.round + 1), {"update_norm": float(np.linalg.norm(step))}
+
+
+def build_async(spec, per_round: int) -> AsyncStrategy:
+    """The FedAsync or FedBuff a job's ``strategy`` section names; ``per_round`` (devices.per_round)
+    is the default concurrency."""
+    concurrency = spec.concurrency or per_round
+    weight = staleness_weight(spec.staleness.kind, spec.staleness.a, spec.staleness.b)
+    if spec.name == "fedasync":
+        return AsyncStrategy("fedasync", 1, spec.alpha, weight, True, concurrency, spec.max_staleness)
+    if spec.name == "fedbuff":
+        buffer_size = spec.buffer_size or math.ceil(concurrency / 2)
+        return AsyncStrategy("fedbuff", buffer_size, spec.server_lr, weight, False, concurrency, spec.max_staleness)
+    raise ValueError(f"unknown asynchronous strategy {spec.name!r}")
 
 
 def build(spec, local_momentum: float = 0.0, num_devices: int = 1) -> Strategy:

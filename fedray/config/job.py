@@ -10,40 +10,31 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-Fraction = Annotated[float, Field(ge=0, lt=1)]
-
-
-class JobError(ValueError):
-    """A job file or override is invalid; the message names each offending field."""
+from fedray.config.base import Fraction, JobError, PositiveFloat, PositiveInt, Section
+from fedray.config.strategy import ASYNC_STRATEGIES, FedAvg, StrategySpec
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
-
-
-class IIDPartition(_Section):
+class IIDPartition(Section):
     kind: Literal["iid"]
 
 
-class DirichletPartition(_Section):
+class DirichletPartition(Section):
     """Label skew: class proportions per device drawn from Dir(alpha); smaller is more skewed."""
 
     kind: Literal["dirichlet"]
     alpha: PositiveFloat = 0.5
 
 
-class ShardsPartition(_Section):
+class ShardsPartition(Section):
     """Pathological non-IID: each device holds ``labels_per_device`` label-sorted shards."""
 
     kind: Literal["shards"]
     labels_per_device: PositiveInt = 2
 
 
-class QuantitySkewPartition(_Section):
+class QuantitySkewPartition(Section):
     """IID labels, device sizes proportional to a Dir(beta) draw; smaller is more unequal."""
 
     kind: Literal["quantity_skew"]
@@ -54,7 +45,7 @@ Partition = Annotated[IIDPartition | DirichletPartition | ShardsPartition | Quan
                       Field(discriminator="kind")]
 
 
-class SyntheticData(_Section):
+class SyntheticData(Section):
     """Seeded Gaussian class clusters: ``samples`` points of ``shape`` in ``classes`` classes."""
 
     samples: PositiveInt = 10_000
@@ -63,7 +54,7 @@ class SyntheticData(_Section):
     noise: PositiveFloat = 1.0
 
 
-class DataSpec(_Section):
+class DataSpec(Section):
     dataset: Literal["digits", "breast_cancer", "mnist", "synthetic", "npz", "csv"]
     path: str | None = Field(None, description="mnist: optional IDX directory; npz/csv: the file")
     label_column: str = "label"
@@ -85,7 +76,7 @@ class DataSpec(_Section):
         return self
 
 
-class ModelSpec(_Section):
+class ModelSpec(Section):
     name: Literal["logreg", "mlp", "cnn", "small_cnn"] | None = None
     class_: str | None = Field(None, alias="class", description="user model as 'package.module:Class'")
     kwargs: dict[str, Any] = {}
@@ -108,7 +99,7 @@ class ModelSpec(_Section):
         return self
 
 
-class LocalSpec(_Section):
+class LocalSpec(Section):
     """Local training per device and round: ``epochs`` passes, or exactly ``steps`` mini-batches."""
 
     epochs: PositiveInt | None = 1
@@ -132,13 +123,39 @@ class LocalSpec(_Section):
         return self
 
 
-class DevicesSpec(_Section):
+class SlowFraction(Section):
+    """A ``fraction`` of the devices (chosen from the seed) train ``slowdown`` times slower."""
+
+    kind: Literal["slow_fraction"]
+    fraction: Annotated[float, Field(gt=0, le=1)] = 0.3
+    slowdown: Annotated[float, Field(ge=1)] = 5.0
+
+
+class LogNormalSpeed(Section):
+    """Each device's slowdown is ``exp(sigma * (z - min z))`` for standard normal ``z`` drawn from
+    the seed: log-normal spread, the fastest device at full speed."""
+
+    kind: Literal["lognormal"]
+    sigma: PositiveFloat = 0.5
+
+
+SpeedSpec = Annotated[SlowFraction | LogNormalSpeed, Field(discriminator="kind")]
+
+
+class DevicesSpec(Section):
     count: PositiveInt = 10
     per_round: PositiveInt = 10
     mode: Literal["simulation", "deployment"] = "simulation"
     workers: PositiveInt | None = Field(None, description="simulation: actors hosting devices; default one per CPU")
     local: LocalSpec = LocalSpec()
+    speed: SpeedSpec | None = Field(None, description="devices slower than the machine: each waits "
+                                                      "(slowdown - 1) x its training time before answering")
+    partial_work: Fraction = Field(0.0, description="chance that a device, in a round, takes only a uniformly "
+                                                    "random number of its planned local steps (at least one)")
     min_completion: Annotated[float, Field(gt=0, le=1)] = 0.5
+    deadline_s: PositiveFloat | None = Field(None, description="synchronous rounds: updates not in by then are late")
+    late: Literal["drop", "next_round"] = Field("drop", description="late updates are dropped, or accepted "
+                                                                     "into the round they arrive in")
     timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 300.0
 
     @model_validator(mode="after")
@@ -147,93 +164,15 @@ class DevicesSpec(_Section):
             raise ValueError(f"devices.per_round ({self.per_round}) exceeds devices.count ({self.count})")
         if self.mode == "deployment" and self.workers is not None:
             raise ValueError("devices.workers applies only to mode 'simulation' (deployment runs one actor per device)")
+        if self.deadline_s is not None and self.deadline_s >= self.timeout_s:
+            raise ValueError(f"devices.deadline_s ({self.deadline_s:g}) must be below devices.timeout_s "
+                             f"({self.timeout_s:g}), after which a device counts as hung")
+        if self.late == "next_round" and self.deadline_s is None:
+            raise ValueError("devices.late 'next_round' needs devices.deadline_s (without a deadline nothing is late)")
         return self
 
 
-Beta = Annotated[float, Field(ge=0, lt=1)]
-
-
-class _Strategy(_Section):
-    server_lr: PositiveFloat = 1.0
-    norm_bound: PositiveFloat | None = Field(None, description="clip each update to this L2 norm first")
-
-
-class FedAvg(_Strategy):
-    """FedAvg: step by ``server_lr`` x the sample-weighted mean delta."""
-
-    name: Literal["fedavg"] = "fedavg"
-
-
-class FedAvgM(_Strategy):
-    """FedAvg with server momentum (Hsu et al. 2019)."""
-
-    name: Literal["fedavgm"]
-    momentum: Beta = 0.9
-
-
-class FedProx(_Strategy):
-    """FedAvg whose devices add (mu/2)||w - w_global||^2 to their loss (Li et al. 2020)."""
-
-    name: Literal["fedprox"]
-    mu: PositiveFloat = 0.01
-
-
-class FedNova(_Strategy):
-    """Normalized averaging: each delta divided by its device's effective local steps (Wang et al. 2020)."""
-
-    name: Literal["fednova"]
-
-
-class Scaffold(_Strategy):
-    """SCAFFOLD: control variates correct client drift; each device keeps its own between rounds."""
-
-    name: Literal["scaffold"]
-
-
-class FedAdam(_Strategy):
-    """Adaptive server optimizers on the pseudo-gradient (Reddi et al. 2021)."""
-
-    name: Literal["fedadam", "fedyogi"]
-    server_lr: PositiveFloat = 0.01
-    beta1: Beta = 0.9
-    beta2: Beta = 0.99
-    tau: PositiveFloat = 1e-3
-
-
-class FedAdagrad(_Strategy):
-    name: Literal["fedadagrad"]
-    server_lr: PositiveFloat = 0.1
-    beta1: Beta = 0.0
-    tau: PositiveFloat = 1e-3
-
-
-class Median(_Strategy):
-    """Coordinate-wise median of the round's updates (robust; not linear, so no tiers or CKKS)."""
-
-    name: Literal["median"]
-
-
-class TrimmedMean(_Strategy):
-    """Coordinate-wise mean without the beta fraction of largest and smallest values."""
-
-    name: Literal["trimmed_mean"]
-    beta: Annotated[float, Field(ge=0, lt=0.5)] = 0.1
-
-
-class Krum(_Strategy):
-    """Krum / Multi-Krum: average the ``selected`` updates closest to their neighbours, tolerating
-    ``byzantine`` attackers per round (Krum selects 1; Multi-Krum defaults to n - f)."""
-
-    name: Literal["krum", "multi_krum"]
-    byzantine: Annotated[int, Field(ge=0)] = 1
-    selected: PositiveInt | None = None
-
-
-StrategySpec = Annotated[FedAvg | FedAvgM | FedProx | FedNova | Scaffold | FedAdam | FedAdagrad | Median | TrimmedMean | Krum,
-                         Field(discriminator="name")]
-
-
-class AttackSpec(_Section):
+class AttackSpec(Section):
     """Adversarial devices, to measure robustness: a ``fraction`` of devices (chosen from the seed)
     send ``-scale * delta`` (sign_flip), ``scale * delta`` (scaling), Gaussian noise of ``std``
     (gaussian), or train on flipped labels ``classes - 1 - y`` (label_flip)."""
@@ -244,17 +183,17 @@ class AttackSpec(_Section):
     std: PositiveFloat = 1.0
 
 
-class EvaluationSpec(_Section):
+class EvaluationSpec(Section):
     every: PositiveInt = Field(1, description="evaluate the global model every this many rounds (and the last)")
     federated: bool = Field(False, description="also evaluate on the sampled devices' local test splits")
 
 
-class TrackingSpec(_Section):
+class TrackingSpec(Section):
     experiment: str = "fedray"
     log_model: bool = True
 
 
-class JobSpec(_Section):
+class JobSpec(Section):
     name: str
     seed: Annotated[int, Field(ge=0)] = 0
     rounds: PositiveInt
@@ -289,9 +228,15 @@ class JobSpec(_Section):
             if self.strategy.selected is not None and self.strategy.selected > n - f:
                 raise ValueError(f"strategy.selected ({self.strategy.selected}) exceeds n - f = {n - f} "
                                  "for the smallest round that completes")
-        if self.strategy.name == "scaffold" and (self.devices.local.optimizer != "sgd" or self.devices.local.momentum):
-            raise ValueError("strategy scaffold corrects plain SGD steps; it needs devices.local.optimizer 'sgd' "
-                             "and momentum 0")
+        if self.strategy.name in ASYNC_STRATEGIES:
+            if self.devices.deadline_s is not None:
+                raise ValueError(f"devices.deadline_s applies to synchronous rounds; strategy {self.strategy.name} "
+                                 "never waits for a round (use strategy.max_staleness to drop old updates)")
+            if (self.strategy.concurrency or 0) > self.devices.count:
+                raise ValueError(f"strategy.concurrency ({self.strategy.concurrency}) exceeds devices.count "
+                                 f"({self.devices.count})")
+        if self.strategy.name == "scaffold" and self.devices.local.optimizer != "sgd":
+            raise ValueError("strategy scaffold corrects SGD steps; it needs devices.local.optimizer 'sgd'")
         if self.strategy.name == "fednova" and self.devices.local.optimizer != "sgd":
             raise ValueError("strategy fednova normalizes SGD steps; it needs devices.local.optimizer 'sgd'")
         if self.model.name in ("cnn", "small_cnn") and known_flat:
@@ -350,7 +295,7 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobSpec:
         raise JobError(f"{path}: {e}") from None
 
 
-_TAGGED = frozenset({"strategy", "partition"})
+_TAGGED = frozenset({"strategy", "partition", "speed"})
 
 
 def format_errors(error: ValidationError) -> str:

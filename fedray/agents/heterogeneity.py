@@ -1,0 +1,31 @@
+"""Heterogeneous devices: how much slower each trains, and how much of its planned work it does.
+Pure NumPy, drawn from the job's seed."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedray.config import SpeedSpec
+
+
+def slowdowns(speed: SpeedSpec | None, num_devices: int, seed: int) -> np.ndarray:
+    """Each device's slowdown factor (>= 1): how many times longer it takes than the machine that
+    simulates it."""
+    factors = np.ones(num_devices)
+    if speed is None:
+        return factors
+    rng = np.random.default_rng([seed, 5])
+    if speed.kind == "slow_fraction":
+        slow = rng.choice(num_devices, max(1, round(speed.fraction * num_devices)), replace=False)
+        factors[slow] = speed.slowdown
+        return factors
+    z = rng.standard_normal(num_devices)
+    return np.exp(speed.sigma * (z - z.min()))
+
+
+def local_steps(planned: int, partial_work: float, rng: np.random.Generator) -> int:
+    """The steps a device takes this round: ``planned``, or with probability ``partial_work`` a
+    uniform draw from 1..planned (FedProx's systems heterogeneity)."""
+    if partial_work and rng.random() < partial_work:
+        return int(rng.integers(1, planned + 1))
+    return planned
