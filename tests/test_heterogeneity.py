@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import ray
 
-from fedray.agents.heterogeneity import local_steps, slowdowns
+from fedray.agents.heterogeneity import local_steps, slowdowns, training_seconds
 from fedray.agents.worker import DeviceWorker
 from fedray.config import parse_job
 from fedray.data import datasets, partition
@@ -80,3 +80,12 @@ def test_a_slow_device_is_slow_without_blocking_its_worker():
     slow_done = time.monotonic() - start
     assert fast_done < 0.6 < 0.9 < slow_done  # fast: ~0.2 s (after the slow one's own 0.1 s of compute)
     ray.kill(worker)
+
+
+def test_training_seconds():
+    fixed = parse_job(small_job(devices__speed={"kind": "slow_fraction", "step_seconds": 0.01})).devices.speed
+    measured = parse_job(small_job(devices__speed={"kind": "slow_fraction"})).devices.speed
+    assert training_seconds(None, 5.0, 20, 0.3) == 0.3
+    assert training_seconds(measured, 5.0, 20, 0.3) == pytest.approx(1.5)  # 5x its own compute
+    assert training_seconds(fixed, 5.0, 20, 0.3) == pytest.approx(1.0)  # 5 x 20 steps x 0.01 s
+    assert training_seconds(fixed, 1.0, 20, 0.3) == 0.3  # never faster than it really was

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fedray.agents.attacks import corrupt, flip_labels
-from fedray.agents.heterogeneity import local_steps, slowdowns
+from fedray.agents.heterogeneity import local_steps, slowdowns, training_seconds
 from fedray.agents.training import LocalTraining, device_generator, effective_steps, evaluate, train
 from fedray.config import JobSpec
 from fedray.models.params import ParamSpec
@@ -27,9 +27,9 @@ class DeviceWorker:
     """Hosts ``shards``: ``{device_id: (train_indices, test_indices)}`` into ``data = (x, y)``.
     Devices in ``attackers`` carry out the job's attack.
 
-    An asyncio actor: calls on one worker train one at a time (training never awaits), but a slow
-    device's extra wait (``devices.speed``) is an ``await``, so the worker trains other devices
-    meanwhile, as separate real devices would. The data is sliced once, here.
+    An asyncio actor: calls on one worker train one at a time (training never awaits), but the time
+    a device takes beyond its compute (``devices.speed``) is an ``await``, so the worker trains other
+    devices meanwhile, as separate real devices would. The data is sliced once, here.
     """
 
     def __init__(self, job: JobSpec, data: tuple[np.ndarray, np.ndarray], num_classes: int,
@@ -48,6 +48,7 @@ class DeviceWorker:
         self._spec = ParamSpec.of(self._model)
         self._local = LocalTraining(**job.devices.local.model_dump(),
                                     prox_mu=job.strategy.mu if job.strategy.name == "fedprox" else 0.0)
+        self._speed = job.devices.speed
         self._slowdown = slowdowns(job.devices.speed, job.devices.count, job.seed)
         self._partial_work = job.devices.partial_work
         self._seed = job.seed
@@ -77,7 +78,8 @@ class DeviceWorker:
         if device in self._attackers:
             delta = corrupt(delta, self._attack, np.random.default_rng([self._seed, round, device, 3]))
         payload = Update(device, round, len(x), steps, loss, delta, control).to_bytes()
-        await asyncio.sleep((self._slowdown[device] - 1) * (time.perf_counter() - started))
+        compute = time.perf_counter() - started
+        await asyncio.sleep(training_seconds(self._speed, self._slowdown[device], steps, compute) - compute)
         return payload
 
     async def evaluate(self, device: int, global_params: np.ndarray) -> tuple[int, float, int]:

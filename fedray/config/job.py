@@ -123,7 +123,12 @@ class LocalSpec(Section):
         return self
 
 
-class SlowFraction(Section):
+class _Speed(Section):
+    step_seconds: PositiveFloat | None = Field(None, description="a full-speed device's time per local step; "
+                                                                 "default: the simulating machine's own time")
+
+
+class SlowFraction(_Speed):
     """A ``fraction`` of the devices (chosen from the seed) train ``slowdown`` times slower."""
 
     kind: Literal["slow_fraction"]
@@ -131,7 +136,7 @@ class SlowFraction(Section):
     slowdown: Annotated[float, Field(ge=1)] = 5.0
 
 
-class LogNormalSpeed(Section):
+class LogNormalSpeed(_Speed):
     """Each device's slowdown is ``exp(sigma * (z - min z))`` for standard normal ``z`` drawn from
     the seed: log-normal spread, the fastest device at full speed."""
 
@@ -148,8 +153,8 @@ class DevicesSpec(Section):
     mode: Literal["simulation", "deployment"] = "simulation"
     workers: PositiveInt | None = Field(None, description="simulation: actors hosting devices; default one per CPU")
     local: LocalSpec = LocalSpec()
-    speed: SpeedSpec | None = Field(None, description="devices slower than the machine: each waits "
-                                                      "(slowdown - 1) x its training time before answering")
+    speed: SpeedSpec | None = Field(None, description="how long devices take: a device answers no sooner "
+                                                      "than slowdown x (step_seconds x steps, or its compute time)")
     partial_work: Fraction = Field(0.0, description="chance that a device, in a round, takes only a uniformly "
                                                     "random number of its planned local steps (at least one)")
     min_completion: Annotated[float, Field(gt=0, le=1)] = 0.5
