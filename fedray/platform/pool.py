@@ -14,12 +14,14 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
 from fedray.agents.attacks import choose_attackers
 from fedray.agents.worker import DeviceWorker
 from fedray.config import JobSpec
 from fedray.data.partition import Split
+
+START_TIMEOUT_S = 600  # workers may wait for the autoscaler to add nodes
 
 
 @dataclass(frozen=True)
@@ -61,13 +63,18 @@ class WorkerPool:
         self._shards = [{int(d): (split.train[d], split.test[d]) for d in np.flatnonzero(self.worker_of == w)}
                         for w in range(num_workers)]
         # more workers than CPUs share them rather than waiting for a free one
-        self._actor_class = ray.remote(DeviceWorker).options(num_cpus=min(1.0, cpus / num_workers), max_restarts=0)
+        self._cpus_per_worker = min(1.0, cpus / num_workers)
+        self._actor_class = ray.remote(DeviceWorker).options(num_cpus=self._cpus_per_worker, max_restarts=0)
         self.attackers = (choose_attackers(count, job.attack.fraction, job.seed) if job.attack else frozenset())
         self._args = (job, data, num_classes)
         self.actors = [self._spawn(w) for w in range(num_workers)]
         # started before the first round, whose deadline should not pay for it; a worker that cannot
         # start (a user model that does not import) fails the run here, with its error
-        ray.get([actor.__ray_ready__.remote() for actor in self.actors], timeout=job.devices.timeout_s)
+        try:
+            ray.get([actor.__ray_ready__.remote() for actor in self.actors], timeout=START_TIMEOUT_S)
+        except GetTimeoutError:
+            raise RuntimeError(f"the {num_workers} device workers did not start within {START_TIMEOUT_S}s: "
+                               f"each needs {self._cpus_per_worker:g} CPU; does the cluster have them?") from None
         self._generation = [0] * num_workers
         self.pending: dict[ray.ObjectRef, Task] = {}
         self._dropped: dict[ray.ObjectRef, Task] = {}
