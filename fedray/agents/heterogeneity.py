@@ -23,12 +23,10 @@ def slowdowns(speed: SpeedSpec | None, num_devices: int, seed: int) -> np.ndarra
     return np.exp(speed.sigma * (z - z.min()))
 
 
-def training_seconds(speed: SpeedSpec | None, slowdown: float, steps: int, compute_seconds: float) -> float:
+def training_seconds(speed: SpeedSpec, slowdown: float, steps: int, compute_seconds: float) -> float:
     """How long a device takes for ``steps`` local steps that took ``compute_seconds`` here:
     ``slowdown`` x (``speed.step_seconds`` x ``steps``, or ``compute_seconds``), never less than
     ``compute_seconds``."""
-    if speed is None:
-        return compute_seconds
     base = compute_seconds if speed.step_seconds is None else speed.step_seconds * steps
     return max(compute_seconds, slowdown * base)
 

@@ -54,11 +54,13 @@ class DeviceWorker:
         self._seed = job.seed
         self._controls: dict[int, np.ndarray] = {}  # SCAFFOLD: each device's control variate c_i
 
-    async def fit(self, device: int, round: int, global_params: np.ndarray,
+    async def fit(self, device: int, round: int, sent_at: float, global_params: np.ndarray,
                   server_control: np.ndarray | None = None) -> bytes:
         """Train ``device`` from ``global_params`` (with SCAFFOLD, correcting its gradients by
         ``server_control - c_i``) and return its serialized Update. ``round`` is the synchronous
-        round, or the dispatch number of an asynchronous run: it seeds the device's randomness."""
+        round, or the dispatch number of an asynchronous run: it seeds the device's randomness.
+        ``sent_at`` (``time.time()``) is when the device was sent the model: a device with a speed
+        answers no sooner than its training time after that, however long it waited here."""
         started = time.perf_counter()
         start = np.array(global_params, dtype=np.float32)  # writable copy
         x, y = self._train[device]
@@ -78,8 +80,9 @@ class DeviceWorker:
         if device in self._attackers:
             delta = corrupt(delta, self._attack, np.random.default_rng([self._seed, round, device, 3]))
         payload = Update(device, round, len(x), steps, loss, delta, control).to_bytes()
-        compute = time.perf_counter() - started
-        await asyncio.sleep(training_seconds(self._speed, self._slowdown[device], steps, compute) - compute)
+        if self._speed is not None:
+            seconds = training_seconds(self._speed, self._slowdown[device], steps, time.perf_counter() - started)
+            await asyncio.sleep(sent_at + seconds - time.time())
         return payload
 
     async def evaluate(self, device: int, global_params: np.ndarray) -> tuple[int, float, int]:

@@ -149,7 +149,8 @@ class Driver:
         broadcast = [self.state.params] + ([self.state.buffers[0]] if self.strategy.control_variates else [])
         refs = [ray.put(v) for v in broadcast]
         carried = list(self.pool.pending)
-        fresh = [self.pool.submit("fit", d, r, *refs, tag=r) for d in sampled]
+        sent_at = time.time()
+        fresh = [self.pool.submit("fit", d, r, sent_at, *refs, tag=r) for d in sampled]
         until = time.monotonic() + (devices.deadline_s or devices.timeout_s)
         partial = Partial.zeros(self.spec.size)
         raw: list[np.ndarray] = []  # the deltas themselves, for robust (non-linear) rules
@@ -238,7 +239,8 @@ class Driver:
             self._broadcast = (version, ray.put(self.state.params))
             self._versions[version] = self.state.params
         self._dispatched += 1
-        self.pool.submit("fit", device, self._dispatched, self._broadcast[1], tag=(self._dispatched, version))
+        self.pool.submit("fit", device, self._dispatched, time.time(), self._broadcast[1],
+                         tag=(self._dispatched, version))
 
     def evaluate(self) -> dict[str, float]:
         """Accuracy and mean loss of the global model on the server's held-out test set."""
