@@ -256,3 +256,21 @@ def test_async_defaults_from_spec():
     fedasync = strategies.build_async(FedAsync(name="fedasync", concurrency=2, max_staleness=3), per_round=5)
     assert (fedasync.concurrency, fedasync.buffer_size, fedasync.mixing, fedasync.server_lr) == (2, 1, True, 0.6)
     assert fedasync.max_staleness == 3 and fedasync.weight(3) == 0.5
+
+
+def test_robust_rules_flag_suspect_updates_hand_computed():
+    from fedray.platform import robust
+
+    d = np.array([[1, 10], [2, 20], [3, 30], [4, 40], [100, -1000]], np.float32)
+    # beta 0.2 keeps ranks 1..3 of each coordinate: [2, 4] and [10, 30]
+    np.testing.assert_allclose(robust.trimmed_share(d, 0.2), [0.5, 0, 0, 0.5, 1.0])
+    ties = np.zeros((5, 3), np.float32)
+    np.testing.assert_array_equal(robust.trimmed_share(ties, 0.2), np.zeros(5))  # ties are kept
+    partial, diagnostics, flagged = strategies.trimmed_mean(0.2).reduce(d)
+    assert flagged == [4] and diagnostics == {"flagged": 1.0}  # trimmed at over half its coordinates
+    np.testing.assert_allclose(partial.mean(), [3, 20])
+    # Multi-Krum with f = 1 selects n - f = 4 rows: the outlier is left out
+    _, diagnostics, flagged = strategies.krum(1, None).reduce(d)
+    assert flagged == [4] and diagnostics == {"flagged": 1.0}
+    _, diagnostics, flagged = strategies.median().reduce(d)
+    assert flagged == [] and diagnostics == {}  # the median flags no update as a whole

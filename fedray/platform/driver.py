@@ -35,6 +35,7 @@ class RoundResult:
     metrics: dict[str, float]
     failures: dict[int, str] = field(default_factory=dict)
     evaluation_failures: dict[int, str] = field(default_factory=dict)
+    flagged: list[int] = field(default_factory=list)  # devices a robust rule flagged as suspect
 
 
 @dataclass
@@ -47,6 +48,7 @@ class _Intake:
     loss_sum: float = 0.0
     samples: int = 0
     staleness: list[int] = field(default_factory=list)
+    flagged: list[int] = field(default_factory=list)
 
     def fail(self, device: int, reason: str) -> None:
         self.failures[device] = reason
@@ -113,7 +115,7 @@ class Driver:
         metrics["round_seconds"] = time.perf_counter() - start
         self.tracker.log_metrics(metrics, step=r)
         result = RoundResult(r, completed, metrics, dict(sorted(intake.failures.items())),
-                             dict(sorted(evaluation_failures.items())))
+                             dict(sorted(evaluation_failures.items())), intake.flagged)
         self.history.append(result)
         return result
 
@@ -153,7 +155,7 @@ class Driver:
         fresh = [self.pool.submit("fit", d, r, sent_at, *refs, tag=r) for d in sampled]
         until = time.monotonic() + (devices.deadline_s or devices.timeout_s)
         partial = Partial.zeros(self.spec.size)
-        raw: list[np.ndarray] = []  # the deltas themselves, for robust (non-linear) rules
+        raw: list[Update] = []  # kept whole for robust (non-linear) rules
         for done in self.pool.as_completed(fresh + carried, until):
             update = self._accept(done, done.task.tag, intake)
             if update is None:
@@ -163,7 +165,7 @@ class Driver:
             if self.strategy.reduce is None:
                 self.strategy.fold(partial, update)
             else:
-                raw.append(update.delta)
+                raw.append(update)
         metrics: dict[str, float] = {}
         for done in self.pool.expire(devices.timeout_s):
             intake.fail(done.task.device, done.failure)
@@ -183,8 +185,9 @@ class Driver:
             metrics["attackers"] = len(self.pool.attackers.intersection(sampled.tolist()))
         if completed:
             if raw:
-                partial, diagnostics = self.strategy.reduce(np.stack(raw))
+                partial, diagnostics, flagged = self.strategy.reduce(np.stack([u.delta for u in raw]))
                 metrics.update(diagnostics)
+                intake.flagged = sorted(raw[i].device_id for i in flagged)
             self.state, diagnostics = self.strategy.apply(self.state, partial)
             metrics.update(diagnostics)
         return completed, metrics, sampled

@@ -30,6 +30,16 @@ def trimmed_mean(deltas: np.ndarray, beta: float) -> np.ndarray:
     return np.sort(deltas, axis=0)[k:n - k].mean(axis=0, dtype=np.float64).astype(np.float32)
 
 
+def trimmed_share(deltas: np.ndarray, beta: float) -> np.ndarray:
+    """For each row, the fraction of coordinates at which its value lies outside the range that
+    ``trimmed_mean`` keeps (values tied with the range's ends count as kept)."""
+    n = len(deltas)
+    k = int(np.floor(beta * n))
+    ordered = np.sort(deltas, axis=0)
+    outside = (deltas < ordered[k]) | (deltas > ordered[n - k - 1])
+    return outside.mean(axis=1)
+
+
 def krum_scores(deltas: np.ndarray, byzantine: int) -> np.ndarray:
     """Krum's score of each row: the sum of squared distances to its ``n - f - 2`` nearest other
     rows (Blanchard et al. 2017). Needs ``n > 2f + 2``."""

@@ -5,7 +5,7 @@ No Ray, no MLflow, no I/O.
 Linear strategies fold updates into a ``Partial`` (so they run unchanged through a tree of
 aggregators) and differ in how an update is weighted and how the server steps on the mean. Robust
 rules have ``reduce`` instead: it takes all the round's deltas as one ``(n, d)`` array and
-returns the Partial that ``apply`` steps on. Asynchronous strategies (``AsyncStrategy``) fold each
+returns the Partial that ``apply`` steps on, diagnostics, and the rows it flagged as suspect. Asynchronous strategies (``AsyncStrategy``) fold each
 arriving update with a weight that depends on its staleness and step once their buffer is full.
 """
 
@@ -35,7 +35,7 @@ class ServerState:
 
 
 Fold = Callable[[Partial, Update], None]
-Reduce = Callable[[np.ndarray], tuple[Partial, dict[str, float]]]
+Reduce = Callable[[np.ndarray], tuple[Partial, dict[str, float], list[int]]]
 
 
 @dataclass(frozen=True)
@@ -156,25 +156,42 @@ def scaffold(num_devices: int, server_lr: float = 1.0) -> Strategy:
     return Strategy("scaffold", init, fold, apply, control_variates=True)
 
 
-def robust_rule(name: str, rule: Callable[[np.ndarray], tuple[np.ndarray, dict[str, float]]],
+def robust_rule(name: str, rule: Callable[[np.ndarray], tuple[np.ndarray, list[int] | None]],
                 server_lr: float = 1.0) -> Strategy:
-    """A robust aggregation ``rule(deltas) -> (aggregate, diagnostics)`` with a plain server step."""
+    """A robust aggregation ``rule(deltas) -> (aggregate, flagged rows)`` with a plain server step;
+    a rule that flags nothing per update returns None. Diagnostics: ``flagged``, their number."""
 
-    def reduce(deltas: np.ndarray) -> tuple[Partial, dict[str, float]]:
-        aggregate, diagnostics = rule(deltas)
-        return Partial(aggregate, weight=1.0, steps_weight=1.0, count=len(deltas)), diagnostics
+    def reduce(deltas: np.ndarray) -> tuple[Partial, dict[str, float], list[int]]:
+        aggregate, flagged = rule(deltas)
+        partial = Partial(aggregate, weight=1.0, steps_weight=1.0, count=len(deltas))
+        return partial, ({} if flagged is None else {"flagged": float(len(flagged))}), flagged or []
 
     return replace(fedavg(server_lr, name), reduce=reduce)
 
 
+def median(server_lr: float = 1.0) -> Strategy:
+    """Coordinate-wise median; it flags no update as a whole."""
+    return robust_rule("median", lambda d: (robust.coordinate_median(d), None), server_lr)
+
+
+def trimmed_mean(beta: float, server_lr: float = 1.0) -> Strategy:
+    """Coordinate-wise trimmed mean; flags the updates trimmed at most (over half) of the coordinates."""
+
+    def rule(deltas: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        mostly_trimmed = np.flatnonzero(robust.trimmed_share(deltas, beta) > 0.5)
+        return robust.trimmed_mean(deltas, beta), mostly_trimmed.tolist()
+
+    return robust_rule("trimmed_mean", rule, server_lr)
+
+
 def krum(byzantine: int, selected: int | None, server_lr: float = 1.0, name: str = "multi_krum") -> Strategy:
     """Multi-Krum with ``selected`` updates (default ``n - byzantine``); Krum when ``selected = 1``.
-    Diagnostics: ``flagged``, the number of updates left out."""
+    Flags the updates left out."""
 
-    def rule(deltas: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+    def rule(deltas: np.ndarray) -> tuple[np.ndarray, list[int]]:
         m = selected if selected is not None else len(deltas) - byzantine
         aggregate, chosen = robust.multi_krum(deltas, byzantine, m)
-        return aggregate, {"flagged": float(len(deltas) - len(chosen))}
+        return aggregate, np.setdiff1d(np.arange(len(deltas)), chosen).tolist()
 
     return robust_rule(name, rule, server_lr)
 
@@ -185,7 +202,7 @@ def norm_bounded(strategy: Strategy, bound: float) -> Strategy:
     def fold(partial: Partial, update: Update) -> None:
         strategy.fold(partial, replace(update, delta=robust.clip_to_norm(update.delta, bound)))
 
-    def reduce(deltas: np.ndarray) -> tuple[Partial, dict[str, float]]:
+    def reduce(deltas: np.ndarray) -> tuple[Partial, dict[str, float], list[int]]:
         return strategy.reduce(np.stack([robust.clip_to_norm(d, bound) for d in deltas]))
 
     return replace(strategy, fold=fold, reduce=reduce if strategy.reduce else None)
@@ -261,9 +278,9 @@ def _build(spec, local_momentum: float, num_devices: int) -> Strategy:
     if spec.name == "scaffold":
         return scaffold(num_devices, spec.server_lr)
     if spec.name == "median":
-        return robust_rule("median", lambda d: (robust.coordinate_median(d), {}), spec.server_lr)
+        return median(spec.server_lr)
     if spec.name == "trimmed_mean":
-        return robust_rule("trimmed_mean", lambda d: (robust.trimmed_mean(d, spec.beta), {}), spec.server_lr)
+        return trimmed_mean(spec.beta, spec.server_lr)
     if spec.name in ("krum", "multi_krum"):
         selected = 1 if spec.name == "krum" else spec.selected
         return krum(spec.byzantine, selected, spec.server_lr, spec.name)
