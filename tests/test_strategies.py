@@ -266,11 +266,26 @@ def test_robust_rules_flag_suspect_updates_hand_computed():
     np.testing.assert_allclose(robust.trimmed_share(d, 0.2), [0.5, 0, 0, 0.5, 1.0])
     ties = np.zeros((5, 3), np.float32)
     np.testing.assert_array_equal(robust.trimmed_share(ties, 0.2), np.zeros(5))  # ties are kept
-    partial, diagnostics, flagged = strategies.trimmed_mean(0.2).reduce(d)
+    partial, diagnostics, flagged = strategies.trimmed_mean(0.2).reduce(d, np.random.default_rng(0))
     assert flagged == [4] and diagnostics == {"flagged": 1.0}  # trimmed at over half its coordinates
     np.testing.assert_allclose(partial.mean(), [3, 20])
     # Multi-Krum with f = 1 selects n - f = 4 rows: the outlier is left out
-    _, diagnostics, flagged = strategies.krum(1, None).reduce(d)
+    _, diagnostics, flagged = strategies.krum(1, None).reduce(d, np.random.default_rng(0))
     assert flagged == [4] and diagnostics == {"flagged": 1.0}
-    _, diagnostics, flagged = strategies.median().reduce(d)
+    _, diagnostics, flagged = strategies.median().reduce(d, np.random.default_rng(0))
     assert flagged == [] and diagnostics == {}  # the median flags no update as a whole
+
+
+def test_bucketing_averages_random_buckets_before_the_rule():
+    from fedray.platform import robust
+
+    d = np.arange(10, dtype=np.float32).reshape(5, 2)
+    means, buckets = robust.bucket_means(d, 2, np.random.default_rng(0))
+    assert sorted(np.concatenate(buckets).tolist()) == [0, 1, 2, 3, 4] and [len(b) for b in buckets] == [2, 2, 1]
+    np.testing.assert_allclose(means, [d[b].mean(0) for b in buckets])
+    # 6 updates, one outlier; buckets of 2 then Krum (f = 0, selects 1): the outlier's bucket is
+    # flagged along with the rest, and flagging maps back to the updates in flagged buckets
+    d = np.array([[1, 1], [1.1, 1], [0.9, 1], [1, 1.1], [1, 0.9], [50, -50]], np.float32)
+    partial, diagnostics, flagged = strategies.krum(0, 1, bucket_size=2).reduce(d, np.random.default_rng(1))
+    assert 5 in flagged and len(flagged) == 4 and diagnostics == {"flagged": 4.0}
+    assert np.abs(partial.mean() - 1).max() < 0.1 and partial.count == 3

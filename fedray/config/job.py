@@ -226,10 +226,11 @@ class JobSpec(Section):
             from fedray.platform.aggregation import quorum
 
             n, f = quorum(self.devices.min_completion, self.devices.per_round), self.strategy.byzantine
+            n = -(-n // self.strategy.bucket_size)
             if n <= 2 * f + 2:
                 raise ValueError(f"strategy {self.strategy.name} with byzantine={f} needs more than 2f + 2 = "
-                                 f"{2 * f + 2} updates per round, but a round may complete with {n} "
-                                 "(devices.per_round x devices.min_completion)")
+                                 f"{2 * f + 2} updates (or buckets) per round, but a round may complete with {n} "
+                                 "(devices.per_round x devices.min_completion / strategy.bucket_size)")
             if self.strategy.selected is not None and self.strategy.selected > n - f:
                 raise ValueError(f"strategy.selected ({self.strategy.selected}) exceeds n - f = {n - f} "
                                  "for the smallest round that completes")

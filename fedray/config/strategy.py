@@ -69,22 +69,29 @@ class FedAdagrad(_Synchronous):
     tau: PositiveFloat = 1e-3
 
 
-class Median(_Synchronous):
-    """Coordinate-wise median of the round's updates (robust; not linear, so no tiers or CKKS)."""
+class _Robust(_Synchronous):
+    """Robust rules need the round's raw updates in one place (not linear: no tiers or CKKS)."""
+
+    bucket_size: PositiveInt = Field(1, description="first average random buckets of this many updates "
+                                                    "(Karimireddy et al. 2022; helps on non-IID data); 1: off")
+
+
+class Median(_Robust):
+    """Coordinate-wise median of the round's updates."""
 
     name: Literal["median"]
 
 
-class TrimmedMean(_Synchronous):
+class TrimmedMean(_Robust):
     """Coordinate-wise mean without the beta fraction of largest and smallest values."""
 
     name: Literal["trimmed_mean"]
     beta: Annotated[float, Field(ge=0, lt=0.5)] = 0.1
 
 
-class Krum(_Synchronous):
-    """Krum / Multi-Krum: average the ``selected`` updates closest to their neighbours, tolerating
-    ``byzantine`` attackers per round (Krum selects 1; Multi-Krum defaults to n - f)."""
+class Krum(_Robust):
+    """Krum / Multi-Krum: average the ``selected`` updates (or buckets) closest to their neighbours,
+    tolerating ``byzantine`` bad ones per round (Krum selects 1; Multi-Krum defaults to n - f)."""
 
     name: Literal["krum", "multi_krum"]
     byzantine: Annotated[int, Field(ge=0)] = 1

@@ -185,7 +185,8 @@ class Driver:
             metrics["attackers"] = len(self.pool.attackers.intersection(sampled.tolist()))
         if completed:
             if raw:
-                partial, diagnostics, flagged = self.strategy.reduce(np.stack([u.delta for u in raw]))
+                rng = np.random.default_rng([self.job.seed, r, 6])  # bucketing's shuffle
+                partial, diagnostics, flagged = self.strategy.reduce(np.stack([u.delta for u in raw]), rng)
                 metrics.update(diagnostics)
                 intake.flagged = sorted(raw[i].device_id for i in flagged)
             self.state, diagnostics = self.strategy.apply(self.state, partial)

@@ -15,6 +15,13 @@ def clip_to_norm(delta: np.ndarray, bound: float) -> np.ndarray:
     return delta if norm <= bound else delta * np.float32(bound / norm)
 
 
+def bucket_means(deltas: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Bucketing (Karimireddy et al. 2022): the rows in a random order, cut into buckets of ``size``
+    (the last may be smaller), and each bucket's mean. Returns the means and each bucket's rows."""
+    buckets = np.array_split(rng.permutation(len(deltas)), -(-len(deltas) // size))
+    return np.stack([deltas[b].mean(axis=0, dtype=np.float64) for b in buckets]).astype(np.float32), buckets
+
+
 def coordinate_median(deltas: np.ndarray) -> np.ndarray:
     """Coordinate-wise median of the rows of ``deltas`` (Yin et al. 2018)."""
     return np.median(deltas, axis=0).astype(np.float32)

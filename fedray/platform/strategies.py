@@ -35,7 +35,7 @@ class ServerState:
 
 
 Fold = Callable[[Partial, Update], None]
-Reduce = Callable[[np.ndarray], tuple[Partial, dict[str, float], list[int]]]
+Reduce = Callable[[np.ndarray, np.random.Generator], tuple[Partial, dict[str, float], list[int]]]
 
 
 @dataclass(frozen=True)
@@ -157,34 +157,42 @@ def scaffold(num_devices: int, server_lr: float = 1.0) -> Strategy:
 
 
 def robust_rule(name: str, rule: Callable[[np.ndarray], tuple[np.ndarray, list[int] | None]],
-                server_lr: float = 1.0) -> Strategy:
-    """A robust aggregation ``rule(deltas) -> (aggregate, flagged rows)`` with a plain server step;
-    a rule that flags nothing per update returns None. Diagnostics: ``flagged``, their number."""
+                server_lr: float = 1.0, bucket_size: int = 1) -> Strategy:
+    """A robust aggregation ``rule(rows) -> (aggregate, flagged rows)`` with a plain server step;
+    a rule that flags nothing per update returns None. With ``bucket_size > 1`` the rule sees the
+    means of random buckets of that many deltas (drawn from ``reduce``'s rng), and flagging a
+    bucket flags its updates. Diagnostics: ``flagged``, the number of flagged updates."""
 
-    def reduce(deltas: np.ndarray) -> tuple[Partial, dict[str, float], list[int]]:
+    def reduce(deltas: np.ndarray, rng: np.random.Generator) -> tuple[Partial, dict[str, float], list[int]]:
+        buckets = None
+        if bucket_size > 1:
+            deltas, buckets = robust.bucket_means(deltas, bucket_size, rng)
         aggregate, flagged = rule(deltas)
+        if buckets is not None and flagged is not None:
+            flagged = sorted(int(i) for b in flagged for i in buckets[b])
         partial = Partial(aggregate, weight=1.0, steps_weight=1.0, count=len(deltas))
         return partial, ({} if flagged is None else {"flagged": float(len(flagged))}), flagged or []
 
     return replace(fedavg(server_lr, name), reduce=reduce)
 
 
-def median(server_lr: float = 1.0) -> Strategy:
+def median(server_lr: float = 1.0, bucket_size: int = 1) -> Strategy:
     """Coordinate-wise median; it flags no update as a whole."""
-    return robust_rule("median", lambda d: (robust.coordinate_median(d), None), server_lr)
+    return robust_rule("median", lambda d: (robust.coordinate_median(d), None), server_lr, bucket_size)
 
 
-def trimmed_mean(beta: float, server_lr: float = 1.0) -> Strategy:
+def trimmed_mean(beta: float, server_lr: float = 1.0, bucket_size: int = 1) -> Strategy:
     """Coordinate-wise trimmed mean; flags the updates trimmed at most (over half) of the coordinates."""
 
     def rule(deltas: np.ndarray) -> tuple[np.ndarray, list[int]]:
         mostly_trimmed = np.flatnonzero(robust.trimmed_share(deltas, beta) > 0.5)
         return robust.trimmed_mean(deltas, beta), mostly_trimmed.tolist()
 
-    return robust_rule("trimmed_mean", rule, server_lr)
+    return robust_rule("trimmed_mean", rule, server_lr, bucket_size)
 
 
-def krum(byzantine: int, selected: int | None, server_lr: float = 1.0, name: str = "multi_krum") -> Strategy:
+def krum(byzantine: int, selected: int | None, server_lr: float = 1.0, name: str = "multi_krum",
+         bucket_size: int = 1) -> Strategy:
     """Multi-Krum with ``selected`` updates (default ``n - byzantine``); Krum when ``selected = 1``.
     Flags the updates left out."""
 
@@ -193,7 +201,7 @@ def krum(byzantine: int, selected: int | None, server_lr: float = 1.0, name: str
         aggregate, chosen = robust.multi_krum(deltas, byzantine, m)
         return aggregate, np.setdiff1d(np.arange(len(deltas)), chosen).tolist()
 
-    return robust_rule(name, rule, server_lr)
+    return robust_rule(name, rule, server_lr, bucket_size)
 
 
 def norm_bounded(strategy: Strategy, bound: float) -> Strategy:
@@ -202,8 +210,8 @@ def norm_bounded(strategy: Strategy, bound: float) -> Strategy:
     def fold(partial: Partial, update: Update) -> None:
         strategy.fold(partial, replace(update, delta=robust.clip_to_norm(update.delta, bound)))
 
-    def reduce(deltas: np.ndarray) -> tuple[Partial, dict[str, float], list[int]]:
-        return strategy.reduce(np.stack([robust.clip_to_norm(d, bound) for d in deltas]))
+    def reduce(deltas: np.ndarray, rng: np.random.Generator) -> tuple[Partial, dict[str, float], list[int]]:
+        return strategy.reduce(np.stack([robust.clip_to_norm(d, bound) for d in deltas]), rng)
 
     return replace(strategy, fold=fold, reduce=reduce if strategy.reduce else None)
 
@@ -278,12 +286,12 @@ def _build(spec, local_momentum: float, num_devices: int) -> Strategy:
     if spec.name == "scaffold":
         return scaffold(num_devices, spec.server_lr)
     if spec.name == "median":
-        return median(spec.server_lr)
+        return median(spec.server_lr, spec.bucket_size)
     if spec.name == "trimmed_mean":
-        return trimmed_mean(spec.beta, spec.server_lr)
+        return trimmed_mean(spec.beta, spec.server_lr, spec.bucket_size)
     if spec.name in ("krum", "multi_krum"):
         selected = 1 if spec.name == "krum" else spec.selected
-        return krum(spec.byzantine, selected, spec.server_lr, spec.name)
+        return krum(spec.byzantine, selected, spec.server_lr, spec.name, spec.bucket_size)
     if spec.name in ("fedavg", "fedprox"):
         return fedavg(spec.server_lr, spec.name)
     if spec.name == "fedavgm":
