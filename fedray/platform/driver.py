@@ -133,7 +133,7 @@ class Driver:
             return None
         reason = rejection_reason(update, expected_device=d, expected_round=expected_round, expected_size=self.spec.size,
                                   expected_samples=self._train_sizes[d],
-                                  expect_control=getattr(self.strategy, "control_variates", False))
+                                  expect_control=self.strategy.control_variates)
         if reason is not None:
             intake.fail(d, f"rejected: {reason}")
             return None

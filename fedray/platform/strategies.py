@@ -245,6 +245,7 @@ class AsyncStrategy:
     mixing: bool
     concurrency: int
     max_staleness: int | None = None
+    control_variates = False  # no SCAFFOLD state (a class attribute, not a field)
 
     def init(self, params: np.ndarray) -> ServerState:
         return ServerState(np.array(params, dtype=np.float32))
