@@ -85,6 +85,12 @@ class DeviceWorker:
             await asyncio.sleep(sent_at + seconds - time.time())
         return payload
 
+    def node_id(self) -> str:
+        """The Ray node this worker runs on (answering also says it has started)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     async def evaluate(self, device: int, global_params: np.ndarray) -> tuple[int, float, int]:
         """Evaluate ``global_params`` on ``device``'s local test split: ``(samples, summed loss, correct)``."""
         x, y = self._test[device]

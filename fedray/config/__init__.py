@@ -3,7 +3,9 @@
 from fedray.config.base import JobError
 from fedray.config.job import (AttackSpec, DataSpec, DevicesSpec, JobSpec, LocalSpec, SpeedSpec, format_errors,
                                load_job, parse_job)
-from fedray.config.strategy import ASYNC_STRATEGIES, Staleness, StrategySpec
+from fedray.config.strategy import ASYNC_STRATEGIES, ROBUST_STRATEGIES, Staleness, StrategySpec
+from fedray.config.topology import Link, NetworkSpec, TopologySpec
 
-__all__ = ["ASYNC_STRATEGIES", "AttackSpec", "DataSpec", "DevicesSpec", "JobError", "JobSpec", "LocalSpec",
-           "SpeedSpec", "Staleness", "StrategySpec", "format_errors", "load_job", "parse_job"]
+__all__ = ["ASYNC_STRATEGIES", "ROBUST_STRATEGIES", "AttackSpec", "DataSpec", "DevicesSpec", "JobError", "JobSpec",
+           "Link", "LocalSpec", "NetworkSpec", "SpeedSpec", "Staleness", "StrategySpec", "TopologySpec",
+           "format_errors", "load_job", "parse_job"]

@@ -13,7 +13,8 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from fedray.config.base import Fraction, JobError, PositiveFloat, PositiveInt, Section
-from fedray.config.strategy import ASYNC_STRATEGIES, FedAvg, StrategySpec
+from fedray.config.strategy import ASYNC_STRATEGIES, ROBUST_STRATEGIES, FedAvg, StrategySpec
+from fedray.config.topology import NetworkSpec, TopologySpec
 
 
 class IIDPartition(Section):
@@ -162,9 +163,14 @@ class DevicesSpec(Section):
     late: Literal["drop", "next_round"] = Field("drop", description="late updates are dropped, or accepted "
                                                                      "into the round they arrive in")
     timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 300.0
+    attributes: dict[str, list[str | int]] = Field({}, description="named per-device values (one per device), "
+                                                                    "e.g. a region for topology.assign 'attribute'")
 
     @model_validator(mode="after")
     def _check(self) -> DevicesSpec:
+        for name, values in self.attributes.items():
+            if len(values) != self.count:
+                raise ValueError(f"devices.attributes.{name} has {len(values)} values for {self.count} devices")
         if self.per_round > self.count:
             raise ValueError(f"devices.per_round ({self.per_round}) exceeds devices.count ({self.count})")
         if self.mode == "deployment" and self.workers is not None:
@@ -209,6 +215,8 @@ class JobSpec(Section):
     evaluation: EvaluationSpec = EvaluationSpec()
     tracking: TrackingSpec = TrackingSpec()
     attack: AttackSpec | None = None
+    topology: TopologySpec | None = None
+    network: NetworkSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -245,10 +253,38 @@ class JobSpec(Section):
             raise ValueError("strategy scaffold corrects SGD steps; it needs devices.local.optimizer 'sgd'")
         if self.strategy.name == "fednova" and self.devices.local.optimizer != "sgd":
             raise ValueError("strategy fednova normalizes SGD steps; it needs devices.local.optimizer 'sgd'")
+        if self.topology is not None:
+            self._check_topology(self.topology)
         if self.model.name in ("cnn", "small_cnn") and known_flat:
             raise ValueError(f"model.name {self.model.name!r} needs image input (channels, height, width); "
                              f"dataset {self.data.dataset!r} is not shaped so")
         return self
+
+    def _check_topology(self, topology: TopologySpec) -> None:
+        name = self.strategy.name
+        if name in ASYNC_STRATEGIES:
+            raise ValueError(f"topology: edges fold a synchronous round's updates; strategy {name} steps on "
+                             "single arrivals (use a synchronous strategy, or no topology)")
+        if name in ROBUST_STRATEGIES:
+            raise ValueError(f"topology: strategy {name} is not linear and needs every raw update in one place; "
+                             "edges can only fold sums (use a linear strategy, or no topology)")
+        if topology.edges > self.devices.count:
+            raise ValueError(f"topology.edges ({topology.edges}) exceeds devices.count ({self.devices.count})")
+        if topology.edge_rounds > 1:
+            if name in ("fednova", "scaffold"):
+                raise ValueError(f"topology.edge_rounds > 1 (HierFAVG) averages at the edges by samples; strategy "
+                                 f"{name} needs each device's update at the cloud")
+            if self.devices.late == "next_round":
+                raise ValueError("devices.late 'next_round' does not apply with topology.edge_rounds > 1: a late "
+                                 "update would miss its edge round")
+        if topology.assign == "attribute":
+            values = self.devices.attributes.get(topology.attribute)
+            if values is None:
+                raise ValueError(f"topology.attribute {topology.attribute!r} is not in devices.attributes "
+                                 f"(has: {sorted(self.devices.attributes) or 'none'})")
+            if len(set(values)) != topology.edges:
+                raise ValueError(f"devices.attributes.{topology.attribute} has {len(set(values))} distinct values "
+                                 f"but topology.edges is {topology.edges}; give one edge per value")
 
     def flat(self) -> dict[str, str]:
         """The spec as dotted keys and string values, for MLflow params."""
@@ -301,7 +337,7 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobSpec:
         raise JobError(f"{path}: {e}") from None
 
 
-_TAGGED = frozenset({"strategy", "partition", "speed"})
+_TAGGED = frozenset({"strategy", "partition", "speed", "placement"})
 
 
 def format_errors(error: ValidationError) -> str:

@@ -144,3 +144,4 @@ StrategySpec = Annotated[FedAvg | FedAvgM | FedProx | FedNova | Scaffold | FedAd
                          | Krum | FedAsync | FedBuff, Field(discriminator="name")]
 
 ASYNC_STRATEGIES = frozenset({"fedasync", "fedbuff"})
+ROBUST_STRATEGIES = frozenset({"median", "trimmed_mean", "krum", "multi_krum"})

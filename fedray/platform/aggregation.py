@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import numpy as np
+
+# weight, steps_weight, count, vector length, has control sums
+_HEADER = struct.Struct("<ddqq?")
 
 
 @dataclass
@@ -52,6 +56,30 @@ class Partial:
         if self.control_sum is None:
             self.control_sum = np.zeros_like(self.weighted_sum)
         self.control_sum += control
+
+    def to_bytes(self) -> bytes:
+        """The wire format an edge sends up: a fixed header, then the float32 sums."""
+        control = b"" if self.control_sum is None else self.control_sum.astype(np.float32).tobytes()
+        return (_HEADER.pack(self.weight, self.steps_weight, self.count, self.weighted_sum.size,
+                             self.control_sum is not None)
+                + self.weighted_sum.astype(np.float32).tobytes() + control)
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, size: int) -> Partial:
+        """Decode and check a Partial of vectors of ``size``; raises ValueError naming what is wrong."""
+        if len(payload) < _HEADER.size:
+            raise ValueError(f"partial payload of {len(payload)} bytes is shorter than its header")
+        weight, steps_weight, count, length, has_control = _HEADER.unpack_from(payload)
+        vectors = 1 + has_control
+        if length != size or len(payload) != _HEADER.size + vectors * 4 * size:
+            raise ValueError(f"partial holds {len(payload) - _HEADER.size} bytes for {vectors} x {length} "
+                             f"float32, expected vectors of {size}")
+        arrays = np.frombuffer(payload, dtype=np.float32, offset=_HEADER.size).reshape(vectors, size).copy()
+        if not (np.isfinite(arrays).all() and math.isfinite(weight) and math.isfinite(steps_weight)):
+            raise ValueError("partial has non-finite sums")
+        if count < 0 or weight < 0 or (count == 0) != (weight == 0):
+            raise ValueError(f"partial has count {count} and weight {weight}")
+        return cls(arrays[0], weight, steps_weight, count, arrays[1] if has_control else None)
 
     def mean(self) -> np.ndarray:
         """The weighted mean of the (normalized) deltas. Raises ValueError on an empty Partial."""

@@ -42,36 +42,46 @@ class Done:
     task: Task
     value: Any = None
     failure: str | None = None
+    worker_lost: bool = False  # the failure is the worker's death, not the device's error
 
 
 class WorkerPool:
     """Creates the workers once and routes each device to its sticky worker.
 
-    Simulation: ``devices.workers`` workers (default: one per CPU of the cluster), devices spread
-    so that every worker holds about the same number of training samples (``balanced_assignment``).
-    Deployment: one worker per device.
+    ``groups`` splits the devices into groups with worker options of their own (an edge's devices
+    and the node resources or labels that place them); default one group of all devices. Simulation:
+    ``devices.workers`` workers (default: one per CPU of the cluster) shared out over the groups,
+    at least one each; within a group, devices are spread so that every worker holds about the same
+    number of training samples (``balanced_assignment``). Deployment: one worker per device.
     """
 
-    def __init__(self, job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Split) -> None:
+    def __init__(self, job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Split,
+                 groups: list[tuple[np.ndarray, dict[str, Any]]] | None = None) -> None:
         count = job.devices.count
+        groups = groups or [(np.arange(count), {})]
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        if job.devices.mode == "deployment":
-            num_workers = count
-        else:
-            num_workers = min(job.devices.workers or cpus, count)
-        self.worker_of = balanced_assignment([len(t) for t in split.train], num_workers)
+        per_group = max(1, (job.devices.workers or cpus) // len(groups))
+        sizes = np.array([len(t) for t in split.train])
+        self.worker_of = np.empty(count, dtype=np.int64)
+        self._options: list[dict[str, Any]] = []
+        for devices, options in groups:
+            n = len(devices) if job.devices.mode == "deployment" else min(per_group, len(devices))
+            self.worker_of[devices] = len(self._options) + balanced_assignment(sizes[devices].tolist(), n)
+            self._options += [options] * n
+        num_workers = len(self._options)
         self._shards = [{int(d): (split.train[d], split.test[d]) for d in np.flatnonzero(self.worker_of == w)}
                         for w in range(num_workers)]
         # more workers than CPUs share them rather than waiting for a free one
         self._cpus_per_worker = min(1.0, cpus / num_workers)
-        self._actor_class = ray.remote(DeviceWorker).options(num_cpus=self._cpus_per_worker, max_restarts=0)
+        self._actor_class = ray.remote(DeviceWorker)
         self.attackers = (choose_attackers(count, job.attack.fraction, job.seed) if job.attack else frozenset())
         self._args = (job, data, num_classes)
+        self._started: dict[int, ray.ObjectRef] = {}  # worker -> its node id, once it has started
         self.actors = [self._spawn(w) for w in range(num_workers)]
         # started before the first round, whose deadline should not pay for it; a worker that cannot
         # start (a user model that does not import) fails the run here, with its error
         try:
-            ray.get([actor.__ray_ready__.remote() for actor in self.actors], timeout=START_TIMEOUT_S)
+            self.node_of = ray.get(list(self._started.values()), timeout=START_TIMEOUT_S)  # at the start
         except GetTimeoutError:
             raise RuntimeError(f"the {num_workers} device workers did not start within {START_TIMEOUT_S}s: "
                                f"each needs {self._cpus_per_worker:g} CPU; does the cluster have them?") from None
@@ -80,7 +90,21 @@ class WorkerPool:
         self._dropped: dict[ray.ObjectRef, Task] = {}
 
     def _spawn(self, w: int) -> Any:
-        return self._actor_class.remote(*self._args, self._shards[w], self.attackers.intersection(self._shards[w]))
+        actor = self._actor_class.options(num_cpus=self._cpus_per_worker, max_restarts=0, **self._options[w]).remote(
+            *self._args, self._shards[w], self.attackers.intersection(self._shards[w]))
+        self._started[w] = actor.node_id.remote()
+        return actor
+
+    def nodes(self, timeout: float = 60) -> list[str | None]:
+        """The node each worker runs on now, None for one not up within ``timeout`` seconds."""
+        return node_ids(list(self._started.values()), timeout)
+
+    def replace_lost(self) -> None:
+        """Replace the workers whose node has died (a worker is otherwise found dead only when called)."""
+        dead = {node["NodeID"] for node in ray.nodes() if not node["Alive"]}
+        for w, node in enumerate(self.nodes(timeout=0)):
+            if node in dead:
+                self._replace(w, self._generation[w])
 
     def submit(self, method: str, device: int, *args: Any, tag: Any = None) -> ray.ObjectRef:
         """Call ``method(device, *args)`` on the device's worker; the task stays in ``pending``
@@ -94,22 +118,19 @@ class WorkerPool:
         """Wait at most ``timeout`` seconds for one of ``refs`` (pending tasks) to finish; return
         every one of them that has, with its value or failure."""
         refs = [ref for ref in refs if ref in self.pending]
-        if not refs:
-            return []
-        ready, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, timeout))
-        if ready:
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        return [self._resolve(ref) for ref in ready]
+        return [self._resolve(ref) for ref in finished(refs, timeout)] if refs else []
 
     def _resolve(self, ref: ray.ObjectRef) -> Done:
+        done = outcome(ref, self.pending.pop(ref))
+        if done.worker_lost:
+            self._replace(done.task.worker, done.task.generation)
+        return done
+
+    def collected(self, ref: ray.ObjectRef, worker_lost: bool) -> None:
+        """A pending task whose result another actor (an edge) took; replace its worker if it died."""
         task = self.pending.pop(ref)
-        try:
-            return Done(task, ray.get(ref))
-        except RayTaskError as e:  # the device's own error; the worker is fine
-            return Done(task, failure=f"{type(e.cause).__name__}: {e.cause}")
-        except RayError as e:  # the worker died or was killed
+        if worker_lost:
             self._replace(task.worker, task.generation)
-            return Done(task, failure=f"worker {task.worker} failed: {type(e).__name__}: {_first_line(e)}")
 
     def as_completed(self, refs: list[ray.ObjectRef], until: float) -> Iterator[Done]:
         """Yield the tasks of ``refs`` as they finish, until all have or ``time.monotonic()``
@@ -156,6 +177,37 @@ class WorkerPool:
         self.actors[w] = self._spawn(w)
 
 
+def finished(refs: list[ray.ObjectRef], timeout: float) -> list[ray.ObjectRef]:
+    """Wait at most ``timeout`` seconds for one of ``refs`` to finish; return all that have."""
+    ready, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, timeout))
+    if ready:
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    return ready
+
+
+def node_ids(refs: list[ray.ObjectRef], timeout: float) -> list[str | None]:
+    """What ``node_id`` calls ``refs`` answered; None for a call that failed or did not answer in time."""
+    ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    answers = []
+    for ref in refs:
+        try:
+            answers.append(ray.get(ref, timeout=0))
+        except (GetTimeoutError, RayError):
+            answers.append(None)
+    return answers
+
+
+def outcome(ref: ray.ObjectRef, task: Task) -> Done:
+    """The finished ``task``'s value, or its failure: the device's own error, or its worker's death."""
+    try:
+        return Done(task, ray.get(ref))
+    except RayTaskError as e:  # the device's own error; the worker is fine
+        return Done(task, failure=f"{type(e.cause).__name__}: {e.cause}")
+    except RayError as e:  # the worker died or was killed
+        return Done(task, failure=f"worker {task.worker} failed: {type(e).__name__}: {first_line(e)}",
+                    worker_lost=True)
+
+
 def balanced_assignment(sizes: list[int], num_workers: int) -> np.ndarray:
     """Worker index per device: largest devices first, each to the worker with the fewest samples so
     far (LPT). Every device is equally likely to be sampled, so this balances the expected work."""
@@ -168,6 +220,6 @@ def balanced_assignment(sizes: list[int], num_workers: int) -> np.ndarray:
     return worker_of
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else ""

@@ -1,0 +1,63 @@
+"""Intake: what an aggregator (the driver, or an edge) received in a round, and the check every
+update passes before it is folded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedray.platform.pool import Done
+from fedray.update import Update, rejection_reason
+
+
+@dataclass
+class Intake:
+    """Failure reasons per device (and edge), the bytes each upload took, the loss of the accepted
+    updates, the staleness of late ones and the devices a robust rule flagged."""
+
+    failures: dict[int, str] = field(default_factory=dict)
+    failed_tasks: int = 0
+    uploads: list[tuple[int, int]] = field(default_factory=list)  # (device, bytes) of each payload received
+    loss_sum: float = 0.0
+    samples: int = 0
+    staleness: list[int] = field(default_factory=list)
+    flagged: list[int] = field(default_factory=list)
+    edge_failures: dict[int, str] = field(default_factory=dict)  # edges that failed or were down, with why
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(n for _, n in self.uploads)
+
+    def fail(self, device: int, reason: str) -> None:
+        self.failures[device] = reason
+        self.failed_tasks += 1
+
+    def accept(self, done: Done, expected_round: int, *, size: int, train_sizes: list[int],
+               expect_control: bool) -> Update | None:
+        """The valid Update a finished task returned, or None with the reason in ``failures``."""
+        d = done.task.device
+        if done.failure is not None:
+            self.fail(d, done.failure)
+            return None
+        self.uploads.append((d, len(done.value)))
+        try:
+            update = Update.from_bytes(done.value)
+        except ValueError as e:
+            self.fail(d, str(e))
+            return None
+        reason = rejection_reason(update, expected_device=d, expected_round=expected_round, expected_size=size,
+                                  expected_samples=train_sizes[d], expect_control=expect_control)
+        if reason is not None:
+            self.fail(d, f"rejected: {reason}")
+            return None
+        self.loss_sum += update.train_loss * update.num_samples
+        self.samples += update.num_samples
+        return update
+
+    def merge(self, other: Intake) -> None:
+        self.failures.update(other.failures)
+        self.failed_tasks += other.failed_tasks
+        self.uploads += other.uploads
+        self.loss_sum += other.loss_sum
+        self.samples += other.samples
+        self.staleness += other.staleness
+        self.flagged += other.flagged
