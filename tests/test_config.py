@@ -4,7 +4,7 @@ import pytest
 from click.testing import CliRunner
 
 from fedray.cli import main
-from fedray.config import JobError, load_job, parse_job
+from fedray.config import ASYNC_STRATEGIES, JobError, load_job, parse_job
 
 from conftest import small_job
 
@@ -80,6 +80,25 @@ def test_partition_fields_are_checked_per_kind():
     ({"devices__speed": {"kind": "lognormal", "fraction": 0.5}}, "devices.speed.fraction: unknown field"),
     ({"devices__partial_work": 1.0}, "devices.partial_work: Input should be less than 1"),
     ({"attack": {"kind": "sign_flip"}}, "attack.fraction: Field required"),
+    ({"topology": {"edges": 2}, "strategy": {"name": "fedbuff"}}, "strategy fedbuff steps on single arrivals"),
+    ({"topology": {"edges": 2}, "strategy": {"name": "median"}}, "strategy median is not linear"),
+    ({"topology": {"edges": 7}}, "topology.edges (7) exceeds devices.count (6)"),
+    ({"topology": {"edges": 2, "edge_rounds": 2}, "strategy": {"name": "scaffold"}}, "strategy scaffold needs each"),
+    ({"topology": {"edges": 2, "edge_rounds": 2}, "devices__deadline_s": 5, "devices__late": "next_round"},
+     "devices.late 'next_round' does not apply"),
+    ({"topology": {"edges": 2, "assign": "attribute"}}, "topology.attribute is needed"),
+    ({"topology": {"edges": 2, "attribute": "region"}}, "applies only to, topology.assign 'attribute'"),
+    ({"topology": {"edges": 2, "assign": "attribute", "attribute": "region"}},
+     "topology.attribute 'region' is not in devices.attributes (has: none)"),
+    ({"topology": {"edges": 3, "assign": "attribute", "attribute": "region"},
+      "devices__attributes": {"region": ["a", "b"] * 3}}, "has 2 distinct values but topology.edges is 3"),
+    ({"devices__attributes": {"region": ["a", "b"]}}, "devices.attributes.region has 2 values for 6 devices"),
+    ({"topology": {"edges": 2, "assign": "colocated", "placement": {"kind": "resource"}}}, "takes no topology.placement"),
+    ({"topology": {"edges": 2, "placement": {"kind": "label", "values": ["eu"]}}}, "1 labels for 2 edges"),
+    ({"topology": {"edges": 2, "placement": {"kind": "resource", "name": "edge"}}}, "must contain '{edge}'"),
+    ({"topology": {"edges": 2, "placement": {"kind": "zone"}}}, "topology.placement: Input tag 'zone'"),
+    ({"network": {"device_edge": {"bandwidth_mbps": 0}, "edge_cloud": {"bandwidth_mbps": 1}}},
+     "network.device_edge.bandwidth_mbps: Input should be greater than 0"),
 ])
 def test_impossible_combinations(overrides, needle):
     assert needle in errors(small_job(**overrides))
@@ -161,3 +180,11 @@ def test_every_strategy_name_works_with_its_defaults(name):
     assert job.strategy.name == name
     shipped = Path(__file__).parent.parent / "jobs" / "mnist_noniid.yaml"
     assert load_job(shipped, [f"strategy.name={name}"]).strategy.name == name
+
+
+def test_two_edges_apply_to_every_shipped_synchronous_job():
+    for path in sorted((Path(__file__).parent.parent / "jobs").glob("*.yaml")):
+        if load_job(path).strategy.name in ASYNC_STRATEGIES:
+            continue
+        job = load_job(path, ["topology.edges=2"])
+        assert job.topology.edges == 2 and job.topology.assign == "round_robin" and job.topology.edge_rounds == 1
