@@ -56,6 +56,7 @@ def test_edges_and_their_devices_run_on_their_nodes_and_equal_flat(cluster, trac
         assert placement["workers"][placement["worker_of"][device]] == edge_nodes[edge]
     tree = [ray.get(driver.run_round.remote(r)).metrics for r in (1, 2, 3)]
     ray.get(driver.finish.remote())
+    ray.kill(driver)  # and its workers, which hold the worker nodes' CPUs
     flat_raw = job(rounds=3)
     flat = run_job(parse_job(flat_raw), yaml.safe_dump(flat_raw), tracking_uri)
     client = MlflowClient(tracking_uri)
