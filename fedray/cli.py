@@ -85,7 +85,8 @@ class _Progress:
                 f" acc {_fmt(self.accuracy)} loss {_fmt(self.loss)} "
                 f"{time.monotonic() - self.started:6.1f}s"
                 + ("" if result.completed else f"  round failed: {int(m['participants'])} answered")
-                + (f"  {len(result.failures)} failures" if result.failures else ""))
+                + (f"  {len(result.failures)} failures" if result.failures else "")
+                + (f"  edges failed or down: {sorted(result.edge_failures)}" if result.edge_failures else ""))
         click.echo(f"\r{line}\x1b[K" if self.tty else line, nl=not self.tty, err=True)
 
     def close(self) -> None:
@@ -100,10 +101,13 @@ def _fmt(value: float | None) -> str:
 def _print_summary(job: JobSpec, s: dict, seconds: float) -> None:
     uri = s["tracking_uri"]
     browse = uri if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
+    tree = "" if "bytes_edge_cloud" not in s else f"\n  edge<->cloud    {s['bytes_edge_cloud'] / 1e6:.2f} MB"
+    if "sim_comm_seconds" in s:
+        tree += f"\n  simulated comm  {s['sim_comm_seconds']:.1f}s (network section)"
     click.echo(f"""
 {job.name}: {s['completed_rounds']}/{s['rounds']} rounds completed in {seconds:.1f}s
   test accuracy   {_fmt(s['test_accuracy'])}   test loss {_fmt(s['test_loss'])}
-  bytes up/down   {s['bytes_up'] / 1e6:.2f} MB / {s['bytes_down'] / 1e6:.2f} MB
+  bytes up/down   {s['bytes_up'] / 1e6:.2f} MB / {s['bytes_down'] / 1e6:.2f} MB{tree}
   device failures {s['failures']}
   MLflow run      {s['run_id']}  ({uri})
   browse with     {browse}""")

@@ -402,7 +402,8 @@ class Driver:
             "bytes_up": sum(h.metrics["bytes_up"] for h in self.history),
             "bytes_down": sum(h.metrics["bytes_down"] for h in self.history),
             "failures": sum(h.metrics["failures"] for h in self.history),
-        }
+        } | {key: sum(h.metrics.get(key, 0) for h in self.history)
+             for key in ("bytes_edge_cloud", "sim_comm_seconds") if any(key in h.metrics for h in self.history)}
 
 
 def _plot(history: list[RoundResult]):
