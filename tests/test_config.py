@@ -187,4 +187,4 @@ def test_two_edges_apply_to_every_shipped_synchronous_job():
         if load_job(path).strategy.name in ASYNC_STRATEGIES:
             continue
         job = load_job(path, ["topology.edges=2"])
-        assert job.topology.edges == 2 and job.topology.assign == "round_robin" and job.topology.edge_rounds == 1
+        assert job.topology.edges == 2 and job.topology.assign == "round_robin"

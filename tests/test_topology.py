@@ -100,7 +100,7 @@ def run(tracking_uri, on_round=None, **overrides):
 
 
 @pytest.mark.usefixtures("ray_session")
-@pytest.mark.parametrize("strategy", [{"name": "fedavg"}, {"name": "scaffold"}, {"name": "fedadam"}])
+@pytest.mark.parametrize("strategy", [{"name": "fedavg"}, {"name": "scaffold"}])
 def test_edges_equal_flat_aggregation(tracking_uri, strategy):
     client = MlflowClient(tracking_uri)
     flat = run(tracking_uri, rounds=3, strategy=strategy, network=LATENCY_ONLY)
