@@ -18,6 +18,20 @@ def ray_session():
     ray.shutdown()
 
 
+_drivers = []  # started by start_driver; killed after each test, with their workers
+
+
+@pytest.fixture(autouse=True)
+def _kill_drivers():
+    """A test that fails before ``finish`` would leave its driver's workers holding the CPUs that
+    later tests' workers wait for."""
+    yield
+    while _drivers:
+        driver = _drivers.pop()
+        if ray.is_initialized():
+            ray.kill(driver)
+
+
 @pytest.fixture
 def tracking_uri(tmp_path):
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -51,7 +65,9 @@ def start_driver(tracking_uri: str, **overrides):
     from fedray.platform.driver import Driver
 
     raw = small_job(**overrides)
-    return ray.remote(Driver).options(num_cpus=0).remote(parse_job(raw), tracking_uri, yaml.safe_dump(raw))
+    driver = ray.remote(Driver).options(num_cpus=0).remote(parse_job(raw), tracking_uri, yaml.safe_dump(raw))
+    _drivers.append(driver)
+    return driver
 
 
 def history(client, run_id: str, key: str) -> list[float]:

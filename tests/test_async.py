@@ -16,11 +16,12 @@ from conftest import history, small_job, start_driver
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-# 2 steps of 0.1 s: a device trains in ~0.2 s; the 2 slow devices of 6 take 15x as long (3-4 s)
+# 2 steps of 0.1 s: a device trains in ~0.2 s; the 2 slow devices of 6 answer 15 x 2 x 0.1 = 3 s
+# after they were sent the model (a fixed time: a worker's slow first call does not stretch it)
 SLOW_DEVICES = {
     "model": {"class": "user_models:SlowLogReg", "kwargs": {"features": 64, "classes": 10, "sleep_s": 0.1}},
     "devices__local": {"steps": 2, "lr": 0.5},
-    "devices__speed": {"kind": "slow_fraction", "fraction": 0.34, "slowdown": 15},
+    "devices__speed": {"kind": "slow_fraction", "fraction": 0.34, "slowdown": 15, "step_seconds": 0.1},
 }
 
 
@@ -77,7 +78,7 @@ def test_late_updates_join_the_next_round_with_their_staleness(tracking_uri):
     assert first.metrics["participants"] == 4 and first.metrics["late"] == 2 and not first.failures
     second = ray.get(driver.run_round.remote(2))
     # the 2 slow devices still train for round 1, so round 2 samples the other 4; their round-1
-    # updates (3-4 s after round 1 started) arrive before round 2's deadline
+    # updates (3 s after round 1 started) arrive before round 2's deadline
     assert second.metrics["participants"] == 6 and second.metrics["late_accepted"] == 2
     assert second.metrics["staleness_max"] == 1 and not second.failures
     ray.get(driver.finish.remote())
