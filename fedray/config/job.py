@@ -182,6 +182,11 @@ class DevicesSpec(Section):
             raise ValueError("devices.late 'next_round' needs devices.deadline_s (without a deadline nothing is late)")
         return self
 
+    @property
+    def round_wait_s(self) -> float:
+        """How long a synchronous round waits for its devices: the deadline, else the timeout."""
+        return self.deadline_s or self.timeout_s
+
 
 class AttackSpec(Section):
     """Adversarial devices, to measure robustness: a ``fraction`` of devices (chosen from the seed)

@@ -11,18 +11,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import ray
 import torch
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedray.agents.training import evaluate
 from fedray.config import ASYNC_STRATEGIES, JobSpec
 from fedray.data import datasets, partition
 from fedray.models.params import ParamSpec
 from fedray.models.zoo import build_model
-from fedray.platform import strategies, topology
+from fedray.platform import edge, strategies, topology
 from fedray.platform.aggregation import Partial, quorum
-from fedray.platform.edge import Edges
 from fedray.platform.intake import Intake
-from fedray.platform.pool import Done, WorkerPool
+from fedray.platform.pool import Done
 from fedray.platform.strategies import AsyncStrategy
 from fedray.platform.tracking import MlflowTracker
 from fedray.update import Update
@@ -64,8 +62,8 @@ class Driver:
         try:
             self.tracker.log_params(job.flat())
             self.tracker.log_text(job_yaml, "job.yaml")
-            self.pool, self.edge_of, self.edges = self._start_tiers(ray.put((dataset.x, dataset.y)),
-                                                                    dataset.num_classes, split)
+            self.pool, self.edges = edge.start_tiers(job, ray.put((dataset.x, dataset.y)), dataset.num_classes,
+                                                     split, self.spec.size)
         except BaseException:
             self.tracker.finish("FAILED")
             raise
@@ -77,37 +75,13 @@ class Driver:
         self._versions: dict[int, np.ndarray] = {}
         self._broadcast: tuple[int, ray.ObjectRef] | None = None
         self._dispatched = 0
-        self._wait_s = job.devices.deadline_s or job.devices.timeout_s  # how long a synchronous round waits
-
-    def _start_tiers(self, data: ray.ObjectRef, num_classes: int, split: partition.Split,
-                     ) -> tuple[WorkerPool, np.ndarray | None, Edges | None]:
-        """The device workers, and with a topology the edge of each device and the edge actors,
-        each edge (and its devices' workers) placed on its nodes."""
-        tree = self.job.topology
-        if tree is None:
-            return WorkerPool(self.job, data, num_classes, split), None, None
-        missing = topology.missing_placement(tree, ray.nodes())
-        if missing:
-            raise RuntimeError(f"topology.placement: no alive node offers {', '.join(missing)}; start edge nodes "
-                               "with ray start --resources '{\"edge_0\": 1}' or --labels region=..., to match")
-        if tree.assign == "colocated":
-            pool = WorkerPool(self.job, data, num_classes, split, [(np.arange(self.job.devices.count),
-                                                                   {"scheduling_strategy": "SPREAD"})])
-            edge_of, nodes = topology.colocated(pool.node_of, pool.worker_of, tree.edges)
-            options = [{"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)} for node in nodes]
-        else:
-            edge_of = topology.assign(self.job)
-            options = [topology.placement_options(tree, e) for e in range(tree.edges)]
-            pool = WorkerPool(self.job, data, num_classes, split,
-                              [(np.flatnonzero(edge_of == e), options[e]) for e in range(tree.edges)])
-        return pool, edge_of, Edges(self.job, self.spec.size, self._train_sizes, options)
 
     def placement(self) -> dict[str, list]:
         """Where things run: the node of every edge and worker (None if not up), and every
         device's worker and edge."""
         return {"edges": self.edges.nodes() if self.edges else [], "workers": self.pool.nodes(),
                 "worker_of": self.pool.worker_of.tolist(),
-                "edge_of": [] if self.edge_of is None else self.edge_of.tolist()}
+                "edge_of": self.edges.edge_of if self.edges else []}
 
     def run_round(self, r: int) -> RoundResult:
         """Run round ``r`` (1-based) and log its metrics. Synchronous: train K sampled devices and,
@@ -155,11 +129,10 @@ class Driver:
         broadcast = [self.state.params] + ([self.state.buffers[0]] if self.strategy.control_variates else [])
         refs = [ray.put(v) for v in broadcast]
         down = sum(v.nbytes for v in broadcast)
-        metrics: dict[str, float] = {}
         if self.edges is None:
-            partial, raw = self._flat_collect(r, sampled, refs, down, intake, metrics)
+            partial, raw, metrics = self._flat_collect(r, sampled, refs, down, intake)
         else:
-            partial, raw = self._tree_collect(r, sampled, refs, down, intake, metrics), []
+            (partial, metrics), raw = self.edges.run_round(r, sampled, refs, down, intake), []
         accepted = partial.count + len(raw)
         completed = accepted >= quorum(devices.min_completion, len(sampled))
         metrics["participants"] = accepted
@@ -178,14 +151,15 @@ class Driver:
         return completed, metrics, sampled
 
     def _flat_collect(self, r: int, sampled: np.ndarray, refs: list[ray.ObjectRef], down: int, intake: Intake,
-                      metrics: dict[str, float]) -> tuple[Partial, list[Update]]:
+                      ) -> tuple[Partial, list[Update], dict[str, float]]:
         """Train the sampled devices and fold their updates here: the Partial of a linear strategy,
-        or the raw updates for a robust rule. Late updates of the last round join if they arrive."""
+        or the raw updates for a robust rule; and the round's metrics so far. Late updates of the
+        last round join if they arrive."""
         carried = list(self.pool.pending)
         sent_at = time.time()
         fresh = [self.pool.submit("fit", d, r, sent_at, *refs, tag=r) for d in sampled]
         partial, raw = Partial.zeros(self.spec.size), []  # raw kept whole for robust (non-linear) rules
-        for done in self.pool.as_completed(fresh + carried, time.monotonic() + self._wait_s):
+        for done in self.pool.as_completed(fresh + carried, time.monotonic() + self.job.devices.round_wait_s):
             update = self._accept(done, done.task.tag, intake)
             if update is None:
                 continue
@@ -195,94 +169,13 @@ class Driver:
                 self.strategy.fold(partial, update)
             else:
                 raw.append(update)
-        self._settle(r, fresh, carried, intake, metrics)
-        metrics["bytes_down"] = len(sampled) * down
+        metrics: dict[str, float] = {"bytes_down": len(sampled) * down}
+        late = self.pool.settle(r, fresh, carried, intake)
+        if late is not None:
+            metrics["late"] = late
         if self.job.network is not None:
             metrics["sim_comm_seconds"] = topology.flat_seconds(self.job.network, down, [n for _, n in intake.uploads])
-        return partial, raw
-
-    def _tree_collect(self, r: int, sampled: np.ndarray, refs: list[ray.ObjectRef], down: int, intake: Intake,
-                      metrics: dict[str, float]) -> Partial:
-        """Train the sampled devices through their edges, which fold their updates (for
-        ``topology.edge_rounds`` edge rounds, each from the edge's model); merge the edges' Partials.
-        The devices of an edge that is down or fails fail with its reason."""
-        edge_rounds = self.job.topology.edge_rounds
-        intake.edge_failures = self.edges.down()
-        if intake.edge_failures:
-            self.pool.replace_lost()
-        for d in sampled:
-            if int(self.edge_of[d]) in intake.edge_failures:
-                intake.fail(int(d), intake.edge_failures[int(self.edge_of[d])])
-        live = [int(d) for d in sampled if int(self.edge_of[d]) not in intake.edge_failures]
-        partial = Partial.zeros(self.spec.size)
-        models: dict[int, ray.ObjectRef] = {}  # edge -> the edge model its devices train from next
-        uploads: dict[int, list[list[int]]] = {}  # edge -> bytes of each upload, per edge round
-        sent_up: dict[int, int] = {}  # edge -> bytes of its Partial
-        carried, dispatched, reached = list(self.pool.pending), 0, 0
-        for k in range(edge_rounds):
-            t = (r - 1) * edge_rounds + k + 1  # the edge round devices train for
-            sent_at = time.time()
-            fresh = [self.pool.submit("fit", d, t, sent_at, models.get(int(self.edge_of[d]), refs[0]), *refs[1:], tag=t)
-                     for d in live]
-            dispatched += len(fresh)
-            tasks: dict[int, list] = {}
-            for ref in fresh + carried:
-                task = self.pool.pending[ref]
-                tasks.setdefault(int(self.edge_of[task.device]), []).append((task, [ref]))
-            reached = reached or len(tasks)  # the edges sent the global model
-            reports, failed = self.edges.collect(t, k, tasks, self._wait_s, refs[0] if k == 0 else None)
-            for e, report in reports.items():
-                for i, lost in report.collected:
-                    self.pool.collected(tasks[e][i][1][0], lost)
-                if report.model is not None:
-                    models[e] = report.model
-                elif (reason := self._merge_edge(e, report.partial, partial, metrics)) is not None:
-                    failed[e] = reason
-                    continue
-                intake.merge(report.intake)
-                uploads.setdefault(e, []).append([n for _, n in report.intake.uploads])
-                sent_up[e] = len(report.partial or b"")
-            for e, reason in failed.items():
-                self.pool.drop([refs_[0] for _, refs_ in tasks[e]])
-                for task, _ in tasks[e]:
-                    intake.fail(task.device, reason)
-            if failed:
-                intake.edge_failures.update(failed)
-                self.pool.replace_lost()
-                live = [d for d in live if int(self.edge_of[d]) not in failed]
-            self._settle(t, fresh, carried, intake, metrics)
-            carried = []
-        metrics.update(bytes_down=dispatched * down, bytes_device_edge=intake.bytes_up + dispatched * down,
-                       bytes_edge_cloud=reached * down + sum(sent_up.values()))
-        if self.job.network is not None:
-            metrics["sim_comm_seconds"] = max((topology.edge_seconds(self.job.network, down, uploads[e], sent_up[e])
-                                               for e in uploads), default=0.0)
-        return partial
-
-    def _merge_edge(self, e: int, payload: bytes, partial: Partial, metrics: dict[str, float]) -> str | None:
-        """Merge edge ``e``'s Partial into ``partial``; the reason it cannot be, or None."""
-        try:
-            edge_partial = Partial.from_bytes(payload, self.spec.size)
-        except ValueError as err:
-            return f"edge {e} sent a bad partial: {err}"
-        partial.merge(edge_partial)
-        metrics[f"participants_edge_{e}"] = edge_partial.count
-        return None
-
-    def _settle(self, tag: int, fresh: list[ray.ObjectRef], carried: list[ray.ObjectRef], intake: Intake,
-                metrics: dict[str, float]) -> None:
-        """After collecting: fail the tasks older than ``devices.timeout_s`` (their workers are hung);
-        with a deadline, drop the late ones (``late: drop``) and carried ones that missed again."""
-        devices = self.job.devices
-        for done in self.pool.expire(devices.timeout_s):
-            intake.fail(done.task.device, done.failure)
-        if devices.deadline_s is not None:
-            late = [ref for ref in fresh if ref in self.pool.pending]
-            metrics["late"] = metrics.get("late", 0) + len(late)
-            # a late update gets one more round's deadline (devices.late: next_round), no more
-            for task in self.pool.drop(carried + (late if devices.late == "drop" else [])):
-                missed = "the round deadline" if task.tag == tag else f"the deadlines of rounds {task.tag} and {tag}"
-                intake.fail(task.device, f"missed {missed} ({devices.deadline_s:g}s, devices.deadline_s)")
+        return partial, raw, metrics
 
     def _async_step(self, intake: Intake) -> tuple[bool, dict[str, float], np.ndarray]:
         """Fold arrivals, keeping ``concurrency`` devices training, until the buffer is full; then

@@ -3,7 +3,8 @@
 ``EdgeAggregator`` (one actor per edge, on its edge's nodes) waits for its devices' updates,
 checks them and folds them into a Partial, and sends that one Partial up. Under HierFAVG it also
 keeps an edge model and averages into it for several edge rounds per cloud round. ``Edges`` is the
-driver's handle on them: it creates, calls and recreates the actors.
+driver's handle on them: it creates, calls and recreates the actors and runs a round through them.
+``start_tiers`` creates the device workers and the edges, each placed on its nodes.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayError
 
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
 from fedray.config import JobSpec
-from fedray.platform import strategies
+from fedray.data.partition import Split
+from fedray.platform import strategies, topology
 from fedray.platform.aggregation import Partial
 from fedray.platform.intake import Intake
-from fedray.platform.pool import START_TIMEOUT_S, Task, finished, first_line, node_ids, outcome
+from fedray.platform.pool import START_TIMEOUT_S, Task, WorkerPool, finished, first_line, node_ids, outcome
 
 EDGE_GRACE_S = 60.0  # an edge that has not answered this long after its devices' time is hung
 
@@ -92,14 +96,40 @@ class EdgeAggregator:
         return report
 
 
+def start_tiers(job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Split, size: int,
+                ) -> tuple[WorkerPool, Edges | None]:
+    """The device workers, and with a topology the edge actors, each edge and its devices' workers
+    placed on the edge's nodes."""
+    tree = job.topology
+    if tree is None:
+        return WorkerPool(job, data, num_classes, split), None
+    missing = topology.missing_placement(tree, ray.nodes())
+    if missing:
+        raise RuntimeError(f"topology.placement: no alive node offers {', '.join(missing)}; start edge nodes "
+                           "with ray start --resources '{\"edge_0\": 1}' or --labels region=..., to match")
+    if tree.assign == "colocated":
+        pool = WorkerPool(job, data, num_classes, split, [(np.arange(job.devices.count), {"scheduling_strategy": "SPREAD"})])
+        edge_of, nodes = topology.colocated(pool.nodes(), pool.worker_of, tree.edges)
+        options = [{"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)} for node in nodes]
+    else:
+        edge_of = topology.assign(job)
+        options = [topology.placement_options(tree, e) for e in range(tree.edges)]
+        pool = WorkerPool(job, data, num_classes, split,
+                          [(np.flatnonzero(edge_of == e), options[e]) for e in range(tree.edges)])
+    return pool, Edges(job, size, [len(t) for t in split.train], options, edge_of.tolist(), pool)
+
+
 class Edges:
     """The edge actors of a run, created once with per-edge ``options`` (placement) and recreated
-    when one dies. An edge whose actor has not started (its node is gone and none replaced it) is
-    down; its devices fail for the round without being asked to train."""
+    when one dies; ``edge_of[d]`` is device d's edge, ``pool`` the workers hosting the devices. An
+    edge whose actor has not started (its node is gone and none replaced it) is down; its devices
+    fail for the round without being asked to train."""
 
-    def __init__(self, job: JobSpec, size: int, train_sizes: list[int], options: list[dict[str, Any]]) -> None:
+    def __init__(self, job: JobSpec, size: int, train_sizes: list[int], options: list[dict[str, Any]],
+                 edge_of: list[int], pool: WorkerPool) -> None:
         self._job, self._size, self._train_sizes = job, size, train_sizes
         self._options = options
+        self.edge_of, self._pool = edge_of, pool
         self._started: dict[int, ray.ObjectRef] = {}  # edge -> its node id, once its actor has started
         self.actors = [self._spawn(e) for e in range(len(options))]
         try:  # started before the first round, as the workers are
@@ -127,10 +157,78 @@ class Edges:
                 self.replace(e)
         return down
 
-    def collect(self, edge_round: int, k: int, tasks: dict[int, list[tuple[Task, list[ray.ObjectRef]]]],
-                seconds: float, start: ray.ObjectRef | None) -> tuple[dict[int, EdgeReport], dict[int, str]]:
+    def run_round(self, r: int, sampled: np.ndarray, refs: list[ray.ObjectRef], down: int, intake: Intake,
+                  ) -> tuple[Partial, dict[str, float]]:
+        """Train cloud round ``r``'s sampled devices through their edges (``refs``: the broadcast
+        objects, ``down`` bytes a device downloads), which fold their updates for
+        ``topology.edge_rounds`` edge rounds; return the merged Partial and the round's tier
+        metrics. A device of an edge that is down or fails fails with the edge's reason."""
+        pool, edge_of, edge_rounds = self._pool, self.edge_of, self._job.topology.edge_rounds
+        intake.edge_failures = self.down()
+        if intake.edge_failures:
+            pool.replace_lost()
+        live = []
+        for d in sampled.tolist():
+            if edge_of[d] in intake.edge_failures:
+                intake.fail(d, intake.edge_failures[edge_of[d]])
+            else:
+                live.append(d)
+        partial, metrics = Partial.zeros(self._size), {}
+        models: dict[int, ray.ObjectRef] = {}  # edge -> the edge model its devices train from next
+        uploads: dict[int, list[list[int]]] = {}  # edge -> bytes of each upload, per edge round
+        sent_up: dict[int, int] = {}  # edge -> bytes of its Partial
+        carried, dispatched, reached = list(pool.pending), 0, 0
+        for k in range(edge_rounds):
+            t = (r - 1) * edge_rounds + k + 1  # the edge round devices train for
+            sent_at = time.time()
+            fresh = [pool.submit("fit", d, t, sent_at, models.get(edge_of[d], refs[0]), *refs[1:], tag=t) for d in live]
+            dispatched += len(fresh)
+            tasks: dict[int, list[tuple[Task, list[ray.ObjectRef]]]] = {}
+            for ref in fresh + carried:
+                task = pool.pending[ref]
+                tasks.setdefault(edge_of[task.device], []).append((task, [ref]))
+            reached = reached or len(tasks)  # the edges sent the global model
+            reports, failed = self._call(t, k, tasks, refs[0] if k == 0 else None)
+            for e, report in reports.items():
+                for i, lost in report.collected:
+                    pool.collected(tasks[e][i][1][0], lost)
+                if report.model is not None:
+                    models[e] = report.model
+                else:
+                    try:
+                        edge_partial = Partial.from_bytes(report.partial, self._size)
+                    except ValueError as err:
+                        failed[e] = f"edge {e} sent a bad partial: {err}"
+                        continue
+                    partial.merge(edge_partial)
+                    metrics[f"participants_edge_{e}"] = edge_partial.count
+                intake.merge(report.intake)
+                uploads.setdefault(e, []).append([n for _, n in report.intake.uploads])
+                sent_up[e] = len(report.partial or b"")
+            for e, reason in failed.items():
+                pool.drop([ref for _, (ref,) in tasks[e]])
+                for task, _ in tasks[e]:
+                    intake.fail(task.device, reason)
+            if failed:
+                intake.edge_failures.update(failed)
+                pool.replace_lost()
+                live = [d for d in live if edge_of[d] not in failed]
+            late = pool.settle(t, fresh, carried, intake)
+            if late is not None:
+                metrics["late"] = metrics.get("late", 0) + late
+            carried = []
+        metrics.update(bytes_down=dispatched * down, bytes_device_edge=intake.bytes_up + dispatched * down,
+                       bytes_edge_cloud=reached * down + sum(sent_up.values()))
+        if self._job.network is not None:
+            metrics["sim_comm_seconds"] = max((topology.edge_seconds(self._job.network, down, uploads[e], sent_up[e])
+                                               for e in uploads), default=0.0)
+        return partial, metrics
+
+    def _call(self, edge_round: int, k: int, tasks: dict[int, list[tuple[Task, list[ray.ObjectRef]]]],
+              start: ray.ObjectRef | None) -> tuple[dict[int, EdgeReport], dict[int, str]]:
         """Run edge round ``k`` on the edges in ``tasks``; return each answering edge's report and
         ``{edge: reason}`` for the edges that failed, which are recreated for later rounds."""
+        seconds = self._job.devices.round_wait_s
         calls = {self.actors[e].collect.remote(edge_round, k, edge_tasks, seconds, start): e
                  for e, edge_tasks in tasks.items()}
         reports, failed = {}, {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -20,6 +20,9 @@ from fedray.agents.attacks import choose_attackers
 from fedray.agents.worker import DeviceWorker
 from fedray.config import JobSpec
 from fedray.data.partition import Split
+
+if TYPE_CHECKING:  # intake imports this module
+    from fedray.platform.intake import Intake
 
 START_TIMEOUT_S = 600  # workers may wait for the autoscaler to add nodes
 
@@ -76,12 +79,13 @@ class WorkerPool:
         self._actor_class = ray.remote(DeviceWorker)
         self.attackers = (choose_attackers(count, job.attack.fraction, job.seed) if job.attack else frozenset())
         self._args = (job, data, num_classes)
+        self._devices = job.devices
         self._started: dict[int, ray.ObjectRef] = {}  # worker -> its node id, once it has started
         self.actors = [self._spawn(w) for w in range(num_workers)]
         # started before the first round, whose deadline should not pay for it; a worker that cannot
         # start (a user model that does not import) fails the run here, with its error
         try:
-            self.node_of = ray.get(list(self._started.values()), timeout=START_TIMEOUT_S)  # at the start
+            ray.get(list(self._started.values()), timeout=START_TIMEOUT_S)
         except GetTimeoutError:
             raise RuntimeError(f"the {num_workers} device workers did not start within {START_TIMEOUT_S}s: "
                                f"each needs {self._cpus_per_worker:g} CPU; does the cluster have them?") from None
@@ -155,6 +159,23 @@ class WorkerPool:
             self._replace(w, generation)
         return [Done(self.pending.pop(ref), failure=f"no answer within {timeout:g}s (devices.timeout_s)")
                 for ref in old if ref in self.pending]
+
+    def settle(self, tag: Any, fresh: list[ray.ObjectRef], carried: list[ray.ObjectRef], intake: Intake) -> int | None:
+        """After a synchronous round's wait: fail (in ``intake``) the tasks older than
+        ``devices.timeout_s``, whose workers are hung; with a deadline, drop the ``fresh`` tasks
+        still running (``late: drop``) and the ``carried`` ones that missed again. Returns how many
+        fresh tasks were late (None without a deadline)."""
+        devices = self._devices
+        for done in self.expire(devices.timeout_s):
+            intake.fail(done.task.device, done.failure)
+        if devices.deadline_s is None:
+            return None
+        late = [ref for ref in fresh if ref in self.pending]
+        # a late update gets one more round's deadline (devices.late: next_round), no more
+        for task in self.drop(carried + (late if devices.late == "drop" else [])):
+            missed = "the round deadline" if task.tag == tag else f"the deadlines of rounds {task.tag} and {tag}"
+            intake.fail(task.device, f"missed {missed} ({devices.deadline_s:g}s, devices.deadline_s)")
+        return len(late)
 
     def drop(self, refs: list[ray.ObjectRef]) -> list[Task]:
         """Cancel pending tasks whose results are no longer wanted and return them. ``expire``
