@@ -4,7 +4,7 @@ import pytest
 from click.testing import CliRunner
 
 from fedray.cli import main
-from fedray.config import ASYNC_STRATEGIES, JobError, load_job, parse_job
+from fedray.config import JobError, load_job, parse_job
 
 from conftest import small_job
 
@@ -80,7 +80,7 @@ def test_partition_fields_are_checked_per_kind():
     ({"devices__speed": {"kind": "lognormal", "fraction": 0.5}}, "devices.speed.fraction: unknown field"),
     ({"devices__partial_work": 1.0}, "devices.partial_work: Input should be less than 1"),
     ({"attack": {"kind": "sign_flip"}}, "attack.fraction: Field required"),
-    ({"topology": {"edges": 2}, "strategy": {"name": "fedbuff"}}, "strategy fedbuff steps on single arrivals"),
+    ({"topology": {"edges": 2, "edge_rounds": 2}, "strategy": {"name": "fedbuff"}}, "strategy fedbuff folds each"),
     ({"topology": {"edges": 2}, "strategy": {"name": "median"}}, "strategy median is not linear"),
     ({"topology": {"edges": 7}}, "topology.edges (7) exceeds devices.count (6)"),
     ({"topology": {"edges": 2, "edge_rounds": 2}, "strategy": {"name": "scaffold"}}, "strategy scaffold needs each"),
@@ -182,9 +182,7 @@ def test_every_strategy_name_works_with_its_defaults(name):
     assert load_job(shipped, [f"strategy.name={name}"]).strategy.name == name
 
 
-def test_two_edges_apply_to_every_shipped_synchronous_job():
+def test_two_edges_apply_to_every_shipped_job():
     for path in sorted((Path(__file__).parent.parent / "jobs").glob("*.yaml")):
-        if load_job(path).strategy.name in ASYNC_STRATEGIES:
-            continue
         job = load_job(path, ["topology.edges=2"])
         assert job.topology.edges == 2 and job.topology.assign == "round_robin"

@@ -164,3 +164,90 @@ def test_an_edge_killed_mid_round_is_recorded_and_recreated(tracking_uri, tmp_pa
     assert all(rounds[1]["failures"][str(d)] == reason for d in range(int(edge), 6, 2) if str(d) in rounds[1]["failures"])
     # later rounds use the recreated edge
     assert history(client, summary["run_id"], f"participants_edge_{edge}")[-1] > 0
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("name", ["fedasync", "fedbuff"])
+def test_an_edge_folds_asynchronous_arrivals_as_the_driver_does(name):
+    """The same finished tasks, folded by an edge (from refs, rebasing on model refs) and by the
+    driver's flat path, give the same Partial; a failed task and a too-stale one are not folded."""
+    import ray
+
+    from fedray.platform import strategies
+    from fedray.platform.edge import EdgeAggregator
+    from fedray.platform.intake import Intake
+    from fedray.platform.pool import Done, Task
+    from fedray.update import Update
+
+    job = parse_job(small_job(strategy={"name": name, "concurrency": 4, "max_staleness": 2}, topology={"edges": 1}))
+    rng = np.random.default_rng(0)
+    versions = {v: rng.normal(size=5).astype(np.float32) for v in range(4)}  # the model at each server step
+    current, train_sizes = 3, [10, 20, 30, 40]
+    arrivals = []  # (device, started from version, payload or failure)
+    for d, v in [(0, 3), (1, 1), (2, 2), (3, 0)]:  # device 3 is 3 steps stale: dropped
+        update = Update(d, d + 1, train_sizes[d], 2, 0.5, rng.normal(size=5).astype(np.float32))
+        arrivals.append((d, v, update.to_bytes()))
+    arrivals.append((2, 3, ValueError("device 2 ran out of memory")))
+
+    def task(d, v, i):
+        return Task(d, (d + 1 if i < 4 else 99, v), 0, 0, 0.0)
+
+    check = {"size": 5, "train_sizes": train_sizes, "expect_control": False}
+    strategy = strategies.for_job(job)
+    flat, flat_intake = Partial.zeros(5), Intake()
+    for i, (d, v, value) in enumerate(arrivals):
+        done = Done(task(d, v, i), failure=str(value)) if isinstance(value, Exception) else Done(task(d, v, i), value)
+        flat_intake.fold_arrival(done, current - v, strategy, flat, lambda: versions[v] - versions[current], **check)
+
+    @ray.remote
+    def result(value):
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    models = {v: ray.put(p) for v, p in versions.items()}
+    edge = EdgeAggregator(job, 0, 5, train_sizes)
+    report = edge.fold_arrivals([(task(d, v, i), [result.remote(value)], current - v)
+                                 for i, (d, v, value) in enumerate(arrivals)], models, current)
+    folded = Partial.from_bytes(report.partial, 5)
+    assert folded.count == flat.count == 3 and report.intake.stale_dropped == flat_intake.stale_dropped == 1
+    np.testing.assert_allclose(folded.weighted_sum, flat.weighted_sum, rtol=1e-6)
+    assert folded.weight == pytest.approx(flat.weight)
+    assert report.intake.folded == flat_intake.folded == [0, 1, 2]
+    assert report.intake.staleness == flat_intake.staleness == [0, 2, 1]
+    assert "ValueError: device 2 ran out of memory" in report.intake.failures[2]
+    if name == "fedasync":  # a stale delta was rebased on the current model: the sums differ from plain ones
+        plain = sum(strategy.weight(s) * Update.from_bytes(arrivals[d][2]).delta for d, s in [(0, 0), (1, 2), (2, 1)])
+        assert not np.allclose(folded.weighted_sum, plain)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_fedbuff_through_edges_survives_an_edge_killed_mid_run(tracking_uri, tmp_path):
+    def kill_an_edge(result):
+        if result.round == 2:
+            os.kill(max(processes("ray::EdgeAggregator")), signal.SIGKILL)
+        if result.edge_failures:  # steps take ~0.2 s: give the recreated edge time to start
+            until = time.monotonic() + 30
+            while len(processes("ray::EdgeAggregator")) < 2 and time.monotonic() < until:
+                time.sleep(0.1)
+
+    summary = run(tracking_uri, kill_an_edge, rounds=8, topology={"edges": 2},
+                  model={"class": "user_models:SlowLogReg", "kwargs": {"features": 64, "classes": 10, "sleep_s": 0.05}},
+                  devices__local={"steps": 2, "lr": 0.5},
+                  strategy={"name": "fedbuff", "concurrency": 4, "buffer_size": 2})
+    client = MlflowClient(tracking_uri)
+    run_id = summary["run_id"]
+    assert history(client, run_id, "participants") == [2] * 8 and history(client, run_id, "round_failed") == [0] * 8
+    per_edge = [history(client, run_id, f"participants_edge_{e}") for e in (0, 1)]
+    steps = {e: [s.step for s in client.get_metric_history(run_id, f"participants_edge_{e}")] for e in (0, 1)}
+    for r in range(1, 9):  # every folded update came up in its edge's Partial
+        assert sum(h[steps[e].index(r)] for e, h in enumerate(per_edge) if r in steps[e]) == 2
+    assert history(client, run_id, "bytes_device_edge") == [
+        up + down for up, down in zip(history(client, run_id, "bytes_up"), history(client, run_id, "bytes_down"))]
+    rounds = json.load(open(client.download_artifacts(run_id, "rounds.json", str(tmp_path))))
+    failed = [(r["round"], r["edge_failures"]) for r in rounds if r["edge_failures"]]
+    assert failed and failed[0][0] >= 3 and "ActorDiedError" in next(iter(failed[0][1].values()))
+    edge = int(next(iter(failed[0][1])))
+    assert any(r > failed[0][0] for r in steps[edge])  # the recreated edge folds again
+    accuracy = history(client, run_id, "test_accuracy")
+    assert accuracy[-1] > max(accuracy[0], 0.5)

@@ -267,15 +267,15 @@ class JobSpec(Section):
 
     def _check_topology(self, topology: TopologySpec) -> None:
         name = self.strategy.name
-        if name in ASYNC_STRATEGIES:
-            raise ValueError(f"topology: edges fold a synchronous round's updates; strategy {name} steps on "
-                             "single arrivals (use a synchronous strategy, or no topology)")
         if name in ROBUST_STRATEGIES:
             raise ValueError(f"topology: strategy {name} is not linear and needs every raw update in one place; "
                              "edges can only fold sums (use a linear strategy, or no topology)")
         if topology.edges > self.devices.count:
             raise ValueError(f"topology.edges ({topology.edges}) exceeds devices.count ({self.devices.count})")
         if topology.edge_rounds > 1:
+            if name in ASYNC_STRATEGIES:
+                raise ValueError(f"topology.edge_rounds > 1 (HierFAVG) runs synchronous edge rounds; strategy {name} "
+                                 "folds each update as it arrives (use edge_rounds 1)")
             if name in ("fednova", "scaffold"):
                 raise ValueError(f"topology.edge_rounds > 1 (HierFAVG) averages at the edges by samples; strategy "
                                  f"{name} needs each device's update at the cloud")

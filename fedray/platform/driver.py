@@ -13,14 +13,14 @@ import ray
 import torch
 
 from fedray.agents.training import evaluate
-from fedray.config import ASYNC_STRATEGIES, JobSpec
+from fedray.config import JobSpec
 from fedray.data import datasets, partition
 from fedray.models.params import ParamSpec
 from fedray.models.zoo import build_model
 from fedray.platform import edge, strategies, topology
 from fedray.platform.aggregation import Partial, quorum
 from fedray.platform.intake import Intake
-from fedray.platform.pool import Done
+from fedray.platform.pool import Done, Task
 from fedray.platform.strategies import AsyncStrategy
 from fedray.platform.tracking import MlflowTracker
 from fedray.update import Update
@@ -53,10 +53,9 @@ class Driver:
         self.model = build_model(job.model.name, job.model.class_, job.model.kwargs, dataset.input_shape,
                                  dataset.num_classes, job.seed)
         self.spec = ParamSpec.of(self.model)
-        if job.strategy.name in ASYNC_STRATEGIES:
-            self.strategy = strategies.build_async(job.strategy, job.devices.per_round)
-        else:
-            self.strategy = strategies.build(job.strategy, job.devices.local.momentum, job.devices.count)
+        self.strategy = strategies.for_job(job)
+        self._check = {"size": self.spec.size, "train_sizes": self._train_sizes,
+                       "expect_control": self.strategy.control_variates}
         self.state = self.strategy.init(self.spec.flatten(self.model))
         self.tracker = MlflowTracker(tracking_uri, job.tracking.experiment, job.name)
         try:
@@ -70,10 +69,11 @@ class Driver:
         self._sampler = np.random.default_rng([job.seed, 1])
         self.history: list[RoundResult] = []
         self._staleness = Counter()  # staleness of every accepted late or asynchronous update
-        # asynchronous runs: arrivals not yet folded, model versions devices train from, dispatches
-        self._arrived: deque[Done] = deque()
-        self._versions: dict[int, np.ndarray] = {}
-        self._broadcast: tuple[int, ray.ObjectRef] | None = None
+        # asynchronous runs: finished tasks not yet folded, the model versions devices train from
+        # (in the object store), which version each edge holds, dispatches so far
+        self._arrived: deque[tuple[ray.ObjectRef, Task]] = deque()
+        self._versions: dict[int, ray.ObjectRef] = {}
+        self._edge_version: dict[int, int] = {}
         self._dispatched = 0
 
     def placement(self) -> dict[str, list]:
@@ -116,8 +116,7 @@ class Driver:
         return result
 
     def _accept(self, done: Done, expected_round: int, intake: Intake) -> Update | None:
-        return intake.accept(done, expected_round, size=self.spec.size, train_sizes=self._train_sizes,
-                             expect_control=self.strategy.control_variates)
+        return intake.accept(done, expected_round, **self._check)
 
     def _sync_round(self, r: int, intake: Intake) -> tuple[bool, dict[str, float], np.ndarray]:
         devices = self.job.devices
@@ -180,55 +179,81 @@ class Driver:
     def _async_step(self, intake: Intake) -> tuple[bool, dict[str, float], np.ndarray]:
         """Fold arrivals, keeping ``concurrency`` devices training, until the buffer is full; then
         step the server. Gives up (the model unchanged) once more device runs failed in this step
-        than there are devices. Returns the devices whose updates were folded, too."""
-        strategy, devices = self.strategy, self.job.devices
-        partial = Partial.zeros(self.spec.size)
-        dispatched, dropped, folded = 0, 0, []
+        than there are devices, or when no device can train (every edge is down). Returns the
+        devices whose updates were folded, too. With edges, each arrival is folded by its device's
+        edge; the driver sees only the edges' Partials."""
+        strategy, devices, edges = self.strategy, self.job.devices, self.edges
+        partial, metrics = Partial.zeros(self.spec.size), Counter()  # Counter: update() adds up the edges' counts
+        started: list[int] = []
         while partial.count < strategy.buffer_size and intake.failed_tasks <= devices.count:
-            while len(self.pool.pending) < strategy.concurrency:
-                self._dispatch()
-                dispatched += 1
+            down = {} if edges is None else edges.down()  # checked often: a recreated edge is soon up again
+            if down:
+                intake.edge_failures = down | intake.edge_failures  # an edge's first reason in the step
+                self.pool.replace_lost()
+            while len(self.pool.pending) < strategy.concurrency and (device := self._dispatch(down)) is not None:
+                started.append(device)
             if not self._arrived:
+                if not self.pool.pending:
+                    break
                 oldest = min(t.submitted for t in self.pool.pending.values())
-                self._arrived.extend(self.pool.wait(list(self.pool.pending), oldest + devices.timeout_s - time.monotonic()))
-                self._arrived.extend(self.pool.expire(devices.timeout_s))
+                self._arrived.extend(self.pool.arrivals(oldest + devices.timeout_s - time.monotonic()))
+                for done in self.pool.expire(devices.timeout_s):
+                    intake.fail(done.task.device, done.failure)
                 continue
-            done = self._arrived.popleft()
-            number, version = done.task.tag
-            update = self._accept(done, number, intake)
-            if update is None:
-                continue
-            staleness = self.state.round - version
-            if strategy.max_staleness is not None and staleness > strategy.max_staleness:
-                dropped += 1
-                continue
-            intake.staleness.append(staleness)
-            folded.append(done.task.device)
-            strategy.fold(partial, update.delta, staleness, self._versions[version], self.state.params)
-        metrics = {"participants": partial.count, "bytes_down": dispatched * self.state.params.nbytes,
-                   "dispatched": dispatched, "stale_dropped": dropped, "in_flight": len(self.pool.pending)}
+            batch = [self._arrived.popleft() for _ in range(min(len(self._arrived), strategy.buffer_size - partial.count))]
+            current = self.state.round
+            if edges is None:
+                for ref, task in batch:
+                    version = task.tag[1]
+                    intake.fold_arrival(self.pool.resolve(ref, task), current - version, strategy, partial,
+                                        lambda: ray.get(self._versions[version]) - self.state.params, **self._check)
+            else:
+                models = ({v: self._versions[v] for v in {task.tag[1] for _, task in batch}} | {current: self._model()}
+                          if strategy.mixing else {})
+                folded, tier, sent_up = edges.fold_arrivals([(ref, task, current - task.tag[1]) for ref, task in batch],
+                                                            models, current, down, intake)
+                partial.merge(folded)
+                metrics.update(tier)
+                metrics["bytes_edge_cloud"] += sent_up
+        model_bytes = self.state.params.nbytes
+        metrics.update(participants=partial.count, bytes_down=len(started) * model_bytes, dispatched=len(started),
+                       stale_dropped=intake.stale_dropped, in_flight=len(self.pool.pending))
+        if edges is not None:
+            fetched = {edges.edge_of[d] for d in started} - {e for e, v in self._edge_version.items() if v == self.state.round}
+            self._edge_version.update(dict.fromkeys(fetched, self.state.round))
+            metrics["bytes_edge_cloud"] += len(fetched) * model_bytes
+            metrics["bytes_device_edge"] = intake.bytes_up + len(started) * model_bytes
         completed = partial.count == strategy.buffer_size
         if completed:
             self.state, diagnostics = strategy.apply(self.state, partial)
             metrics.update(diagnostics)
-        waiting = list(self.pool.pending.values()) + [done.task for done in self._arrived]
-        live = {task.tag[1] for task in waiting} | {self.state.round}
-        self._versions = {v: p for v, p in self._versions.items() if v in live}
-        return completed, metrics, np.unique(folded)
+        waiting = list(self.pool.pending.values()) + [task for _, task in self._arrived]
+        live = {task.tag[1] for task in waiting}
+        self._versions = {v: ref for v, ref in self._versions.items() if v in live}
+        return completed, dict(metrics), np.unique(intake.folded)
 
-    def _dispatch(self) -> None:
-        """Start one idle device, drawn uniformly, training from the current model."""
-        busy = {t.device for t in self.pool.pending.values()}
-        device = int(self._sampler.integers(self.job.devices.count))
-        while device in busy:
-            device = int(self._sampler.integers(self.job.devices.count))
-        version = self.state.round
-        if self._broadcast is None or self._broadcast[0] != version:
-            self._broadcast = (version, ray.put(self.state.params))
-            self._versions[version] = self.state.params
+    def _dispatch(self, down_edges: dict[int, str]) -> int | None:
+        """Start one idle device, drawn uniformly from those whose edge is up, training from the
+        current model; return it, or None if every device is busy or behind a down edge."""
+        count = self.job.devices.count
+        unavailable = {t.device for t in self.pool.pending.values()}
+        if down_edges:
+            unavailable.update(d for d in range(count) if self.edges.edge_of[d] in down_edges)
+        if len(unavailable) == count:
+            return None
+        device = int(self._sampler.integers(count))
+        while device in unavailable:
+            device = int(self._sampler.integers(count))
         self._dispatched += 1
-        self.pool.submit("fit", device, self._dispatched, time.time(), self._broadcast[1],
-                         tag=(self._dispatched, version))
+        self.pool.submit("fit", device, self._dispatched, time.time(), self._model(),
+                         tag=(self._dispatched, self.state.round))
+        return device
+
+    def _model(self) -> ray.ObjectRef:
+        """The current model in the object store, put once per version."""
+        if self.state.round not in self._versions:
+            self._versions[self.state.round] = ray.put(self.state.params)
+        return self._versions[self.state.round]
 
     def evaluate(self) -> dict[str, float]:
         """Accuracy and mean loss of the global model on the server's held-out test set."""

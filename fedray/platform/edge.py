@@ -46,8 +46,9 @@ class EdgeAggregator:
 
     def __init__(self, job: JobSpec, edge: int, size: int, train_sizes: list[int]) -> None:
         self.edge = edge
-        self._strategy = strategies.build(job.strategy, job.devices.local.momentum, job.devices.count)
-        self._size, self._train_sizes = size, train_sizes
+        self._strategy = strategies.for_job(job)
+        self._check = {"size": size, "train_sizes": train_sizes, "expect_control": self._strategy.control_variates}
+        self._size = size
         self._edge_rounds = job.topology.edge_rounds
         self._global: np.ndarray | None = None
         self._model: np.ndarray | None = None
@@ -75,8 +76,7 @@ class EdgeAggregator:
                 task = tasks[index[ref]][0]
                 done = outcome(ref, task)
                 report.collected.append((index[ref], done.worker_lost))
-                update = intake.accept(done, task.tag, size=self._size, train_sizes=self._train_sizes,
-                                       expect_control=self._strategy.control_variates)
+                update = intake.accept(done, task.tag, **self._check)
                 if update is None:
                     continue
                 if task.tag < edge_round:  # a late update carried over from an earlier round
@@ -93,6 +93,22 @@ class EdgeAggregator:
         weight = partial.weight  # the edge's last edge round weighs its whole edge model's change
         change = (self._model - self._global) * np.float32(weight)
         report.partial = Partial(change, weight, weight, partial.count).to_bytes()
+        return report
+
+    def fold_arrivals(self, arrivals: list[tuple[Task, list[ray.ObjectRef], int]], models: dict[int, ray.ObjectRef],
+                      current: int) -> EdgeReport:
+        """Asynchronous strategies: check and fold finished device tasks, each given as (task, [its
+        result ref], staleness), into one Partial. ``models`` holds refs to the model versions
+        (``current`` is the server's) that FedAsync rebases stale deltas on."""
+        intake, partial = Intake(), Partial.zeros(self._size)
+        report = EdgeReport(intake)
+        for i, (task, (ref,), staleness) in enumerate(arrivals):
+            done = outcome(ref, task)
+            report.collected.append((i, done.worker_lost))
+            started = task.tag[1]
+            intake.fold_arrival(done, staleness, self._strategy, partial,
+                                lambda: ray.get(models[started]) - ray.get(models[current]), **self._check)
+        report.partial = partial.to_bytes()
         return report
 
 
@@ -148,7 +164,7 @@ class Edges:
         down = {}
         for e, ref in self._started.items():
             if not finished([ref], 0):
-                down[e] = f"edge {e} is not up (its actor awaits a node: {self._options[e] or 'any'})"
+                down[e] = f"edge {e} is not up (starting, or waiting for a node: {self._options[e] or 'any'})"
                 continue
             try:
                 ray.get(ref)
@@ -178,6 +194,7 @@ class Edges:
         uploads: dict[int, list[list[int]]] = {}  # edge -> bytes of each upload, per edge round
         sent_up: dict[int, int] = {}  # edge -> bytes of its Partial
         carried, dispatched, reached = list(pool.pending), 0, 0
+        wait = self._job.devices.round_wait_s
         for k in range(edge_rounds):
             t = (r - 1) * edge_rounds + k + 1  # the edge round devices train for
             sent_at = time.time()
@@ -188,31 +205,24 @@ class Edges:
                 task = pool.pending[ref]
                 tasks.setdefault(edge_of[task.device], []).append((task, [ref]))
             reached = reached or len(tasks)  # the edges sent the global model
-            reports, failed = self._call(t, k, tasks, refs[0] if k == 0 else None)
+            start = refs[0] if k == 0 else None
+            reports, failed = self._gather({self.actors[e].collect.remote(t, k, edge_tasks, wait, start): e
+                                            for e, edge_tasks in tasks.items()}, wait + EDGE_GRACE_S)
             for e, report in reports.items():
                 for i, lost in report.collected:
-                    pool.collected(tasks[e][i][1][0], lost)
+                    pool.returned(pool.pending.pop(tasks[e][i][1][0]), lost)
                 if report.model is not None:
                     models[e] = report.model
+                    intake.merge(report.intake)
+                elif self._merge(e, report, partial, intake, metrics, failed):
+                    sent_up[e] = len(report.partial)
                 else:
-                    try:
-                        edge_partial = Partial.from_bytes(report.partial, self._size)
-                    except ValueError as err:
-                        failed[e] = f"edge {e} sent a bad partial: {err}"
-                        continue
-                    partial.merge(edge_partial)
-                    metrics[f"participants_edge_{e}"] = edge_partial.count
-                intake.merge(report.intake)
+                    continue
                 uploads.setdefault(e, []).append([n for _, n in report.intake.uploads])
-                sent_up[e] = len(report.partial or b"")
-            for e, reason in failed.items():
+            for e in failed:
                 pool.drop([ref for _, (ref,) in tasks[e]])
-                for task, _ in tasks[e]:
-                    intake.fail(task.device, reason)
-            if failed:
-                intake.edge_failures.update(failed)
-                pool.replace_lost()
-                live = [d for d in live if edge_of[d] not in failed]
+            self._failed(failed, [task for e in failed for task, _ in tasks[e]], intake)
+            live = [d for d in live if edge_of[d] not in failed]
             late = pool.settle(t, fresh, carried, intake)
             if late is not None:
                 metrics["late"] = metrics.get("late", 0) + late
@@ -220,19 +230,59 @@ class Edges:
         metrics.update(bytes_down=dispatched * down, bytes_device_edge=intake.bytes_up + dispatched * down,
                        bytes_edge_cloud=reached * down + sum(sent_up.values()))
         if self._job.network is not None:
-            metrics["sim_comm_seconds"] = max((topology.edge_seconds(self._job.network, down, uploads[e], sent_up[e])
+            metrics["sim_comm_seconds"] = max((topology.edge_seconds(self._job.network, down, uploads[e], sent_up.get(e, 0))
                                                for e in uploads), default=0.0)
         return partial, metrics
 
-    def _call(self, edge_round: int, k: int, tasks: dict[int, list[tuple[Task, list[ray.ObjectRef]]]],
-              start: ray.ObjectRef | None) -> tuple[dict[int, EdgeReport], dict[int, str]]:
-        """Run edge round ``k`` on the edges in ``tasks``; return each answering edge's report and
-        ``{edge: reason}`` for the edges that failed, which are recreated for later rounds."""
-        seconds = self._job.devices.round_wait_s
-        calls = {self.actors[e].collect.remote(edge_round, k, edge_tasks, seconds, start): e
-                 for e, edge_tasks in tasks.items()}
+    def fold_arrivals(self, arrivals: list[tuple[ray.ObjectRef, Task, int]], models: dict[int, ray.ObjectRef],
+                      current: int, down: dict[int, str], intake: Intake) -> tuple[Partial, dict[str, float], int]:
+        """Asynchronous strategies: have each device's edge fold its finished tasks, given as (result
+        ref, task, staleness); return the merged Partial, per-edge participants and the bytes sent
+        up. The tasks of an edge that is ``down`` (``{edge: reason}``) or fails fail with the
+        edge's reason."""
+        pool, partial, metrics, sent_up = self._pool, Partial.zeros(self._size), {}, 0
+        by_edge: dict[int, list[tuple[Task, list[ray.ObjectRef], int]]] = {}
+        for ref, task, staleness in arrivals:
+            by_edge.setdefault(self.edge_of[task.device], []).append((task, [ref], staleness))
+        self._failed(down, [task for e in down for task, _, _ in by_edge.pop(e, [])], intake)
+        reports, failed = self._gather({self.actors[e].fold_arrivals.remote(batch, models, current): e
+                                        for e, batch in by_edge.items()}, EDGE_GRACE_S)
+        for e, report in reports.items():
+            for i, lost in report.collected:
+                pool.returned(by_edge[e][i][0], lost)
+            if self._merge(e, report, partial, intake, metrics, failed):
+                sent_up += len(report.partial)
+        self._failed(failed, [task for e in failed for task, _, _ in by_edge[e]], intake)
+        return partial, metrics, sent_up
+
+    def _merge(self, e: int, report: EdgeReport, partial: Partial, intake: Intake, metrics: dict[str, float],
+               failed: dict[int, str]) -> bool:
+        """Merge edge ``e``'s Partial and intake into the round's; False (with the reason in
+        ``failed``) if its Partial does not decode."""
+        try:
+            edge_partial = Partial.from_bytes(report.partial, self._size)
+        except ValueError as err:
+            failed[e] = f"edge {e} sent a bad partial: {err}"
+            return False
+        partial.merge(edge_partial)
+        intake.merge(report.intake)
+        metrics[f"participants_edge_{e}"] = metrics.get(f"participants_edge_{e}", 0) + edge_partial.count
+        return True
+
+    def _failed(self, failed: dict[int, str], tasks: list[Task], intake: Intake) -> None:
+        """Fail ``tasks`` with the reason (in ``failed``) of their edge, and record the edges in
+        ``intake.edge_failures`` (an edge's first reason in a round stays)."""
+        for task in tasks:
+            intake.fail(task.device, failed[self.edge_of[task.device]])
+        intake.edge_failures = failed | intake.edge_failures
+        if failed:
+            self._pool.replace_lost()
+
+    def _gather(self, calls: dict[ray.ObjectRef, int], seconds: float) -> tuple[dict[int, EdgeReport], dict[int, str]]:
+        """Wait up to ``seconds`` for the edges' ``calls`` (call -> edge); return each answering
+        edge's report and ``{edge: reason}`` for the edges that failed, which are recreated."""
         reports, failed = {}, {}
-        until = time.monotonic() + seconds + EDGE_GRACE_S
+        until = time.monotonic() + seconds
         left = list(calls)
         while left and (remaining := until - time.monotonic()) > 0:
             for ref in finished(left, remaining):
@@ -245,7 +295,7 @@ class Edges:
                     self.replace(e)
         for ref in left:
             e = calls[ref]
-            failed[e] = f"edge {e} did not answer within {seconds + EDGE_GRACE_S:g}s"
+            failed[e] = f"edge {e} did not answer within {seconds:g}s"
             self.replace(e)
         return reports, failed
 

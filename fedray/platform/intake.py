@@ -3,8 +3,13 @@ update passes before it is folded."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
+
+from fedray.platform.aggregation import Partial
 from fedray.platform.pool import Done
 from fedray.update import Update, rejection_reason
 
@@ -22,6 +27,8 @@ class Intake:
     staleness: list[int] = field(default_factory=list)
     flagged: list[int] = field(default_factory=list)
     edge_failures: dict[int, str] = field(default_factory=dict)  # edges that failed or were down, with why
+    folded: list[int] = field(default_factory=list)  # asynchronous: the devices whose updates were folded
+    stale_dropped: int = 0  # asynchronous: valid updates staler than strategy.max_staleness
 
     @property
     def bytes_up(self) -> int:
@@ -53,6 +60,19 @@ class Intake:
         self.samples += update.num_samples
         return update
 
+    def fold_arrival(self, done: Done, staleness: int, strategy: Any, partial: Partial,
+                     drift: Callable[[], np.ndarray], **check: Any) -> None:
+        """Check an asynchronous task's update (``check``: as for ``accept``) and fold it into
+        ``partial`` with an ``AsyncStrategy``, unless it is too stale."""
+        update = self.accept(done, done.task.tag[0], **check)
+        if update is None:
+            return
+        if strategy.fold(partial, update.delta, staleness, drift):
+            self.folded.append(done.task.device)
+            self.staleness.append(staleness)
+        else:
+            self.stale_dropped += 1
+
     def merge(self, other: Intake) -> None:
         self.failures.update(other.failures)
         self.failed_tasks += other.failed_tasks
@@ -61,3 +81,5 @@ class Intake:
         self.samples += other.samples
         self.staleness += other.staleness
         self.flagged += other.flagged
+        self.folded += other.folded
+        self.stale_dropped += other.stale_dropped

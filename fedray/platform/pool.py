@@ -124,15 +124,22 @@ class WorkerPool:
         refs = [ref for ref in refs if ref in self.pending]
         return [self._resolve(ref) for ref in finished(refs, timeout)] if refs else []
 
-    def _resolve(self, ref: ray.ObjectRef) -> Done:
-        done = outcome(ref, self.pending.pop(ref))
-        if done.worker_lost:
-            self._replace(done.task.worker, done.task.generation)
+    def arrivals(self, timeout: float) -> list[tuple[ray.ObjectRef, Task]]:
+        """Wait at most ``timeout`` seconds for a pending task to finish; hand back every one that
+        has, no longer pending and not yet fetched (``resolve`` here, or an edge, fetches it)."""
+        return [(ref, self.pending.pop(ref)) for ref in finished(list(self.pending), timeout)] if self.pending else []
+
+    def resolve(self, ref: ray.ObjectRef, task: Task) -> Done:
+        """The value or failure of a finished ``task`` that is no longer pending."""
+        done = outcome(ref, task)
+        self.returned(task, done.worker_lost)
         return done
 
-    def collected(self, ref: ray.ObjectRef, worker_lost: bool) -> None:
-        """A pending task whose result another actor (an edge) took; replace its worker if it died."""
-        task = self.pending.pop(ref)
+    def _resolve(self, ref: ray.ObjectRef) -> Done:
+        return self.resolve(ref, self.pending.pop(ref))
+
+    def returned(self, task: Task, worker_lost: bool) -> None:
+        """A task whose result was fetched (here, or by an edge): replace its worker if it died."""
         if worker_lost:
             self._replace(task.worker, task.generation)
 

@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from fedray.agents.training import effective_steps
+from fedray.config import ASYNC_STRATEGIES
 from fedray.platform import robust
 from fedray.platform.aggregation import Partial
 from fedray.update import Update
@@ -236,7 +237,7 @@ class AsyncStrategy:
     server steps by ``server_lr * sum weight(t_i) delta_i / buffer_size``. With ``mixing``
     (FedAsync, buffer 1) a delta is first rebased on the current model, so the step is
     ``x <- (1 - a) x + a x_local`` with ``a = server_lr * weight(t)``. Updates staler than
-    ``max_staleness`` are dropped by the driver."""
+    ``max_staleness`` are dropped."""
 
     name: str
     buffer_size: int
@@ -250,11 +251,16 @@ class AsyncStrategy:
     def init(self, params: np.ndarray) -> ServerState:
         return ServerState(np.array(params, dtype=np.float32))
 
-    def fold(self, partial: Partial, delta: np.ndarray, staleness: int, start: np.ndarray, current: np.ndarray) -> None:
-        """Fold a ``delta`` trained from ``start`` into ``partial``; ``current`` is the model now."""
+    def fold(self, partial: Partial, delta: np.ndarray, staleness: int, drift: Callable[[], np.ndarray]) -> bool:
+        """Fold a ``delta`` trained ``staleness`` server steps ago into ``partial``, or return False
+        if it is staler than ``max_staleness``. ``drift()`` is the model the device started from
+        minus the current one (asked only to rebase a stale delta, and only by FedAsync)."""
+        if self.max_staleness is not None and staleness > self.max_staleness:
+            return False
         if self.mixing and staleness:
-            delta = delta + (start - current)
+            delta = delta + drift()
         partial.add(delta, self.weight(staleness))
+        return True
 
     def apply(self, state: ServerState, partial: Partial) -> tuple[ServerState, dict[str, float]]:
         step = np.float32(self.server_lr / partial.count) * partial.weighted_sum
@@ -272,6 +278,13 @@ def build_async(spec, per_round: int) -> AsyncStrategy:
         buffer_size = spec.buffer_size or math.ceil(concurrency / 2)
         return AsyncStrategy("fedbuff", buffer_size, spec.server_lr, weight, False, concurrency, spec.max_staleness)
     raise ValueError(f"unknown asynchronous strategy {spec.name!r}")
+
+
+def for_job(job) -> Strategy | AsyncStrategy:
+    """The server strategy of a job (a ``JobSpec``), synchronous or asynchronous."""
+    if job.strategy.name in ASYNC_STRATEGIES:
+        return build_async(job.strategy, job.devices.per_round)
+    return build(job.strategy, job.devices.local.momentum, job.devices.count)
 
 
 def build(spec, local_momentum: float = 0.0, num_devices: int = 1) -> Strategy:
