@@ -1,4 +1,4 @@
-"""The ``fedray`` command line: ``fedray run`` and ``fedray validate``."""
+"""The ``fedray`` command line: ``fedray run``, ``fedray validate`` and ``fedray privacy plan``."""
 
 from __future__ import annotations
 
@@ -67,6 +67,38 @@ def run(job_file: str, overrides: tuple[str, ...], tracking_uri: str | None) -> 
     _print_summary(job, summary, time.monotonic() - started)
 
 
+@main.group()
+def privacy() -> None:
+    """Differential privacy: what a job will spend, before it runs."""
+
+
+@privacy.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help=_SET_HELP)
+@click.option("--rounds", type=click.IntRange(min=1), default=None, help="rounds to account [default: the job's]")
+def plan(job_file: str, overrides: tuple[str, ...], rounds: int | None) -> None:
+    """Print the epsilon JOB_FILE spends after its rounds, by each accountant, and the rounds its
+    budget affords."""
+    job = _load(job_file, overrides)
+    spec = job.privacy
+    if spec is None:
+        raise click.ClickException(f"{job_file}: no privacy section, so nothing to account")
+    from fedray.platform.privacy import ACCOUNTANTS, Ledger
+
+    ledger, rounds = Ledger.of(job), rounds or job.rounds
+    click.echo(f"{job.name}: client-level DP-FedAvg, {spec.mode} noise, clip {spec.clip:g}, noise multiplier "
+               f"{spec.noise_multiplier:g}, Poisson sampling rate {ledger.rate:g}, delta {spec.delta:g}")
+    for kind in ACCOUNTANTS:
+        chosen = "  (the job's accountant)" if kind == spec.accountant else ""
+        click.echo(f"  {kind}: epsilon {Ledger.of(job, kind).epsilon(rounds):.3f} after {rounds} rounds{chosen}")
+    if spec.budget is not None:
+        affordable = ledger.affordable(spec.budget.epsilon)
+        verdict = (f"the run stops before round {affordable + 1} of {job.rounds}" if affordable < job.rounds
+                   else "the whole run fits")
+        click.echo(f"  budget epsilon {spec.budget.epsilon:g}: {affordable} rounds affordable ({spec.accountant}); "
+                   f"{verdict}")
+
+
 class _Progress:
     """One status line per round, redrawn in place on a terminal."""
 
@@ -104,6 +136,10 @@ def _print_summary(job: JobSpec, s: dict, seconds: float) -> None:
     tree = "" if "bytes_edge_cloud" not in s else f"\n  edge<->cloud    {s['bytes_edge_cloud'] / 1e6:.2f} MB"
     if "sim_comm_seconds" in s:
         tree += f"\n  simulated comm  {s['sim_comm_seconds']:.1f}s (network section)"
+    if "epsilon" in s:
+        tree += f"\n  privacy         epsilon {s['epsilon']:.3f} at delta {job.privacy.delta:g}"
+    if "stopped" in s:
+        tree += f"\n  stopped early   {s['stopped']}"
     click.echo(f"""
 {job.name}: {s['completed_rounds']}/{s['rounds']} rounds completed in {seconds:.1f}s
   test accuracy   {_fmt(s['test_accuracy'])}   test loss {_fmt(s['test_loss'])}

@@ -56,3 +56,21 @@ def test_validate_imports_user_models_from_the_working_directory(tmp_path, monke
 def test_run_rejects_a_bad_job_before_starting_anything(tmp_path):
     result = CliRunner().invoke(main, ["run", write_job(tmp_path, devices__per_round=50)])
     assert result.exit_code == 1 and "devices.per_round (50) exceeds devices.count (6)" in result.output
+
+
+def test_privacy_plan_prints_the_spend_and_the_rounds_a_budget_affords(tmp_path):
+    from fedray.platform.privacy import Ledger
+
+    job = write_job(tmp_path, rounds=30, privacy={"level": "client", "noise_multiplier": 1.5, "budget": {"epsilon": 5}})
+    result = CliRunner().invoke(main, ["privacy", "plan", job])
+    assert result.exit_code == 0, result.output
+    rdp, prv = Ledger(1.5, 4 / 6, 1e-5, "rdp"), Ledger(1.5, 4 / 6, 1e-5, "prv")
+    assert f"rdp: epsilon {rdp.epsilon(30):.3f} after 30 rounds" in result.output
+    assert f"prv: epsilon {prv.epsilon(30):.3f} after 30 rounds" in result.output
+    affordable = rdp.affordable(5)
+    assert 0 < affordable < 30 and f"{affordable} rounds affordable (rdp); the run stops before round {affordable + 1}" \
+        in result.output
+    more = CliRunner().invoke(main, ["privacy", "plan", job, "--rounds", "3"])
+    assert f"rdp: epsilon {rdp.epsilon(3):.3f} after 3 rounds" in more.output
+    missing = CliRunner().invoke(main, ["privacy", "plan", write_job(tmp_path)])
+    assert missing.exit_code != 0 and "no privacy section" in missing.output

@@ -99,6 +99,21 @@ def test_partition_fields_are_checked_per_kind():
     ({"topology": {"edges": 2, "placement": {"kind": "zone"}}}, "topology.placement: Input tag 'zone'"),
     ({"network": {"device_edge": {"bandwidth_mbps": 0}, "edge_cloud": {"bandwidth_mbps": 1}}},
      "network.device_edge.bandwidth_mbps: Input should be greater than 0"),
+    ({"privacy": {"level": "client"}, "strategy": {"name": "median"}}, "strategy median is not a sum"),
+    ({"privacy": {"level": "client"}, "strategy": {"name": "fedbuff"}}, "strategy fedbuff has no rounds"),
+    ({"privacy": {"level": "client"}, "strategy": {"name": "scaffold"}}, "strategy scaffold uses per-device control"),
+    ({"privacy": {"level": "client"}, "strategy": {"name": "fednova"}}, "strategy fednova uses per-device step"),
+    ({"privacy": {"level": "client"}, "strategy": {"name": "fedavg", "norm_bound": 2}}, "already clips"),
+    ({"privacy": {"level": "client"}, "devices__deadline_s": 5, "devices__late": "next_round"},
+     "outside their round's sample"),
+    ({"privacy": {"level": "client"}, "topology": {"edges": 2, "edge_rounds": 2}}, "the accountant counts one"),
+    ({"privacy": {"level": "client", "min_participants": 2}}, "applies to mode 'distributed'"),
+    ({"privacy": {"level": "client", "mode": "distributed", "min_participants": 7}},
+     "privacy.min_participants (7) exceeds devices.count (6)"),
+    ({"privacy": {"level": "client", "delta": 0}}, "privacy.delta: Input should be greater than 0"),
+    ({"privacy": {"level": "client", "accountant": "gdp"}}, "privacy.accountant: Input should be 'rdp' or 'prv'"),
+    ({"privacy": {"level": "client", "budget": {"epsilon": -1}}}, "privacy.budget.epsilon: Input should be greater"),
+    ({"privacy": {"level": "client", "clip_norm": 1}}, "privacy.clip_norm: unknown field"),
 ])
 def test_impossible_combinations(overrides, needle):
     assert needle in errors(small_job(**overrides))

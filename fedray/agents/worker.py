@@ -14,10 +14,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from fedray.agents import privacy
 from fedray.agents.attacks import corrupt, flip_labels
 from fedray.agents.heterogeneity import local_steps, slowdowns, training_seconds
 from fedray.agents.training import LocalTraining, device_generator, effective_steps, evaluate, train
 from fedray.config import JobSpec
+from fedray.config.privacy import min_participants
 from fedray.models.params import ParamSpec
 from fedray.models.zoo import build_model
 from fedray.update import Update
@@ -53,6 +55,9 @@ class DeviceWorker:
         self._partial_work = job.devices.partial_work
         self._seed = job.seed
         self._controls: dict[int, np.ndarray] = {}  # SCAFFOLD: each device's control variate c_i
+        dp = job.privacy  # client level: the clip bound and this device's noise share (distributed)
+        self._dp = None if dp is None else (dp.clip, privacy.share_std(dp.noise_multiplier, dp.clip, min_participants(job))
+                                            if dp.mode == "distributed" else 0.0)
 
     async def fit(self, device: int, round: int, sent_at: float, global_params: np.ndarray,
                   server_control: np.ndarray | None = None) -> bytes:
@@ -79,6 +84,10 @@ class DeviceWorker:
             control = self._controls[device] - own
         if device in self._attackers:
             delta = corrupt(delta, self._attack, np.random.default_rng([self._seed, round, device, 3]))
+        if self._dp is not None:
+            delta = privacy.privatize(delta, *self._dp)
+            if self._dp[1]:
+                loss = 0.0  # distributed: the device's loss would be an un-noised statistic, so it sends none
         payload = Update(device, round, len(x), steps, loss, delta, control).to_bytes()
         if self._speed is not None:
             seconds = training_seconds(self._speed, self._slowdown[device], steps, time.perf_counter() - started)

@@ -13,6 +13,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from fedray.config.base import Fraction, JobError, PositiveFloat, PositiveInt, Section
+from fedray.config.privacy import ClientLevel
 from fedray.config.strategy import ASYNC_STRATEGIES, ROBUST_STRATEGIES, FedAvg, StrategySpec
 from fedray.config.topology import NetworkSpec, TopologySpec
 
@@ -222,6 +223,7 @@ class JobSpec(Section):
     attack: AttackSpec | None = None
     topology: TopologySpec | None = None
     network: NetworkSpec | None = None
+    privacy: ClientLevel | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -260,6 +262,8 @@ class JobSpec(Section):
             raise ValueError("strategy fednova normalizes SGD steps; it needs devices.local.optimizer 'sgd'")
         if self.topology is not None:
             self._check_topology(self.topology)
+        if self.privacy is not None:
+            self._check_privacy(self.privacy)
         if self.model.name in ("cnn", "small_cnn") and known_flat:
             raise ValueError(f"model.name {self.model.name!r} needs image input (channels, height, width); "
                              f"dataset {self.data.dataset!r} is not shaped so")
@@ -290,6 +294,34 @@ class JobSpec(Section):
             if len(set(values)) != topology.edges:
                 raise ValueError(f"devices.attributes.{topology.attribute} has {len(set(values))} distinct values "
                                  f"but topology.edges is {topology.edges}; give one edge per value")
+
+    def _check_privacy(self, privacy: ClientLevel) -> None:
+        name = self.strategy.name
+        if name in ROBUST_STRATEGIES:
+            raise ValueError(f"privacy.level client bounds each device's influence on a sum; strategy {name} is not a "
+                             "sum of the updates, so the noise would not cover it (use a linear strategy)")
+        if name in ASYNC_STRATEGIES:
+            raise ValueError(f"privacy.level client accounts Poisson-sampled rounds; strategy {name} has no rounds "
+                             "(use a synchronous strategy)")
+        if name in ("scaffold", "fednova"):
+            raise ValueError(f"privacy.level client: strategy {name} uses per-device "
+                             f"{'control variates' if name == 'scaffold' else 'step counts'} at the server, "
+                             "which the clip and noise do not cover (use fedavg, fedprox or a server optimizer)")
+        if self.strategy.norm_bound is not None:
+            raise ValueError("strategy.norm_bound: privacy.level client already clips each update to privacy.clip")
+        if self.devices.late == "next_round":
+            raise ValueError("privacy.level client: devices.late 'next_round' would fold updates outside their "
+                             "round's sample (use late 'drop')")
+        if self.topology is not None and self.topology.edge_rounds > 1:
+            raise ValueError("privacy.level client: topology.edge_rounds > 1 (HierFAVG) folds each device several "
+                             "times per round; the accountant counts one (use edge_rounds 1)")
+        if privacy.min_participants is not None:
+            if privacy.mode != "distributed":
+                raise ValueError("privacy.min_participants applies to mode 'distributed' (central noise does not "
+                                 "depend on how many answer)")
+            if privacy.min_participants > self.devices.count:
+                raise ValueError(f"privacy.min_participants ({privacy.min_participants}) exceeds devices.count "
+                                 f"({self.devices.count})")
 
     def flat(self) -> dict[str, str]:
         """The spec as dotted keys and string values, for MLflow params."""

@@ -17,7 +17,8 @@ from fedray.config import JobSpec
 from fedray.data import datasets, partition
 from fedray.models.params import ParamSpec
 from fedray.models.zoo import build_model
-from fedray.platform import edge, strategies, topology
+from fedray.config.privacy import min_participants, sampling_rate
+from fedray.platform import edge, privacy, strategies, topology
 from fedray.platform.aggregation import Partial, quorum
 from fedray.platform.intake import Intake
 from fedray.platform.pool import Done, Task
@@ -68,6 +69,8 @@ class Driver:
             raise
         self._sampler = np.random.default_rng([job.seed, 1])
         self.history: list[RoundResult] = []
+        self.ledger = None if job.privacy is None else privacy.Ledger.of(job)  # client-level DP's spend
+        self.stopped: str | None = None  # why the run stopped before its last round
         self._staleness = Counter()  # staleness of every accepted late or asynchronous update
         # asynchronous runs: finished tasks not yet folded, the model versions devices train from
         # (in the object store), which version each edge holds, dispatches so far
@@ -93,14 +96,17 @@ class Driver:
             completed, metrics, sampled = self._async_step(intake)
         else:
             completed, metrics, sampled = self._sync_round(r, intake)
-        if intake.samples:
-            metrics["train_loss"] = intake.loss_sum / intake.samples
+        if intake.samples and not (self.job.privacy and self.job.privacy.mode == "distributed"):
+            metrics["train_loss"] = intake.loss_sum / intake.samples  # distributed DP: devices send no loss
         if intake.staleness:
             metrics.update(staleness_mean=float(np.mean(intake.staleness)), staleness_max=max(intake.staleness))
             self._staleness.update(intake.staleness)
         metrics.update(bytes_up=intake.bytes_up, failures=intake.failed_tasks, round_failed=float(not completed))
         if self.edges is not None:
             metrics["edge_failures"] = len(intake.edge_failures)
+        if self.ledger is not None:  # every round sampled devices and may release a model: it is accounted
+            self.ledger.step()
+            metrics["epsilon"] = self.ledger.epsilon()
         evaluation_failures: dict[int, str] = {}
         if r % self.job.evaluation.every == 0 or r == self.job.rounds:
             metrics.update(self.evaluate())
@@ -122,9 +128,12 @@ class Driver:
         devices = self.job.devices
         # devices still training for an earlier round (late updates carried over) sit this one out
         busy = [t.device for t in self.pool.pending.values()]
-        idle = np.setdiff1d(np.arange(devices.count), busy) if busy else devices.count
-        k = min(devices.per_round, devices.count - len(set(busy)))
-        sampled = np.sort(self._sampler.choice(idle, k, replace=False))
+        if self.job.privacy is not None:  # the accountant assumes Poisson sampling (and nothing is carried over)
+            sampled = privacy.poisson_sample(self._sampler, devices.count, sampling_rate(self.job))
+        else:
+            idle = np.setdiff1d(np.arange(devices.count), busy) if busy else devices.count
+            k = min(devices.per_round, devices.count - len(set(busy)))
+            sampled = np.sort(self._sampler.choice(idle, k, replace=False))
         broadcast = [self.state.params] + ([self.state.buffers[0]] if self.strategy.control_variates else [])
         refs = [ray.put(v) for v in broadcast]
         down = sum(v.nbytes for v in broadcast)
@@ -133,7 +142,10 @@ class Driver:
         else:
             (partial, metrics), raw = self.edges.run_round(r, sampled, refs, down, intake), []
         accepted = partial.count + len(raw)
-        completed = accepted >= quorum(devices.min_completion, len(sampled))
+        if self.job.privacy is None:
+            completed = accepted >= quorum(devices.min_completion, len(sampled))
+        else:  # distributed noise needs its minimum of shares
+            completed = accepted >= min_participants(self.job)
         metrics["participants"] = accepted
         if intake.staleness:
             metrics["late_accepted"] = len(intake.staleness)
@@ -145,6 +157,8 @@ class Driver:
                 partial, diagnostics, flagged = self.strategy.reduce(np.stack([u.delta for u in raw]), rng)
                 metrics.update(diagnostics)
                 intake.flagged = sorted(raw[i].device_id for i in flagged)
+            if self.job.privacy is not None:
+                partial = privacy.release(partial, self.job)
             self.state, diagnostics = self.strategy.apply(self.state, partial)
             metrics.update(diagnostics)
         return completed, metrics, sampled
@@ -255,6 +269,14 @@ class Driver:
             self._versions[self.state.round] = ray.put(self.state.params)
         return self._versions[self.state.round]
 
+    def stop_reason(self, r: int) -> str | None:
+        """Why round ``r`` must not run (it would spend more epsilon than the budget), or None."""
+        budget = self.job.privacy and self.job.privacy.budget
+        if budget and (spent := self.ledger.epsilon(r)) > budget.epsilon:
+            self.stopped = (f"privacy budget: round {r} would bring epsilon to {spent:.3f}, over "
+                            f"privacy.budget.epsilon {budget.epsilon:g}")
+        return self.stopped
+
     def evaluate(self) -> dict[str, float]:
         """Accuracy and mean loss of the global model on the server's held-out test set."""
         if not len(self._test_y):
@@ -301,6 +323,11 @@ class Driver:
                 if self.history:
                     self.tracker.log_text(json.dumps([asdict(h) for h in self.history], indent=1), "rounds.json")
                     self.tracker.log_figure(_plot(self.history), "accuracy_loss.png")
+                if self.stopped:
+                    self.tracker.set_tag("fedray.stopped", self.stopped)
+                if self.ledger is not None:
+                    self.tracker.log_text(json.dumps(self.privacy_report(), indent=1), "privacy_report.json")
+                    self.tracker.log_figure(_privacy_plot(self.history), "privacy.png")
                 if self.job.tracking.log_model and status == "FINISHED":
                     self.spec.load(self.model, self.state.params)
                     self.tracker.log_model(self.model, self._example)
@@ -320,8 +347,36 @@ class Driver:
             "bytes_up": sum(h.metrics["bytes_up"] for h in self.history),
             "bytes_down": sum(h.metrics["bytes_down"] for h in self.history),
             "failures": sum(h.metrics["failures"] for h in self.history),
-        } | {key: sum(h.metrics.get(key, 0) for h in self.history)
+        } | ({} if self.ledger is None else {"epsilon": self.ledger.epsilon()}) | (
+            {"stopped": self.stopped} if self.stopped else {}) | {key: sum(h.metrics.get(key, 0) for h in self.history)
              for key in ("bytes_edge_cloud", "sim_comm_seconds") if any(key in h.metrics for h in self.history)}
+
+
+    def privacy_report(self) -> dict:
+        """What the run's privacy rests on and what it spent, by each accountant."""
+        job, ledger = self.job, self.ledger
+        spec = job.privacy
+        return {"level": "client", "algorithm": "DP-FedAvg (McMahan et al. 2018), Gaussian mechanism",
+                "mode": spec.mode, "clip": spec.clip, "noise_multiplier": spec.noise_multiplier,
+                "sampling": "poisson", "sampling_rate": ledger.rate,
+                "denominator": privacy.expected_participants(job), "min_participants": min_participants(job),
+                "rounds": ledger.rounds, "delta": spec.delta, "accountant": spec.accountant,
+                "epsilon": {kind: privacy.Ledger.of(job, kind).epsilon(ledger.rounds) for kind in privacy.ACCOUNTANTS},
+                "budget": spec.budget.epsilon if spec.budget else None, "stopped": self.stopped}
+
+
+def _privacy_plot(history: list[RoundResult]):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.5))
+    spent, acc = fig.subplots(1, 2)
+    spent.plot([h.round for h in history], [h.metrics["epsilon"] for h in history], marker=".")
+    spent.set(xlabel="round", ylabel="epsilon", title="Privacy spent")
+    evaluated = [h for h in history if "test_accuracy" in h.metrics]
+    acc.plot([h.round for h in evaluated], [h.metrics["test_accuracy"] for h in evaluated], marker=".")
+    acc.set(xlabel="round", ylabel="test accuracy", title="Global model accuracy")
+    fig.tight_layout()
+    return fig
 
 
 def _plot(history: list[RoundResult]):

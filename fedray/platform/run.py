@@ -57,6 +57,8 @@ def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,
     try:
         run_id = ray.get(driver.run_id.remote(), timeout=600)  # the driver's setup is done
         for r in range(1, job.rounds + 1):
+            if ray.get(driver.stop_reason.remote(r), timeout=600):  # the privacy budget is spent
+                break
             result = ray.get(driver.run_round.remote(r), timeout=round_timeout)
             if on_round is not None:
                 on_round(result)

@@ -281,10 +281,16 @@ def build_async(spec, per_round: int) -> AsyncStrategy:
 
 
 def for_job(job) -> Strategy | AsyncStrategy:
-    """The server strategy of a job (a ``JobSpec``), synchronous or asynchronous."""
+    """The server strategy of a job (a ``JobSpec``), synchronous or asynchronous. Under
+    client-level DP every device's (clipped) delta counts once, whatever its samples."""
     if job.strategy.name in ASYNC_STRATEGIES:
         return build_async(job.strategy, job.devices.per_round)
-    return build(job.strategy, job.devices.local.momentum, job.devices.count)
+    strategy = build(job.strategy, job.devices.local.momentum, job.devices.count)
+    return strategy if job.privacy is None else replace(strategy, fold=_unweighted)
+
+
+def _unweighted(partial: Partial, update: Update) -> None:
+    partial.add(update.delta, 1.0)
 
 
 def build(spec, local_momentum: float = 0.0, num_devices: int = 1) -> Strategy:

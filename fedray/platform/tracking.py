@@ -53,6 +53,9 @@ class MlflowTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._mlflow.log_metrics(metrics, step=step, synchronous=False)
 
+    def set_tag(self, key: str, value: str) -> None:
+        self._mlflow.set_tag(key, value)
+
     def log_text(self, text: str, path: str) -> None:
         self._mlflow.log_text(text, path)
 

@@ -1,0 +1,64 @@
+"""The ``privacy`` section: differential privacy at the client level (DP-FedAvg: each device's whole
+update is clipped and Gaussian noise hides any one device) or the sample level (DP-SGD inside each
+device's training), with the accountant, delta and an optional epsilon budget. Told apart by ``level``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from fedray.config.base import PositiveFloat, PositiveInt, Section
+
+
+class Budget(Section):
+    epsilon: PositiveFloat = Field(description="stop the run before the round that would spend more")
+
+
+class _Accounting(Section):
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant for the logged epsilon")
+    budget: Budget | None = None
+
+
+class ClientLevel(_Accounting):
+    """DP-FedAvg (McMahan et al. 2018). Devices are Poisson-sampled at ``sampling_rate`` q (default
+    devices.per_round / devices.count); each clips its delta to L2 norm ``clip`` C; Gaussian noise of
+    standard deviation ``noise_multiplier`` z x C is added to the sum, by the driver (``central``) or
+    as independent shares each device adds before its update leaves it (``distributed``: std
+    z C / sqrt(m) each, so any ``min_participants`` m shares or more carry the full noise; a round
+    with fewer valid updates is not applied). The mean divides by the expected number of
+    participants q N, not by how many answered."""
+
+    level: Literal["client"]
+    mode: Literal["central", "distributed"] = "central"
+    clip: PositiveFloat = 1.0
+    noise_multiplier: PositiveFloat = 1.0
+    sampling_rate: Annotated[float, Field(gt=0, le=1)] | None = None
+    min_participants: PositiveInt | None = Field(None, description="distributed: the fewest valid updates a round "
+                                                                   "applies; default ceil(min_completion x q N)")
+
+
+
+# derived values; ``job`` is a JobSpec with a ``privacy`` section
+
+def sampling_rate(job) -> float:
+    """q: each device's chance to take part in a round."""
+    return job.privacy.sampling_rate or job.devices.per_round / job.devices.count
+
+
+def expected_participants(job) -> float:
+    """q N, the fixed denominator of the mean."""
+    return sampling_rate(job) * job.devices.count
+
+
+def min_participants(job) -> int:
+    """The fewest valid updates a round applies: distributed shares are sized for this many
+    (default ``ceil(min_completion x q N)``); one under central noise."""
+    from fedray.platform.aggregation import quorum
+
+    privacy = job.privacy
+    if privacy.mode == "central":
+        return 1
+    return privacy.min_participants or max(1, quorum(job.devices.min_completion, expected_participants(job)))

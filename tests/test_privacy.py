@@ -1,0 +1,185 @@
+"""Client-level differential privacy: the accountant against published and independently computed
+values, noise calibration and clipping measured, Poisson sampling's distribution, and real runs
+(central and distributed noise, through edges, stopping at the budget)."""
+
+import asyncio
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+from scipy import integrate
+
+from fedray.agents import privacy as device_privacy
+from fedray.config import parse_job
+from fedray.config.privacy import min_participants
+from fedray.platform import privacy
+from fedray.platform.aggregation import Partial
+from fedray.platform.run import run_job
+
+from conftest import history, small_job
+
+
+def test_accountants_match_opacus_published_values():
+    # Opacus's own tests: sigma 1.5, q 0.04, delta 1e-5, 90 epochs: int(90 / 0.04) = 2,250 steps for
+    # RDP, but int(90 // 0.04) = 2,249 for PRV (floor division of floats)
+    assert privacy.Ledger(1.5, 0.04, 1e-5, "rdp").epsilon(2250) == pytest.approx(7.32911117143, rel=1e-9)
+    assert privacy.Ledger(1.5, 0.04, 1e-5, "prv").epsilon(2249) == pytest.approx(6.777395712150674, rel=1e-6)
+
+
+def _sampled_gaussian_rdp(q: float, sigma: float, order: int) -> float:
+    """RDP of one Poisson-subsampled Gaussian step at an integer order, by numerical integration of
+    its definition (Mironov et al. 2019): log E_{x~N(0, s^2)}[((1 - q) + q e^{(2x - 1)/(2 s^2)})^a] / (a - 1),
+    in log space (the integrand peaks near x = a)."""
+    def log_integrand(x):
+        mix = np.logaddexp(math.log(1 - q), math.log(q) + (2 * x - 1) / (2 * sigma ** 2))
+        return -x * x / (2 * sigma ** 2) - math.log(sigma * math.sqrt(2 * math.pi)) + order * mix
+
+    low, high = -40 * sigma, order + 40 * sigma
+    shift = max(log_integrand(x) for x in np.linspace(low, high, 20_001))
+    value, _ = integrate.quad(lambda x: math.exp(log_integrand(x) - shift), low, high, points=[0.0, float(order)],
+                              limit=500, epsabs=0, epsrel=1e-12)
+    return (math.log(value) + shift) / (order - 1)
+
+
+@pytest.mark.parametrize("q, sigma", [(0.01, 1.1), (0.1, 2.0), (0.25, 0.8)])
+def test_rdp_curve_matches_an_independent_integration(q, sigma):
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    orders = [2, 3, 5, 8, 16, 32]
+    ours = [_sampled_gaussian_rdp(q, sigma, a) for a in orders]
+    np.testing.assert_allclose(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=orders), ours, rtol=1e-6)
+
+
+def test_full_participation_is_the_gaussian_mechanism_closed_form():
+    # q = 1: RDP(a) = T a / (2 z^2); epsilon by Balle et al. 2020's conversion, over Opacus's orders
+    from opacus.accountants import RDPAccountant
+
+    z, rounds, delta = 3.0, 40, 1e-6
+    a = np.array(RDPAccountant.DEFAULT_ALPHAS)
+    closed = np.min(rounds * a / (2 * z ** 2) + np.log((a - 1) / a) - (np.log(delta) + np.log(a)) / (a - 1))
+    assert privacy.Ledger(z, 1.0, delta, "rdp").epsilon(rounds) == pytest.approx(closed, rel=1e-12)
+
+
+def test_ledger_affords_the_most_rounds_within_a_budget():
+    ledger = privacy.Ledger(1.0, 0.1, 1e-5)
+    n = ledger.affordable(4.0)
+    assert ledger.epsilon(n) <= 4.0 < ledger.epsilon(n + 1)
+    assert ledger.epsilon() == 0.0 and privacy.Ledger(50.0, 0.01, 1e-5).affordable(1.0, limit=1000) == 1000
+
+
+def job(**privacy_section):
+    return parse_job(small_job(devices__count=40, devices__per_round=10,
+                               privacy={"level": "client", "clip": 0.5, "noise_multiplier": 1.2, **privacy_section}))
+
+
+def test_central_noise_is_calibrated_to_z_c_over_the_fixed_denominator():
+    central = job()
+    rng = np.random.default_rng(0)
+    released = privacy.release(Partial(np.zeros(200_000, np.float32), 7.0, 7.0, 7), central, rng)
+    assert released.weight == released.steps_weight == 10.0  # q N = 0.25 x 40, not the 7 that answered
+    assert np.std(released.mean()) == pytest.approx(1.2 * 0.5 / 10, rel=0.05)
+
+
+def test_distributed_shares_sum_to_at_least_the_accounted_noise():
+    distributed = job(mode="distributed")
+    m = min_participants(distributed)
+    assert m == 5  # ceil(min_completion 0.5 x q N 10)
+    std = device_privacy.share_std(1.2, 0.5, m)
+    rng = np.random.default_rng(1)
+    for answered in (m, 2 * m):  # more than m answering only adds noise
+        partial = Partial.zeros(100_000)
+        for _ in range(answered):
+            partial.add(device_privacy.privatize(np.zeros(100_000, np.float32), 0.5, std, rng), 1.0)
+        released = privacy.release(partial, distributed)
+        assert np.std(released.mean()) == pytest.approx(1.2 * 0.5 * math.sqrt(answered / m) / 10, rel=0.05)
+
+
+def test_devices_clip_their_whole_delta():
+    rng = np.random.default_rng(2)
+    for scale in (0.01, 1.0, 100.0):
+        delta = rng.normal(size=1000).astype(np.float32) * np.float32(scale)
+        clipped = device_privacy.privatize(delta, 2.0, 0.0)
+        assert np.linalg.norm(clipped) <= 2.0 * (1 + 1e-6)
+        if np.linalg.norm(delta) <= 2.0:
+            np.testing.assert_array_equal(clipped, delta)
+        else:  # the direction is kept
+            assert np.dot(clipped, delta) / (np.linalg.norm(clipped) * np.linalg.norm(delta)) == pytest.approx(1.0)
+
+
+def test_a_real_device_sends_a_clipped_delta():
+    from fedray.agents.worker import DeviceWorker
+    from fedray.data import datasets, partition
+    from fedray.update import Update
+
+    spec = parse_job(small_job(devices__local={"epochs": 3, "batch_size": 8, "lr": 2.0},
+                               privacy={"level": "client", "clip": 0.3}))
+    data = datasets.load(spec.data, 0)
+    split = partition.split(data.y, spec.data, spec.devices.count, 0)
+    worker = DeviceWorker(spec, (data.x, data.y), data.num_classes, {d: (split.train[d], split.test[d]) for d in range(6)})
+    start = np.zeros(64 * 10 + 10, np.float32)
+    norms = [np.linalg.norm(Update.from_bytes(asyncio.run(worker.fit(d, 1, 0.0, start))).delta) for d in range(6)]
+    assert max(norms) <= 0.3 * (1 + 1e-6) and min(norms) > 0.29  # lr 2 x 3 epochs: every delta was longer
+
+
+def test_poisson_sampling_has_the_distribution_the_accountant_assumes():
+    rng = np.random.default_rng(3)
+    n, q, draws = 50, 0.2, 4000
+    rounds = np.zeros((draws, n), bool)
+    for i in range(draws):
+        rounds[i, privacy.poisson_sample(rng, n, q)] = True
+    # each device at rate q
+    assert np.abs(rounds.mean(0) - q).max() < 4 * math.sqrt(q * (1 - q) / draws)
+    # independently: two devices are in a round together at rate q^2
+    together = (rounds[:, :, None] & rounds[:, None, :]).mean(0)[np.triu_indices(n, 1)]
+    assert np.abs(together.mean() - q * q) < 0.002
+    # so the round size is Binomial(n, q), not fixed
+    sizes = rounds.sum(1)
+    assert sizes.mean() == pytest.approx(n * q, abs=4 * math.sqrt(n * q * (1 - q) / draws))
+    assert sizes.var() == pytest.approx(n * q * (1 - q), rel=0.1)
+
+
+def run(tracking_uri, **overrides):
+    raw = small_job(**overrides)
+    return run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri)
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("mode, topology", [("central", None), ("distributed", {"edges": 2})])
+def test_a_round_moves_the_model_by_the_calibrated_noise(tracking_uri, mode, topology):
+    """With noise far above the clipped deltas, each round's step is the noise: norm z C sqrt(d) / (q N),
+    times sqrt(k / m) when k >= m devices each add a distributed share."""
+    z, clip, d = 100.0, 1.0, 64 * 10 + 10
+    summary = run(tracking_uri, rounds=4, topology=topology,
+                  privacy={"level": "client", "mode": mode, "clip": clip, "noise_multiplier": z})
+    client = MlflowClient(tracking_uri)
+    participants = history(client, summary["run_id"], "participants")  # every round; update_norm: applied ones
+    norms = {m.step: m.value for m in client.get_metric_history(summary["run_id"], "update_norm")}
+    expected = 4 / 6 * 6  # q N with q = per_round / count
+    m = 2 if mode == "distributed" else None  # ceil(0.5 x 4)
+    ratios = [norm / (z * clip * math.sqrt(d) / expected * (math.sqrt(participants[r - 1] / m) if m else 1))
+              for r, norm in norms.items()]
+    assert len(ratios) >= 3 and np.mean(ratios) == pytest.approx(1.0, rel=0.05)
+    assert summary["epsilon"] == pytest.approx(privacy.Ledger(z, 4 / 6, 1e-5).epsilon(4))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_the_run_stops_before_the_round_that_would_exceed_the_budget(tracking_uri, tmp_path):
+    spent = privacy.Ledger(2.0, 4 / 6, 1e-5)
+    budget = (spent.epsilon(3) + spent.epsilon(4)) / 2  # the 4th round would exceed it
+    summary = run(tracking_uri, rounds=10, privacy={"level": "client", "noise_multiplier": 2.0,
+                                                    "budget": {"epsilon": budget}})
+    assert summary["rounds"] == 3 and "round 4 would bring epsilon to" in summary["stopped"]
+    client = MlflowClient(tracking_uri)
+    run_id = summary["run_id"]
+    epsilons = history(client, run_id, "epsilon")
+    assert epsilons == pytest.approx([spent.epsilon(r) for r in (1, 2, 3)]) and epsilons[-1] <= budget
+    finished = client.get_run(run_id)
+    assert finished.info.status == "FINISHED" and "round 4" in finished.data.tags["fedray.stopped"]
+    report = json.load(open(client.download_artifacts(run_id, "privacy_report.json", str(tmp_path))))
+    assert report["rounds"] == 3 and report["sampling"] == "poisson" and report["budget"] == budget
+    assert report["epsilon"]["rdp"] == pytest.approx(epsilons[-1])
+    assert report["epsilon"]["prv"] == pytest.approx(privacy.Ledger(2.0, 4 / 6, 1e-5, "prv").epsilon(3))
+    assert "privacy.png" in [f.path for f in client.list_artifacts(run_id)]
