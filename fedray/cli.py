@@ -78,11 +78,14 @@ def privacy() -> None:
 @click.option("--rounds", type=click.IntRange(min=1), default=None, help="rounds to account [default: the job's]")
 def plan(job_file: str, overrides: tuple[str, ...], rounds: int | None) -> None:
     """Print the epsilon JOB_FILE spends after its rounds, by each accountant, and the rounds its
-    budget affords."""
+    budget affords. Sample level: per device, if it trains in every round or in its expected share."""
     job = _load(job_file, overrides)
     spec = job.privacy
     if spec is None:
         raise click.ClickException(f"{job_file}: no privacy section, so nothing to account")
+    if spec.level == "sample":
+        _plan_sample_level(job, rounds or job.rounds)
+        return
     from fedray.platform.privacy import ACCOUNTANTS, Ledger
 
     ledger, rounds = Ledger.of(job), rounds or job.rounds
@@ -97,6 +100,36 @@ def plan(job_file: str, overrides: tuple[str, ...], rounds: int | None) -> None:
                    else "the whole run fits")
         click.echo(f"  budget epsilon {spec.budget.epsilon:g}: {affordable} rounds affordable ({spec.accountant}); "
                    f"{verdict}")
+
+
+def _plan_sample_level(job: JobSpec, rounds: int) -> None:
+    import numpy as np
+
+    from fedray.agents.privacy import epsilon
+    from fedray.data import datasets, partition
+    from fedray.platform.privacy import ACCOUNTANTS, sample_plan
+
+    spec = job.privacy
+    data = datasets.load(job.data, job.seed)
+    plans = sample_plan(job, [len(t) for t in partition.split(data.y, job.data, job.devices.count, job.seed).train])
+    share = job.devices.per_round / job.devices.count
+    expected = max(1, round(rounds * share))
+    noise = (f"noise multiplier {spec.noise_multiplier:g}" if spec.noise_multiplier else
+             f"target epsilon {spec.target_epsilon:g}: noise multiplier {min(z for z, _, _ in plans):.3f}"
+             f"-{max(z for z, _, _ in plans):.3f}")
+    click.echo(f"{job.name}: sample-level DP-SGD on {len(plans)} devices, max_grad_norm {spec.max_grad_norm:g}, "
+               f"{noise}, batch sampling rate {min(q for _, q, _ in plans):.3g}-{max(q for _, q, _ in plans):.3g}, "
+               f"delta {spec.delta:g}")
+    for kind in ACCOUNTANTS:
+        shares = [("in every round", rounds)] + [(f"in {expected} rounds (its expected share)", expected)] * (expected < rounds)
+        for label, times in shares:
+            spent = [epsilon(kind, [(z, q, steps * times)], spec.delta) for z, q, steps in plans]
+            chosen = "  (the job's accountant)" if kind == spec.accountant else ""
+            click.echo(f"  {kind}: device epsilon max {max(spent):.3f}, mean {np.mean(spent):.3f} if each trains "
+                       f"{label}{chosen}")
+    if spec.budget is not None:
+        click.echo(f"  budget epsilon {spec.budget.epsilon:g}: a device refuses a round that would pass it, and the "
+                   "run stops before a round in which a device that has trained would")
 
 
 class _Progress:
@@ -138,6 +171,8 @@ def _print_summary(job: JobSpec, s: dict, seconds: float) -> None:
         tree += f"\n  simulated comm  {s['sim_comm_seconds']:.1f}s (network section)"
     if "epsilon" in s:
         tree += f"\n  privacy         epsilon {s['epsilon']:.3f} at delta {job.privacy.delta:g}"
+    if "device_epsilon_max" in s:
+        tree += f"\n  privacy         device epsilon max {s['device_epsilon_max']:.3f} at delta {job.privacy.delta:g}"
     if "stopped" in s:
         tree += f"\n  stopped early   {s['stopped']}"
     click.echo(f"""

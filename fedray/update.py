@@ -22,7 +22,9 @@ class Update:
 
     ``delta`` is ``local - global`` of the federated parameters (float32, flat); ``num_samples`` is
     the number of local training samples; ``local_steps`` the optimizer steps taken; ``control``
-    the change of the device's control variate (SCAFFOLD only), shaped like ``delta``.
+    the change of the device's control variate (SCAFFOLD only), shaped like ``delta``. Under
+    sample-level DP, ``epsilon`` is what the device has spent so far and ``epsilon_next`` what it
+    would have spent after one more round like its last.
     """
 
     device_id: int
@@ -32,12 +34,14 @@ class Update:
     train_loss: float
     delta: np.ndarray
     control: np.ndarray | None = None
+    epsilon: float | None = None
+    epsilon_next: float | None = None
 
     def to_bytes(self) -> bytes:
         header = {"device_id": self.device_id, "round": self.round, "num_samples": self.num_samples,
                   "local_steps": self.local_steps, "train_loss": self.train_loss,
                   "dtype": str(self.delta.dtype), "length": int(self.delta.size),
-                  "control": self.control is not None}
+                  "control": self.control is not None, "epsilon": self.epsilon, "epsilon_next": self.epsilon_next}
         blob = json.dumps(header).encode()
         control = b"" if self.control is None else self.control.astype(self.delta.dtype).tobytes()
         return _HEADER_LEN.pack(len(blob)) + blob + self.delta.tobytes() + control
@@ -88,4 +92,10 @@ def rejection_reason(update: Update, *, expected_device: int, expected_round: in
         return f"control variate has shape {update.control.shape} or non-finite values"
     if type(update.train_loss) is not float or not math.isfinite(update.train_loss):
         return f"train_loss is {update.train_loss!r}, expected a finite number"
+    if (update.epsilon is None) != (update.epsilon_next is None):
+        return "epsilon and epsilon_next come together"
+    for name in ("epsilon", "epsilon_next"):
+        value = getattr(update, name)
+        if value is not None and (type(value) is not float or not value >= 0 or not math.isfinite(value)):
+            return f"{name} is {value!r}, expected a finite number >= 0"
     return None

@@ -114,6 +114,10 @@ def test_partition_fields_are_checked_per_kind():
     ({"privacy": {"level": "client", "accountant": "gdp"}}, "privacy.accountant: Input should be 'rdp' or 'prv'"),
     ({"privacy": {"level": "client", "budget": {"epsilon": -1}}}, "privacy.budget.epsilon: Input should be greater"),
     ({"privacy": {"level": "client", "clip_norm": 1}}, "privacy.clip_norm: unknown field"),
+    ({"privacy": {"level": "sample"}}, "exactly one of noise_multiplier and target_epsilon"),
+    ({"privacy": {"level": "sample", "noise_multiplier": 1, "target_epsilon": 3}}, "exactly one of"),
+    ({"privacy": {"level": "sample", "noise_multiplier": 1, "clip": 1}}, "privacy.clip: unknown field"),
+    ({"privacy": {"level": "local"}}, "privacy: Input tag 'local'"),
 ])
 def test_impossible_combinations(overrides, needle):
     assert needle in errors(small_job(**overrides))

@@ -58,6 +58,8 @@ def test_update_wire_round_trip_counts_bytes():
     assert (back.device_id, back.round, back.num_samples, back.local_steps, back.train_loss) == (3, 2, 10, 4, 0.5)
     np.testing.assert_array_equal(back.delta, u.delta)
     assert len(payload) > u.delta.nbytes and len(payload) < u.delta.nbytes + 200
+    private = Update.from_bytes(update(epsilon=1.25, epsilon_next=1.5).to_bytes())
+    assert (back.epsilon, private.epsilon, private.epsilon_next) == (None, 1.25, 1.5)
 
 
 @pytest.mark.parametrize("payload", [b"", b"\x05\x00\x00\x00{}", update().to_bytes()[:-4],
@@ -80,6 +82,10 @@ def test_malformed_payload_raises(payload):
     (update(num_samples=2.5), "num_samples is 2.5"),
     (update(local_steps=True), "local_steps is True"),
     (update(train_loss=float("nan")), "train_loss is nan"),
+    (update(epsilon=1.0), "epsilon and epsilon_next come together"),
+    (update(epsilon=-1.0, epsilon_next=2.0), "epsilon is -1.0, expected a finite number >= 0"),
+    (update(epsilon=1.0, epsilon_next=float("inf")), "epsilon_next is inf"),
+    (update(epsilon="1", epsilon_next=2.0), "epsilon is '1'"),
 ])
 def test_rejection_reasons(u, needle):
     reason = rejection_reason(u, expected_device=3, expected_round=2, expected_size=5, expected_samples=10)

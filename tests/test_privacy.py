@@ -183,3 +183,110 @@ def test_the_run_stops_before_the_round_that_would_exceed_the_budget(tracking_ur
     assert report["epsilon"]["rdp"] == pytest.approx(epsilons[-1])
     assert report["epsilon"]["prv"] == pytest.approx(privacy.Ledger(2.0, 4 / 6, 1e-5, "prv").epsilon(3))
     assert "privacy.png" in [f.path for f in client.list_artifacts(run_id)]
+
+
+# sample level: DP-SGD on the devices
+
+def test_dp_sgd_noise_has_std_z_c_over_the_batch_size():
+    """One DP-SGD step with lr 1 on all-zero inputs: the weights' per-sample gradients are zero, so
+    the weights move by the noise alone, N(0, (z C / B)^2) per entry."""
+    import torch
+
+    from fedray.agents.training import LocalTraining, SampleDP, train
+
+    model = torch.nn.Linear(2000, 10, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    x, y = torch.zeros(64, 2000), torch.arange(64) % 10
+    cfg = LocalTraining(epochs=None, steps=1, batch_size=16, lr=1.0)
+    train(model, x, y, cfg, torch.Generator().manual_seed(0), dp=SampleDP(max_grad_norm=0.5, noise_multiplier=1.3))
+    assert float(model.weight.detach().std()) == pytest.approx(1.3 * 0.5 / 16, rel=0.05)
+
+
+def test_dp_sgd_clips_each_sample_gradient():
+    """Without noise, a DP-SGD step over the whole set (rate 1) moves the model by lr x the mean of
+    the clipped per-sample gradients: exactly C when every sample is the same, at most C otherwise."""
+    import torch
+
+    from fedray.agents.training import LocalTraining, SampleDP, train
+
+    torch.manual_seed(0)
+    same = (torch.randn(1, 30).repeat(200, 1), torch.full((200,), 3))  # gradient norms ~ 5 >> C
+    varied = (torch.randn(200, 30) * 50, torch.randint(0, 5, (200,)))
+    for (x, y), exact in ((same, True), (varied, False)):
+        for clip in (0.01, 0.1):
+            model = torch.nn.Linear(30, 5)
+            start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+            cfg = LocalTraining(epochs=None, steps=1, batch_size=200, lr=1.0)
+            train(model, x, y, cfg, torch.Generator().manual_seed(0), dp=SampleDP(clip, 1e-12))
+            moved = float(torch.linalg.norm(torch.cat([p.detach().flatten() for p in model.parameters()]) - start))
+            assert moved == pytest.approx(clip, rel=1e-3) if exact else 0 < moved <= clip * (1 + 1e-4)
+
+
+def test_a_model_dp_sgd_cannot_train_is_refused_with_the_fix():
+    from fedray.models.zoo import build_model
+
+    with pytest.raises(ValueError, match="BatchNorm cannot support training with differential privacy.*GroupNorm"):
+        privacy.check_model(build_model(None, "user_models:BatchStatsNet", {}, (64,), 10, 0))
+    privacy.check_model(build_model("small_cnn", None, {}, (1, 28, 28), 10, 0))
+
+
+SAMPLE_DP = {"devices__per_round": 6, "devices__local": {"epochs": 1, "batch_size": 16, "lr": 0.1}}
+
+
+def device_plans(raw):
+    from fedray.data import datasets, partition
+
+    job = parse_job(raw)
+    data = datasets.load(job.data, job.seed)
+    return job, privacy.sample_plan(job, [len(t) for t in partition.split(data.y, job.data, 6, job.seed).train])
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_each_device_keeps_its_own_accountant_across_rounds(tracking_uri, tmp_path):
+    """Every device trains every round, through two edges; each round's device epsilons are the
+    composition of that device's steps so far, computed here independently."""
+    from fedray.agents.privacy import epsilon
+
+    raw = small_job(rounds=3, topology={"edges": 2}, privacy={"level": "sample", "noise_multiplier": 1.1}, **SAMPLE_DP)
+    job, plans = device_plans(raw)
+    summary = run_job(job, yaml.safe_dump(raw), tracking_uri)
+    client = MlflowClient(tracking_uri)
+    for r in (1, 2, 3):
+        spent = [epsilon("rdp", [(z, q, steps * r)], 1e-5) for z, q, steps in plans]
+        assert history(client, summary["run_id"], "device_epsilon_max")[r - 1] == pytest.approx(max(spent))
+        assert history(client, summary["run_id"], "device_epsilon_mean")[r - 1] == pytest.approx(np.mean(spent))
+    report = json.load(open(client.download_artifacts(summary["run_id"], "privacy_report.json", str(tmp_path))))
+    assert report["level"] == "sample" and report["noise_multiplier"] == {"min": 1.1, "max": 1.1}
+    assert report["epsilon"]["rdp"]["devices_trained"] == 6 and report["epsilon"]["rdp"]["max"] == pytest.approx(
+        max(epsilon("rdp", [(z, q, steps * 3)], 1e-5) for z, q, steps in plans))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_target_epsilon_is_reached_and_the_budget_stops_the_run(tracking_uri):
+    from fedray.agents.privacy import epsilon
+
+    target = 4.0
+    raw = small_job(rounds=3, privacy={"level": "sample", "target_epsilon": target}, **SAMPLE_DP)
+    job, plans = device_plans(raw)
+    summary = run_job(job, yaml.safe_dump(raw), tracking_uri)
+    assert target - 0.05 < summary["device_epsilon_max"] <= target  # every device trained in all 3 rounds
+    # a budget between 2 and 3 rounds' spend: the run stops before round 3
+    z, q, steps = plans[0]
+    after = [epsilon("rdp", [(z, q, steps * r)], 1e-5) for r in (2, 3)]
+    raw["privacy"]["budget"] = {"epsilon": max(max(epsilon("rdp", [(z_, q_, s_ * 2)], 1e-5) for z_, q_, s_ in plans),
+                                              (after[0] + after[1]) / 2)}
+    stopped = run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri)
+    assert stopped["rounds"] == 2 and "before round 3" in stopped["stopped"]
+    assert stopped["device_epsilon_max"] <= raw["privacy"]["budget"]["epsilon"]
+
+
+def test_a_device_refuses_a_round_past_its_budget():
+    from fedray.agents.worker import DeviceWorker
+    from fedray.data import datasets
+
+    raw = small_job(privacy={"level": "sample", "noise_multiplier": 1.0, "budget": {"epsilon": 1.0}}, **SAMPLE_DP)
+    job, _ = device_plans(raw)
+    data = datasets.load(job.data, 0)
+    worker = DeviceWorker(job, (data.x, data.y), 10, {0: (np.arange(100), np.arange(0))})
+    with pytest.raises(RuntimeError, match="device 0 refuses to train: its epsilon would reach .*, over privacy.budget"):
+        asyncio.run(worker.fit(0, 1, 0.0, np.zeros(650, np.float32)))

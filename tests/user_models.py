@@ -17,3 +17,15 @@ class SlowLogReg(nn.Module):
         if self.training:
             time.sleep(self.sleep_s)
         return self.linear(x.flatten(1))
+
+
+class BatchStatsNet(nn.Module):
+    """Normalizes with the batch's statistics (no running buffers): DP-SGD cannot train it."""
+
+    def __init__(self, features: int = 64, classes: int = 10):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Flatten(), nn.Linear(features, 16), nn.BatchNorm1d(16, track_running_stats=False),
+                                    nn.ReLU(), nn.Linear(16, classes))
+
+    def forward(self, x):
+        return self.layers(x)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +31,17 @@ class LocalTraining:
     prox_mu: float = 0.0
 
 
+@dataclass(frozen=True)
+class SampleDP:
+    """DP-SGD for one call of ``train`` (Abadi et al. 2016, with Opacus): every step draws a Poisson
+    batch (each sample with chance ``batch_size / n``), clips each sample's gradient to
+    ``max_grad_norm``, adds Gaussian noise of ``noise_multiplier x max_grad_norm`` to their sum and
+    divides by ``batch_size``. Batches and noise come from OS entropy: they must stay secret."""
+
+    max_grad_norm: float
+    noise_multiplier: float
+
+
 def device_generator(seed: int, round: int, device_id: int) -> torch.Generator:
     """The torch RNG of one device in one round: independent of which worker hosts the device."""
     state = np.random.SeedSequence([seed, round, device_id]).generate_state(1, dtype=np.uint64)[0]
@@ -54,27 +67,46 @@ def make_optimizer(model: nn.Module, cfg: LocalTraining) -> torch.optim.Optimize
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining,
-          generator: torch.Generator, correction: torch.Tensor | None = None) -> tuple[int, float]:
+          generator: torch.Generator, correction: torch.Tensor | None = None,
+          dp: SampleDP | None = None) -> tuple[int, float]:
     """Train ``model`` in place on ``(x, y)`` with mini-batch updates.
 
     A fresh optimizer is made per call (optimizer state does not carry over rounds). Batches are
     drawn from a new permutation each epoch; the last batch of an epoch may be smaller. Randomness
     inside the model (dropout) comes from ``generator``'s seed too, so a call is deterministic.
     ``correction`` (flat, in the order of the trainable parameters) is added to every gradient:
-    SCAFFOLD's ``c - c_i``.
+    SCAFFOLD's ``c - c_i``. With ``dp`` the steps are DP-SGD steps (``SampleDP``); the proximal
+    term and the correction, which do not touch the data, are added after the noise.
     Returns ``(steps taken, mean training loss over those steps)``; the loss excludes the proximal term.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(generator.initial_seed() ^ 0x5EED)
-        return _train(model, x, y, cfg, generator, correction)
+        if dp is None:
+            return _train(model, x, y, cfg, generator, correction, None)
+        from opacus import GradSampleModule
+
+        secret = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+        sampled = GradSampleModule(model, loss_reduction="sum")
+        try:
+            with warnings.catch_warnings():  # Opacus's hooks fire on inputs that need no gradient
+                warnings.filterwarnings("ignore", "Full backward hook is firing")
+                return _train(sampled, x, y, cfg, secret, correction, dp)
+        finally:
+            sampled.remove_hooks()
 
 
 def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining,
-           generator: torch.Generator, correction: torch.Tensor | None) -> tuple[int, float]:
+           generator: torch.Generator, correction: torch.Tensor | None, dp: SampleDP | None) -> tuple[int, float]:
     n = len(x)
     if n == 0:
         raise ValueError("no local training samples")
     optimizer = make_optimizer(model, cfg)
+    private = None
+    if dp is not None:
+        from opacus.optimizers import DPOptimizer
+
+        private = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                              expected_batch_size=cfg.batch_size, generator=generator)
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if cfg.prox_mu else []
     corrections = [] if correction is None else [
@@ -85,12 +117,16 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTrainin
     loss_sum = torch.zeros(())
     step = 0
     while step < total_steps:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
+        for idx in _batches(n, cfg.batch_size, generator, poisson=private is not None):
+            (private or optimizer).zero_grad(set_to_none=True)
+            if private is None:
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                loss.backward()
+            else:  # per-sample gradients of the summed loss; the optimizer divides by the batch size
+                loss = F.cross_entropy(model(x[idx]), y[idx], reduction="sum")
+                loss.backward()
+                private.pre_step()  # clip, sum, add noise, scale: p.grad is now private
+                loss = loss / max(len(idx), 1)
             for p, anchor in zip(params, anchors):  # gradient of (mu/2)||w - w_start||^2
                 p.grad.add_(p.detach() - anchor, alpha=cfg.prox_mu)
             for p, c in zip(params, corrections):
@@ -101,6 +137,18 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTrainin
             if step == total_steps:
                 break
     return total_steps, float(loss_sum) / total_steps
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator, poisson: bool):
+    """One epoch of batch indices: a permutation cut into batches, or (DP-SGD) ceil(n / batch_size)
+    Poisson batches, each sample in each with chance batch_size / n."""
+    if not poisson:
+        order = torch.randperm(n, generator=generator)
+        yield from (order[start:start + batch_size] for start in range(0, n, batch_size))
+        return
+    rate = min(1.0, batch_size / n)
+    for _ in range(-(-n // batch_size)):
+        yield torch.nonzero(torch.rand(n, generator=generator) < rate).flatten()
 
 
 @torch.no_grad()

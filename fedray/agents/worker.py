@@ -17,9 +17,9 @@ import torch
 from fedray.agents import privacy
 from fedray.agents.attacks import corrupt, flip_labels
 from fedray.agents.heterogeneity import local_steps, slowdowns, training_seconds
-from fedray.agents.training import LocalTraining, device_generator, effective_steps, evaluate, train
+from fedray.agents.training import LocalTraining, SampleDP, device_generator, effective_steps, evaluate, train
 from fedray.config import JobSpec
-from fedray.config.privacy import min_participants
+from fedray.config.privacy import client_level, min_participants, sample_level
 from fedray.models.params import ParamSpec
 from fedray.models.zoo import build_model
 from fedray.update import Update
@@ -55,9 +55,11 @@ class DeviceWorker:
         self._partial_work = job.devices.partial_work
         self._seed = job.seed
         self._controls: dict[int, np.ndarray] = {}  # SCAFFOLD: each device's control variate c_i
-        dp = job.privacy  # client level: the clip bound and this device's noise share (distributed)
+        dp = client_level(job)  # the clip bound and this device's noise share (distributed)
         self._dp = None if dp is None else (dp.clip, privacy.share_std(dp.noise_multiplier, dp.clip, min_participants(job))
                                             if dp.mode == "distributed" else 0.0)
+        self._sample_dp, self._rounds = sample_level(job), job.rounds
+        self._accountants: dict[int, privacy.DeviceAccountant] = {}  # sample level: each device's own
 
     async def fit(self, device: int, round: int, sent_at: float, global_params: np.ndarray,
                   server_control: np.ndarray | None = None) -> bytes:
@@ -75,7 +77,9 @@ class DeviceWorker:
         planned = self._local.steps or self._local.epochs * -(-len(x) // self._local.batch_size)
         steps = local_steps(planned, self._partial_work, np.random.default_rng([self._seed, round, device, 4]))
         local = self._local if steps == planned else replace(self._local, epochs=None, steps=steps)
-        steps, loss = train(self._model, x, y, local, device_generator(self._seed, round, device), correction)
+        sample_dp = None if self._sample_dp is None else self._sample_dp_for(device, len(x), planned)
+        steps, loss = train(self._model, x, y, local, device_generator(self._seed, round, device), correction,
+                            sample_dp and sample_dp[0])
         delta = self._spec.flatten(self._model) - start
         control = None
         if own is not None:  # SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K lr), K in plain SGD steps
@@ -88,11 +92,28 @@ class DeviceWorker:
             delta = privacy.privatize(delta, *self._dp)
             if self._dp[1]:
                 loss = 0.0  # distributed: the device's loss would be an un-noised statistic, so it sends none
-        payload = Update(device, round, len(x), steps, loss, delta, control).to_bytes()
+        spent = None
+        if sample_dp is not None:
+            dp_sgd, rate = sample_dp
+            accountant = self._accountants[device]
+            accountant.spend(dp_sgd.noise_multiplier, rate, steps)
+            spent = accountant.epsilon(), accountant.epsilon((dp_sgd.noise_multiplier, rate, planned))
+        payload = Update(device, round, len(x), steps, loss, delta, control, *(spent or ())).to_bytes()
         if self._speed is not None:
             seconds = training_seconds(self._speed, self._slowdown[device], steps, time.perf_counter() - started)
             await asyncio.sleep(sent_at + seconds - time.time())
         return payload
+
+    def _sample_dp_for(self, device: int, samples: int, planned: int) -> tuple[SampleDP, float]:
+        """The DP-SGD settings of ``device``'s round and its batch sampling rate; refuses a round
+        that could take the device past the budget."""
+        spec = self._sample_dp
+        z, rate = privacy.sgd_noise(spec, self._local.batch_size, samples, planned, self._rounds)
+        accountant = self._accountants.setdefault(device, privacy.DeviceAccountant(spec.accountant, spec.delta))
+        if spec.budget is not None and (after := accountant.epsilon((z, rate, planned))) > spec.budget.epsilon:
+            raise RuntimeError(f"device {device} refuses to train: its epsilon would reach {after:.3f}, over "
+                               f"privacy.budget.epsilon {spec.budget.epsilon:g}")
+        return SampleDP(spec.max_grad_norm, z), rate
 
     def node_id(self) -> str:
         """The Ray node this worker runs on (answering also says it has started)."""

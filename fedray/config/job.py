@@ -13,7 +13,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from fedray.config.base import Fraction, JobError, PositiveFloat, PositiveInt, Section
-from fedray.config.privacy import ClientLevel
+from fedray.config.privacy import PrivacySpec
 from fedray.config.strategy import ASYNC_STRATEGIES, ROBUST_STRATEGIES, FedAvg, StrategySpec
 from fedray.config.topology import NetworkSpec, TopologySpec
 
@@ -223,7 +223,7 @@ class JobSpec(Section):
     attack: AttackSpec | None = None
     topology: TopologySpec | None = None
     network: NetworkSpec | None = None
-    privacy: ClientLevel | None = None
+    privacy: PrivacySpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -262,8 +262,8 @@ class JobSpec(Section):
             raise ValueError("strategy fednova normalizes SGD steps; it needs devices.local.optimizer 'sgd'")
         if self.topology is not None:
             self._check_topology(self.topology)
-        if self.privacy is not None:
-            self._check_privacy(self.privacy)
+        if self.privacy is not None and self.privacy.level == "client":
+            self._check_client_privacy(self.privacy)
         if self.model.name in ("cnn", "small_cnn") and known_flat:
             raise ValueError(f"model.name {self.model.name!r} needs image input (channels, height, width); "
                              f"dataset {self.data.dataset!r} is not shaped so")
@@ -295,7 +295,7 @@ class JobSpec(Section):
                 raise ValueError(f"devices.attributes.{topology.attribute} has {len(set(values))} distinct values "
                                  f"but topology.edges is {topology.edges}; give one edge per value")
 
-    def _check_privacy(self, privacy: ClientLevel) -> None:
+    def _check_client_privacy(self, privacy: PrivacySpec) -> None:
         name = self.strategy.name
         if name in ROBUST_STRATEGIES:
             raise ValueError(f"privacy.level client bounds each device's influence on a sum; strategy {name} is not a "
@@ -374,7 +374,7 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobSpec:
         raise JobError(f"{path}: {e}") from None
 
 
-_TAGGED = frozenset({"strategy", "partition", "speed", "placement"})
+_TAGGED = frozenset({"strategy", "partition", "speed", "placement", "privacy"})
 
 
 def format_errors(error: ValidationError) -> str:

@@ -1,13 +1,14 @@
 """The ``privacy`` section: differential privacy at the client level (DP-FedAvg: each device's whole
 update is clipped and Gaussian noise hides any one device) or the sample level (DP-SGD inside each
-device's training), with the accountant, delta and an optional epsilon budget. Told apart by ``level``.
+device's training: noise hides any one sample), with the accountant, delta and an optional epsilon
+budget. Told apart by ``level``.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fedray.config.base import PositiveFloat, PositiveInt, Section
 
@@ -41,7 +42,38 @@ class ClientLevel(_Accounting):
 
 
 
+class SampleLevel(_Accounting):
+    """DP-SGD (Abadi et al. 2016) inside each device's training, with Opacus: every local step
+    draws a Poisson batch (each sample with chance q = batch_size / its samples), clips each
+    sample's gradient to ``max_grad_norm`` and adds Gaussian noise of ``noise_multiplier`` x
+    max_grad_norm to their sum. Or ``target_epsilon``: each device picks the noise multiplier
+    that reaches it if it trains in every one of the job's rounds. Each device keeps its own
+    accountant; a device refuses a round that would take it past ``budget``."""
+
+    level: Literal["sample"]
+    max_grad_norm: PositiveFloat = 1.0
+    noise_multiplier: PositiveFloat | None = None
+    target_epsilon: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SampleLevel:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("privacy.level sample takes exactly one of noise_multiplier and target_epsilon")
+        return self
+
+
+PrivacySpec = Annotated[ClientLevel | SampleLevel, Field(discriminator="level")]
+
+
 # derived values; ``job`` is a JobSpec with a ``privacy`` section
+
+def client_level(job) -> ClientLevel | None:
+    return job.privacy if job.privacy is not None and job.privacy.level == "client" else None
+
+
+def sample_level(job) -> SampleLevel | None:
+    return job.privacy if job.privacy is not None and job.privacy.level == "sample" else None
+
 
 def sampling_rate(job) -> float:
     """q: each device's chance to take part in a round."""

@@ -17,7 +17,7 @@ from fedray.config import JobSpec
 from fedray.data import datasets, partition
 from fedray.models.params import ParamSpec
 from fedray.models.zoo import build_model
-from fedray.config.privacy import min_participants, sampling_rate
+from fedray.config.privacy import client_level, min_participants, sample_level, sampling_rate
 from fedray.platform import edge, privacy, strategies, topology
 from fedray.platform.aggregation import Partial, quorum
 from fedray.platform.intake import Intake
@@ -54,6 +54,8 @@ class Driver:
         self.model = build_model(job.model.name, job.model.class_, job.model.kwargs, dataset.input_shape,
                                  dataset.num_classes, job.seed)
         self.spec = ParamSpec.of(self.model)
+        if sample_level(job) is not None:
+            privacy.check_model(self.model)
         self.strategy = strategies.for_job(job)
         self._check = {"size": self.spec.size, "train_sizes": self._train_sizes,
                        "expect_control": self.strategy.control_variates}
@@ -69,7 +71,8 @@ class Driver:
             raise
         self._sampler = np.random.default_rng([job.seed, 1])
         self.history: list[RoundResult] = []
-        self.ledger = None if job.privacy is None else privacy.Ledger.of(job)  # client-level DP's spend
+        self.ledger = privacy.Ledger.of(job) if client_level(job) else None  # client-level DP's spend
+        self._device_epsilon: dict[int, tuple[float, float]] = {}  # sample level: each device's (spent, next)
         self.stopped: str | None = None  # why the run stopped before its last round
         self._staleness = Counter()  # staleness of every accepted late or asynchronous update
         # asynchronous runs: finished tasks not yet folded, the model versions devices train from
@@ -96,7 +99,7 @@ class Driver:
             completed, metrics, sampled = self._async_step(intake)
         else:
             completed, metrics, sampled = self._sync_round(r, intake)
-        if intake.samples and not (self.job.privacy and self.job.privacy.mode == "distributed"):
+        if intake.samples and not (self.ledger and self.job.privacy.mode == "distributed"):
             metrics["train_loss"] = intake.loss_sum / intake.samples  # distributed DP: devices send no loss
         if intake.staleness:
             metrics.update(staleness_mean=float(np.mean(intake.staleness)), staleness_max=max(intake.staleness))
@@ -107,6 +110,10 @@ class Driver:
         if self.ledger is not None:  # every round sampled devices and may release a model: it is accounted
             self.ledger.step()
             metrics["epsilon"] = self.ledger.epsilon()
+        self._device_epsilon.update(intake.device_epsilon)
+        if self._device_epsilon:
+            spent = [e for e, _ in self._device_epsilon.values()]
+            metrics.update(device_epsilon_max=max(spent), device_epsilon_mean=float(np.mean(spent)))
         evaluation_failures: dict[int, str] = {}
         if r % self.job.evaluation.every == 0 or r == self.job.rounds:
             metrics.update(self.evaluate())
@@ -128,7 +135,7 @@ class Driver:
         devices = self.job.devices
         # devices still training for an earlier round (late updates carried over) sit this one out
         busy = [t.device for t in self.pool.pending.values()]
-        if self.job.privacy is not None:  # the accountant assumes Poisson sampling (and nothing is carried over)
+        if self.ledger is not None:  # the accountant assumes Poisson sampling (and nothing is carried over)
             sampled = privacy.poisson_sample(self._sampler, devices.count, sampling_rate(self.job))
         else:
             idle = np.setdiff1d(np.arange(devices.count), busy) if busy else devices.count
@@ -142,7 +149,7 @@ class Driver:
         else:
             (partial, metrics), raw = self.edges.run_round(r, sampled, refs, down, intake), []
         accepted = partial.count + len(raw)
-        if self.job.privacy is None:
+        if self.ledger is None:
             completed = accepted >= quorum(devices.min_completion, len(sampled))
         else:  # distributed noise needs its minimum of shares
             completed = accepted >= min_participants(self.job)
@@ -157,7 +164,7 @@ class Driver:
                 partial, diagnostics, flagged = self.strategy.reduce(np.stack([u.delta for u in raw]), rng)
                 metrics.update(diagnostics)
                 intake.flagged = sorted(raw[i].device_id for i in flagged)
-            if self.job.privacy is not None:
+            if self.ledger is not None:
                 partial = privacy.release(partial, self.job)
             self.state, diagnostics = self.strategy.apply(self.state, partial)
             metrics.update(diagnostics)
@@ -270,11 +277,21 @@ class Driver:
         return self._versions[self.state.round]
 
     def stop_reason(self, r: int) -> str | None:
-        """Why round ``r`` must not run (it would spend more epsilon than the budget), or None."""
+        """Why round ``r`` must not run, or None. Client level: the round would spend more epsilon
+        than the budget. Sample level: a device that has trained would pass the budget if sampled
+        again (devices also refuse such a round themselves)."""
         budget = self.job.privacy and self.job.privacy.budget
-        if budget and (spent := self.ledger.epsilon(r)) > budget.epsilon:
+        if not budget or self.stopped:
+            return self.stopped
+        if self.ledger is not None and (spent := self.ledger.epsilon(r)) > budget.epsilon:
             self.stopped = (f"privacy budget: round {r} would bring epsilon to {spent:.3f}, over "
                             f"privacy.budget.epsilon {budget.epsilon:g}")
+        over = {d: after for d, (_, after) in self._device_epsilon.items() if after > budget.epsilon}
+        if over:
+            d = max(over, key=over.get)
+            self.stopped = (f"privacy budget: before round {r}, device {d} would reach epsilon {over[d]:.3f} "
+                            f"in its next round, over privacy.budget.epsilon {budget.epsilon:g} "
+                            f"({len(over)} devices would)")
         return self.stopped
 
     def evaluate(self) -> dict[str, float]:
@@ -325,9 +342,10 @@ class Driver:
                     self.tracker.log_figure(_plot(self.history), "accuracy_loss.png")
                 if self.stopped:
                     self.tracker.set_tag("fedray.stopped", self.stopped)
-                if self.ledger is not None:
+                if self.job.privacy is not None:
                     self.tracker.log_text(json.dumps(self.privacy_report(), indent=1), "privacy_report.json")
-                    self.tracker.log_figure(_privacy_plot(self.history), "privacy.png")
+                    if self.history:
+                        self.tracker.log_figure(_privacy_plot(self.history), "privacy.png")
                 if self.job.tracking.log_model and status == "FINISHED":
                     self.spec.load(self.model, self.state.params)
                     self.tracker.log_model(self.model, self._example)
@@ -348,6 +366,7 @@ class Driver:
             "bytes_down": sum(h.metrics["bytes_down"] for h in self.history),
             "failures": sum(h.metrics["failures"] for h in self.history),
         } | ({} if self.ledger is None else {"epsilon": self.ledger.epsilon()}) | (
+            {"device_epsilon_max": max(e for e, _ in self._device_epsilon.values())} if self._device_epsilon else {}) | (
             {"stopped": self.stopped} if self.stopped else {}) | {key: sum(h.metrics.get(key, 0) for h in self.history)
              for key in ("bytes_edge_cloud", "sim_comm_seconds") if any(key in h.metrics for h in self.history)}
 
@@ -356,6 +375,9 @@ class Driver:
         """What the run's privacy rests on and what it spent, by each accountant."""
         job, ledger = self.job, self.ledger
         spec = job.privacy
+        if ledger is None:
+            return privacy.sample_report(job, self._train_sizes, self._device_epsilon) | {
+                "rounds": len(self.history), "stopped": self.stopped}
         return {"level": "client", "algorithm": "DP-FedAvg (McMahan et al. 2018), Gaussian mechanism",
                 "mode": spec.mode, "clip": spec.clip, "noise_multiplier": spec.noise_multiplier,
                 "sampling": "poisson", "sampling_rate": ledger.rate,
@@ -370,8 +392,10 @@ def _privacy_plot(history: list[RoundResult]):
 
     fig = Figure(figsize=(9, 3.5))
     spent, acc = fig.subplots(1, 2)
-    spent.plot([h.round for h in history], [h.metrics["epsilon"] for h in history], marker=".")
-    spent.set(xlabel="round", ylabel="epsilon", title="Privacy spent")
+    key = "epsilon" if "epsilon" in history[0].metrics else "device_epsilon_max"  # client, or sample level
+    logged = [h for h in history if key in h.metrics]
+    spent.plot([h.round for h in logged], [h.metrics[key] for h in logged], marker=".")
+    spent.set(xlabel="round", ylabel=key.replace("_", " "), title="Privacy spent")
     evaluated = [h for h in history if "test_accuracy" in h.metrics]
     acc.plot([h.round for h in evaluated], [h.metrics["test_accuracy"] for h in evaluated], marker=".")
     acc.set(xlabel="round", ylabel="test accuracy", title="Global model accuracy")

@@ -29,6 +29,7 @@ class Intake:
     edge_failures: dict[int, str] = field(default_factory=dict)  # edges that failed or were down, with why
     folded: list[int] = field(default_factory=list)  # asynchronous: the devices whose updates were folded
     stale_dropped: int = 0  # asynchronous: valid updates staler than strategy.max_staleness
+    device_epsilon: dict[int, tuple[float, float]] = field(default_factory=dict)  # sample-level DP: spent, next
 
     @property
     def bytes_up(self) -> int:
@@ -58,6 +59,8 @@ class Intake:
             return None
         self.loss_sum += update.train_loss * update.num_samples
         self.samples += update.num_samples
+        if update.epsilon is not None:
+            self.device_epsilon[d] = (update.epsilon, update.epsilon_next)
         return update
 
     def fold_arrival(self, done: Done, staleness: int, strategy: Any, partial: Partial,
@@ -83,3 +86,4 @@ class Intake:
         self.flagged += other.flagged
         self.folded += other.folded
         self.stale_dropped += other.stale_dropped
+        self.device_epsilon.update(other.device_epsilon)

@@ -1,16 +1,14 @@
-"""The server side of client-level differential privacy (DP-FedAvg): Poisson sampling, the
-release of a round's sum (central noise, fixed denominator) and the epsilon ledger (Opacus
-accountants). The device side (clipping, noise shares) is ``fedray.agents.privacy``. No Ray, no I/O.
+"""The server side of differential privacy. Client level (DP-FedAvg): Poisson sampling, the
+release of a round's sum (central noise, fixed denominator) and the epsilon ledger. Sample level
+(DP-SGD on the devices): the model check, the per-device plan and the report. The device side
+(clipping, noise shares, device accountants) is ``fedray.agents.privacy``. No Ray, no I/O.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
-from opacus.accountants import create_accountant
 
-from fedray.agents.privacy import noise
+from fedray.agents.privacy import epsilon, noise, sgd_noise
 from fedray.config import JobSpec
 from fedray.config.privacy import expected_participants, sampling_rate
 from fedray.platform.aggregation import Partial
@@ -53,13 +51,7 @@ class Ledger:
     def epsilon(self, rounds: int | None = None) -> float:
         """Epsilon at ``delta`` after ``rounds`` rounds (default: those stepped)."""
         rounds = self.rounds if rounds is None else rounds
-        if rounds == 0:
-            return 0.0
-        accountant = create_accountant(self.kind)
-        accountant.history = [(self.noise_multiplier, self.rate, rounds)]
-        with warnings.catch_warnings():  # RDP at very high noise: "optimal order is the largest alpha";
-            warnings.simplefilter("ignore", UserWarning)  # the bound holds, only looser
-            return float(accountant.get_epsilon(delta=self.delta))
+        return epsilon(self.kind, [(self.noise_multiplier, self.rate, rounds)], self.delta)
 
     def affordable(self, budget: float, limit: int = 100_000) -> int:
         """The most rounds whose epsilon stays within ``budget`` (at most ``limit``)."""
@@ -73,3 +65,41 @@ class Ledger:
             middle = (low + high) // 2
             low, high = (middle, high) if self.epsilon(middle) <= budget else (low, middle)
         return low
+
+
+def check_model(model) -> None:
+    """Refuse a model Opacus cannot give per-sample gradients for (BatchNorm mixes a batch's samples)."""
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        reasons = "; ".join(str(e).split(". ")[0] for e in errors[:3])
+        raise ValueError(f"privacy.level sample: DP-SGD cannot train this model: {reasons}. Replace BatchNorm with "
+                         "GroupNorm (or LayerNorm/InstanceNorm), which normalize each sample on its own")
+
+
+def sample_plan(job: JobSpec, train_sizes: list[int]) -> list[tuple[float, float, int]]:
+    """Each device's DP-SGD (noise multiplier, batch sampling rate, planned steps per round)."""
+    local = job.devices.local
+    plans = []
+    for n in train_sizes:
+        planned = local.steps or local.epochs * -(-n // local.batch_size)
+        plans.append((*sgd_noise(job.privacy, local.batch_size, n, planned, job.rounds), planned))
+    return plans
+
+
+def sample_report(job: JobSpec, train_sizes: list[int], device_epsilon: dict[int, tuple[float, float]]) -> dict:
+    """The privacy report of a sample-level run: the mechanism, the devices' noise and what they spent."""
+    spec = job.privacy
+    plans = sample_plan(job, train_sizes)
+    spent = [e for e, _ in device_epsilon.values()]
+    return {"level": "sample", "algorithm": "DP-SGD (Abadi et al. 2016) with Opacus, Poisson batches",
+            "max_grad_norm": spec.max_grad_norm, "target_epsilon": spec.target_epsilon,
+            "noise_multiplier": {"min": min(z for z, _, _ in plans), "max": max(z for z, _, _ in plans)},
+            "sampling_rate": {"min": min(q for _, q, _ in plans), "max": max(q for _, q, _ in plans)},
+            "delta": spec.delta, "accountant": spec.accountant,
+            "epsilon": {spec.accountant: {"devices_trained": len(spent), "max": max(spent, default=0.0),
+                                          "mean": float(np.mean(spent)) if spent else 0.0,
+                                          "min": min(spent, default=0.0)}},
+            "device_epsilon": {str(d): e for d, (e, _) in sorted(device_epsilon.items())},
+            "budget": spec.budget.epsilon if spec.budget else None}

@@ -20,6 +20,7 @@ import numpy as np
 
 from fedray.agents.training import effective_steps
 from fedray.config import ASYNC_STRATEGIES
+from fedray.config.privacy import client_level
 from fedray.platform import robust
 from fedray.platform.aggregation import Partial
 from fedray.update import Update
@@ -286,7 +287,7 @@ def for_job(job) -> Strategy | AsyncStrategy:
     if job.strategy.name in ASYNC_STRATEGIES:
         return build_async(job.strategy, job.devices.per_round)
     strategy = build(job.strategy, job.devices.local.momentum, job.devices.count)
-    return strategy if job.privacy is None else replace(strategy, fold=_unweighted)
+    return strategy if client_level(job) is None else replace(strategy, fold=_unweighted)
 
 
 def _unweighted(partial: Partial, update: Update) -> None:
