@@ -202,6 +202,21 @@ def test_dp_sgd_noise_has_std_z_c_over_the_batch_size():
     assert float(model.weight.detach().std()) == pytest.approx(1.3 * 0.5 / 16, rel=0.05)
 
 
+def test_empty_poisson_batches_still_add_their_noise():
+    """Batch size 1 of 1,000 samples: about e^-1 of the Poisson batches are empty. Every one of the
+    50 steps must add its noise, so the weights end with std sqrt(50) z C (zero inputs: no gradient)."""
+    import torch
+
+    from fedray.agents.training import LocalTraining, SampleDP, train
+
+    model = torch.nn.Linear(400, 10, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    x, y = torch.zeros(1000, 400), torch.arange(1000) % 10
+    cfg = LocalTraining(epochs=None, steps=50, batch_size=1, lr=0.1)
+    train(model, x, y, cfg, torch.Generator().manual_seed(0), dp=SampleDP(max_grad_norm=1.0, noise_multiplier=0.8))
+    assert float(model.weight.detach().std()) == pytest.approx(math.sqrt(50) * 0.8 * 0.1, rel=0.05)
+
+
 def test_dp_sgd_clips_each_sample_gradient():
     """Without noise, a DP-SGD step over the whole set (rate 1) moves the model by lr x the mean of
     the clipped per-sample gradients: exactly C when every sample is the same, at most C otherwise."""

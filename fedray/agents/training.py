@@ -83,10 +83,12 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining
         torch.manual_seed(generator.initial_seed() ^ 0x5EED)
         if dp is None:
             return _train(model, x, y, cfg, generator, correction, None)
-        from opacus import GradSampleModule
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
         secret = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-        sampled = GradSampleModule(model, loss_reduction="sum")
+        # ghost clipping: per-sample gradient norms without materializing per-sample gradients
+        sampled = GradSampleModuleFastGradientClipping(model, loss_reduction="mean", max_grad_norm=dp.max_grad_norm,
+                                                       use_ghost_clipping=True)
         try:
             with warnings.catch_warnings():  # Opacus's hooks fire on inputs that need no gradient
                 warnings.filterwarnings("ignore", "Full backward hook is firing")
@@ -103,10 +105,12 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTrainin
     optimizer = make_optimizer(model, cfg)
     private = None
     if dp is not None:
-        from opacus.optimizers import DPOptimizer
+        from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
+        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
-        private = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                              expected_batch_size=cfg.batch_size, generator=generator)
+        private = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=dp.noise_multiplier,
+                                                  max_grad_norm=dp.max_grad_norm, expected_batch_size=cfg.batch_size,
+                                                  loss_reduction="mean", generator=generator)
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if cfg.prox_mu else []
     corrections = [] if correction is None else [
@@ -122,11 +126,16 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTrainin
             if private is None:
                 loss = F.cross_entropy(model(x[idx]), y[idx])
                 loss.backward()
-            else:  # per-sample gradients of the summed loss; the optimizer divides by the batch size
-                loss = F.cross_entropy(model(x[idx]), y[idx], reduction="sum")
-                loss.backward()
-                private.pre_step()  # clip, sum, add noise, scale: p.grad is now private
-                loss = loss / max(len(idx), 1)
+            else:
+                if len(idx):  # two backward passes: per-sample norms, then the sum of clipped gradients
+                    losses = F.cross_entropy(model(x[idx]), y[idx], reduction="none")
+                    DPTensorFastGradientClipping(model, private, losses, "mean").backward()
+                    loss = losses.detach().mean()
+                else:  # an empty Poisson batch: the step is the noise alone
+                    for p in params:
+                        p.grad = torch.zeros_like(p)
+                    loss = torch.zeros(())
+                private.pre_step()  # add noise, divide by the expected batch size: p.grad is now private
             for p, anchor in zip(params, anchors):  # gradient of (mu/2)||w - w_start||^2
                 p.grad.add_(p.detach() - anchor, alpha=cfg.prox_mu)
             for p, c in zip(params, corrections):
