@@ -24,7 +24,8 @@ class Update:
     the number of local training samples; ``local_steps`` the optimizer steps taken; ``control``
     the change of the device's control variate (SCAFFOLD only), shaped like ``delta``. Under
     sample-level DP, ``epsilon`` is what the device has spent so far and ``epsilon_next`` what it
-    would have spent after one more round like its last.
+    would have spent after one more round like its last. Under adaptive clipping ``below_clip`` is
+    1 if the device's delta was within the clip bound, else 0 (plus its noise share when distributed).
     """
 
     device_id: int
@@ -36,12 +37,15 @@ class Update:
     control: np.ndarray | None = None
     epsilon: float | None = None
     epsilon_next: float | None = None
+    below_clip: float | None = None
 
     def to_bytes(self) -> bytes:
         header = {"device_id": self.device_id, "round": self.round, "num_samples": self.num_samples,
                   "local_steps": self.local_steps, "train_loss": self.train_loss,
                   "dtype": str(self.delta.dtype), "length": int(self.delta.size),
-                  "control": self.control is not None, "epsilon": self.epsilon, "epsilon_next": self.epsilon_next}
+                  "control": self.control is not None}
+        header |= {name: value for name in ("epsilon", "epsilon_next", "below_clip")  # only when set: DP runs
+                   if (value := getattr(self, name)) is not None}
         blob = json.dumps(header).encode()
         control = b"" if self.control is None else self.control.astype(self.delta.dtype).tobytes()
         return _HEADER_LEN.pack(len(blob)) + blob + self.delta.tobytes() + control
@@ -92,6 +96,8 @@ def rejection_reason(update: Update, *, expected_device: int, expected_round: in
         return f"control variate has shape {update.control.shape} or non-finite values"
     if type(update.train_loss) is not float or not math.isfinite(update.train_loss):
         return f"train_loss is {update.train_loss!r}, expected a finite number"
+    if update.below_clip is not None and (type(update.below_clip) is not float or not math.isfinite(update.below_clip)):
+        return f"below_clip is {update.below_clip!r}, expected a finite number"
     if (update.epsilon is None) != (update.epsilon_next is None):
         return "epsilon and epsilon_next come together"
     for name in ("epsilon", "epsilon_next"):

@@ -86,6 +86,7 @@ def test_malformed_payload_raises(payload):
     (update(epsilon=-1.0, epsilon_next=2.0), "epsilon is -1.0, expected a finite number >= 0"),
     (update(epsilon=1.0, epsilon_next=float("inf")), "epsilon_next is inf"),
     (update(epsilon="1", epsilon_next=2.0), "epsilon is '1'"),
+    (update(below_clip=float("nan")), "below_clip is nan"),
 ])
 def test_rejection_reasons(u, needle):
     reason = rejection_reason(u, expected_device=3, expected_round=2, expected_size=5, expected_samples=10)

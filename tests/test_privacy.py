@@ -78,7 +78,8 @@ def job(**privacy_section):
 def test_central_noise_is_calibrated_to_z_c_over_the_fixed_denominator():
     central = job()
     rng = np.random.default_rng(0)
-    released = privacy.release(Partial(np.zeros(200_000, np.float32), 7.0, 7.0, 7), central, rng)
+    released, fraction = privacy.release(Partial(np.zeros(200_000, np.float32), 7.0, 7.0, 7), central, 0.5, rng)
+    assert fraction is None  # no adaptive clipping
     assert released.weight == released.steps_weight == 10.0  # q N = 0.25 x 40, not the 7 that answered
     assert np.std(released.mean()) == pytest.approx(1.2 * 0.5 / 10, rel=0.05)
 
@@ -93,8 +94,51 @@ def test_distributed_shares_sum_to_at_least_the_accounted_noise():
         partial = Partial.zeros(100_000)
         for _ in range(answered):
             partial.add(device_privacy.privatize(np.zeros(100_000, np.float32), 0.5, std, rng), 1.0)
-        released = privacy.release(partial, distributed)
+        released, _ = privacy.release(partial, distributed, 0.5)
         assert np.std(released.mean()) == pytest.approx(1.2 * 0.5 * math.sqrt(answered / m) / 10, rel=0.05)
+
+
+def test_adaptive_clipping_splits_the_noise_and_steps_the_bound_to_the_quantile():
+    from fedray.config.privacy import count_noise, delta_noise_multiplier
+
+    spec = job(noise_multiplier=0.8, adaptive_clip={"target_quantile": 0.5, "lr": 0.2})  # C 0.5, q N 10
+    assert count_noise(spec) == 0.5  # sigma_b = q N / 20
+    z_delta = delta_noise_multiplier(spec)
+    assert z_delta == pytest.approx((0.8 ** -2 - 1.0 ** -2) ** -0.5)  # deltas get more noise than z alone
+    assert (z_delta ** -2 + (2 * 0.5) ** -2) ** -0.5 == pytest.approx(0.8)  # together: accounted as z
+    rng = np.random.default_rng(4)
+    partial = Partial.zeros(200_000)
+    for bit in (1.0,) * 7 + (0.0,) * 3:  # 7 of 10 devices within the bound
+        partial.add(np.zeros(200_000, np.float32), 1.0)
+        partial.below_clip += bit
+    fractions = []
+    for _ in range(400):
+        released, fraction = privacy.release(partial, spec, 0.5, rng)
+        fractions.append(fraction)
+    assert np.std(released.mean()) == pytest.approx(z_delta * 0.5 / 10, rel=0.05)
+    assert np.mean(fractions) == pytest.approx(0.7, abs=0.01) and np.std(fractions) == pytest.approx(0.05, rel=0.1)
+    assert privacy.next_clip(spec, 0.5, 0.7) == pytest.approx(0.5 * math.exp(-0.2 * 0.2))  # too many within: shrink
+    assert privacy.next_clip(spec, 0.5, 0.2) > 0.5
+    with pytest.raises(ValueError, match=r"count_noise \(0.5\) must exceed half of privacy.noise_multiplier \(1.2"):
+        job(noise_multiplier=1.2, adaptive_clip={"count_noise": 0.5})
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("mode", ["central", "distributed"])
+def test_adaptive_clip_bound_follows_the_updates_norms(tracking_uri, mode):
+    """The bound starts far above every update's norm: each applied round it shrinks by
+    exp(-lr (b - 0.5)) with the logged noised fraction b, until about half the updates fit.
+    Distributed: the devices noise their indicators themselves."""
+    summary = run(tracking_uri, rounds=8, devices__count=6, devices__per_round=6,
+                  privacy={"level": "client", "mode": mode, "clip": 50.0, "noise_multiplier": 0.5,
+                           "adaptive_clip": {"lr": 1.0, "count_noise": 0.3}})
+    client = MlflowClient(tracking_uri)
+    clips = history(client, summary["run_id"], "clip")
+    fractions = history(client, summary["run_id"], "below_clip_fraction")
+    assert clips[0] == 50.0 and len(clips) == 8
+    for before, after, b in zip(clips, clips[1:], fractions):
+        assert after == pytest.approx(before * math.exp(-(b - 0.5)))
+    assert np.mean(fractions[:3]) > 0.7 and clips[-1] < clips[0] / 4  # all fit at first: the bound fell
 
 
 def test_devices_clip_their_whole_delta():

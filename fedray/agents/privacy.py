@@ -39,6 +39,13 @@ def privatize(delta: np.ndarray, clip_bound: float, std: float, rng: np.random.G
     return delta + noise(delta.size, std, rng) if std else delta
 
 
+def below_clip(delta: np.ndarray, clip_bound: float, std: float, rng: np.random.Generator | None = None) -> float:
+    """Adaptive clipping's indicator: 1.0 if ``delta`` (unclipped) is within ``clip_bound``, else 0.0,
+    plus a noise share of ``std`` (0: none)."""
+    bit = float(np.linalg.norm(delta) <= clip_bound)
+    return bit + float(noise(1, std, rng)[0]) if std else bit
+
+
 Mechanism = tuple[float, float, int]  # (noise multiplier, sampling rate, steps), as Opacus's history
 
 

@@ -8,6 +8,7 @@ mode it hosts exactly one device.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import replace
 
@@ -19,7 +20,7 @@ from fedray.agents.attacks import corrupt, flip_labels
 from fedray.agents.heterogeneity import local_steps, slowdowns, training_seconds
 from fedray.agents.training import LocalTraining, SampleDP, device_generator, effective_steps, evaluate, train
 from fedray.config import JobSpec
-from fedray.config.privacy import client_level, min_participants, sample_level
+from fedray.config.privacy import client_level, count_noise, delta_noise_multiplier, min_participants, sample_level
 from fedray.models.params import ParamSpec
 from fedray.models.zoo import build_model
 from fedray.update import Update
@@ -55,19 +56,24 @@ class DeviceWorker:
         self._partial_work = job.devices.partial_work
         self._seed = job.seed
         self._controls: dict[int, np.ndarray] = {}  # SCAFFOLD: each device's control variate c_i
-        dp = client_level(job)  # the clip bound and this device's noise share (distributed)
-        self._dp = None if dp is None else (dp.clip, privacy.share_std(dp.noise_multiplier, dp.clip, min_participants(job))
-                                            if dp.mode == "distributed" else 0.0)
+        dp = client_level(job)
+        self._dp = dp
+        if dp is not None:  # distributed: this device's noise shares are sized for m participants
+            shares = min_participants(job) if dp.mode == "distributed" else None
+            self._delta_z = delta_noise_multiplier(job)
+            self._count_share = count_noise(job) / math.sqrt(shares) if shares and dp.adaptive_clip else 0.0
+            self._shares = shares
         self._sample_dp, self._rounds = sample_level(job), job.rounds
         self._accountants: dict[int, privacy.DeviceAccountant] = {}  # sample level: each device's own
 
     async def fit(self, device: int, round: int, sent_at: float, global_params: np.ndarray,
-                  server_control: np.ndarray | None = None) -> bytes:
+                  server_control: np.ndarray | None = None, clip: float | None = None) -> bytes:
         """Train ``device`` from ``global_params`` (with SCAFFOLD, correcting its gradients by
         ``server_control - c_i``) and return its serialized Update. ``round`` is the synchronous
         round, or the dispatch number of an asynchronous run: it seeds the device's randomness.
         ``sent_at`` (``time.time()``) is when the device was sent the model: a device with a speed
-        answers no sooner than its training time after that, however long it waited here."""
+        answers no sooner than its training time after that, however long it waited here. ``clip``
+        is the round's bound under adaptive clipping (default: ``privacy.clip``)."""
         started = time.perf_counter()
         start = np.array(global_params, dtype=np.float32)  # writable copy
         x, y = self._train[device]
@@ -88,9 +94,14 @@ class DeviceWorker:
             control = self._controls[device] - own
         if device in self._attackers:
             delta = corrupt(delta, self._attack, np.random.default_rng([self._seed, round, device, 3]))
+        indicator = None
         if self._dp is not None:
-            delta = privacy.privatize(delta, *self._dp)
-            if self._dp[1]:
+            bound = clip or self._dp.clip
+            if self._dp.adaptive_clip is not None:
+                indicator = privacy.below_clip(delta, bound, self._count_share)
+            share = privacy.share_std(self._delta_z, bound, self._shares) if self._shares else 0.0
+            delta = privacy.privatize(delta, bound, share)
+            if self._shares:
                 loss = 0.0  # distributed: the device's loss would be an un-noised statistic, so it sends none
         spent = None
         if sample_dp is not None:
@@ -98,7 +109,8 @@ class DeviceWorker:
             accountant = self._accountants[device]
             accountant.spend(dp_sgd.noise_multiplier, rate, steps)
             spent = accountant.epsilon(), accountant.epsilon((dp_sgd.noise_multiplier, rate, planned))
-        payload = Update(device, round, len(x), steps, loss, delta, control, *(spent or ())).to_bytes()
+        payload = Update(device, round, len(x), steps, loss, delta, control, *(spent or (None, None)),
+                         below_clip=indicator).to_bytes()
         if self._speed is not None:
             seconds = training_seconds(self._speed, self._slowdown[device], steps, time.perf_counter() - started)
             await asyncio.sleep(sent_at + seconds - time.time())

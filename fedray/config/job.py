@@ -315,6 +315,13 @@ class JobSpec(Section):
         if self.topology is not None and self.topology.edge_rounds > 1:
             raise ValueError("privacy.level client: topology.edge_rounds > 1 (HierFAVG) folds each device several "
                              "times per round; the accountant counts one (use edge_rounds 1)")
+        if privacy.adaptive_clip is not None:
+            from fedray.config.privacy import count_noise
+
+            if 2 * count_noise(self) <= privacy.noise_multiplier:
+                raise ValueError(f"privacy.adaptive_clip.count_noise ({count_noise(self):g}) must exceed half of "
+                                 f"privacy.noise_multiplier ({privacy.noise_multiplier:g}): the count's noise is part "
+                                 "of the accounted noise (raise count_noise or lower noise_multiplier)")
         if privacy.min_participants is not None:
             if privacy.mode != "distributed":
                 raise ValueError("privacy.min_participants applies to mode 'distributed' (central noise does not "

@@ -23,6 +23,18 @@ class _Accounting(Section):
     budget: Budget | None = None
 
 
+class AdaptiveClip(Section):
+    """Adaptive clipping (Andrew et al. 2021): each round the clip bound moves geometrically
+    towards the ``target_quantile`` of the devices' update norms, ``C <- C exp(-lr (b - q))``,
+    where b is the noised fraction of devices whose update was within C. ``count_noise`` is the
+    std of the noise on that count (default q N / 20); the deltas' noise multiplier is lowered so
+    that both releases together are accounted as ``noise_multiplier``."""
+
+    target_quantile: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    lr: PositiveFloat = 0.2
+    count_noise: PositiveFloat | None = None
+
+
 class ClientLevel(_Accounting):
     """DP-FedAvg (McMahan et al. 2018). Devices are Poisson-sampled at ``sampling_rate`` q (default
     devices.per_round / devices.count); each clips its delta to L2 norm ``clip`` C; Gaussian noise of
@@ -30,7 +42,7 @@ class ClientLevel(_Accounting):
     as independent shares each device adds before its update leaves it (``distributed``: std
     z C / sqrt(m) each, so any ``min_participants`` m shares or more carry the full noise; a round
     with fewer valid updates is not applied). The mean divides by the expected number of
-    participants q N, not by how many answered."""
+    participants q N, not by how many answered. ``clip`` is the first bound with ``adaptive_clip``."""
 
     level: Literal["client"]
     mode: Literal["central", "distributed"] = "central"
@@ -39,6 +51,7 @@ class ClientLevel(_Accounting):
     sampling_rate: Annotated[float, Field(gt=0, le=1)] | None = None
     min_participants: PositiveInt | None = Field(None, description="distributed: the fewest valid updates a round "
                                                                    "applies; default ceil(min_completion x q N)")
+    adaptive_clip: AdaptiveClip | None = None
 
 
 
@@ -94,3 +107,17 @@ def min_participants(job) -> int:
     if privacy.mode == "central":
         return 1
     return privacy.min_participants or max(1, quorum(job.devices.min_completion, expected_participants(job)))
+
+
+def count_noise(job) -> float:
+    """sigma_b: the std of the noise on the adaptive clip's below-clip count."""
+    return job.privacy.adaptive_clip.count_noise or expected_participants(job) / 20
+
+
+def delta_noise_multiplier(job) -> float:
+    """The noise multiplier on the deltas: ``noise_multiplier``, or with adaptive clipping
+    ``(z^-2 - (2 sigma_b)^-2)^-1/2``, so that deltas and count together are accounted as z."""
+    privacy = job.privacy
+    if privacy.adaptive_clip is None:
+        return privacy.noise_multiplier
+    return (privacy.noise_multiplier ** -2 - (2 * count_noise(job)) ** -2) ** -0.5

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# weight, steps_weight, count, vector length, has control sums
-_HEADER = struct.Struct("<ddqq?")
+# weight, steps_weight, below-clip count, count, vector length, has control sums
+_HEADER = struct.Struct("<dddqq?")
 
 
 @dataclass
@@ -18,7 +18,8 @@ class Partial:
     ``steps_weight = sum w_i a_i`` and ``count``, where ``w_i`` is the update's weight (its samples)
     and ``a_i`` its effective local steps (1 unless the strategy normalizes, as FedNova does).
 
-    ``control_sum`` is the plain sum of the devices' control-variate changes (SCAFFOLD), or None.
+    ``control_sum`` is the plain sum of the devices' control-variate changes (SCAFFOLD), or None;
+    ``below_clip`` the sum of their below-clip indicators (adaptive clipping under client-level DP).
 
     Partials from disjoint sets of devices merge by addition, so devices -> edge -> cloud is the
     same fold at every tier. ``add`` and ``merge`` accumulate in place.
@@ -29,6 +30,7 @@ class Partial:
     steps_weight: float = 0.0
     count: int = 0
     control_sum: np.ndarray | None = None
+    below_clip: float = 0.0
 
     @classmethod
     def zeros(cls, size: int) -> Partial:
@@ -48,6 +50,7 @@ class Partial:
         self.weight += other.weight
         self.steps_weight += other.steps_weight
         self.count += other.count
+        self.below_clip += other.below_clip
         self._add_control(other.control_sum)
 
     def _add_control(self, control: np.ndarray | None) -> None:
@@ -60,7 +63,7 @@ class Partial:
     def to_bytes(self) -> bytes:
         """The wire format an edge sends up: a fixed header, then the float32 sums."""
         control = b"" if self.control_sum is None else self.control_sum.astype(np.float32).tobytes()
-        return (_HEADER.pack(self.weight, self.steps_weight, self.count, self.weighted_sum.size,
+        return (_HEADER.pack(self.weight, self.steps_weight, self.below_clip, self.count, self.weighted_sum.size,
                              self.control_sum is not None)
                 + self.weighted_sum.astype(np.float32).tobytes() + control)
 
@@ -69,17 +72,18 @@ class Partial:
         """Decode and check a Partial of vectors of ``size``; raises ValueError naming what is wrong."""
         if len(payload) < _HEADER.size:
             raise ValueError(f"partial payload of {len(payload)} bytes is shorter than its header")
-        weight, steps_weight, count, length, has_control = _HEADER.unpack_from(payload)
+        weight, steps_weight, below_clip, count, length, has_control = _HEADER.unpack_from(payload)
         vectors = 1 + has_control
         if length != size or len(payload) != _HEADER.size + vectors * 4 * size:
             raise ValueError(f"partial holds {len(payload) - _HEADER.size} bytes for {vectors} x {length} "
                              f"float32, expected vectors of {size}")
         arrays = np.frombuffer(payload, dtype=np.float32, offset=_HEADER.size).reshape(vectors, size).copy()
-        if not (np.isfinite(arrays).all() and math.isfinite(weight) and math.isfinite(steps_weight)):
+        if not (np.isfinite(arrays).all() and math.isfinite(weight) and math.isfinite(steps_weight)
+                and math.isfinite(below_clip)):
             raise ValueError("partial has non-finite sums")
         if count < 0 or weight < 0 or (count == 0) != (weight == 0):
             raise ValueError(f"partial has count {count} and weight {weight}")
-        return cls(arrays[0], weight, steps_weight, count, arrays[1] if has_control else None)
+        return cls(arrays[0], weight, steps_weight, count, arrays[1] if has_control else None, below_clip)
 
     def mean(self) -> np.ndarray:
         """The weighted mean of the (normalized) deltas. Raises ValueError on an empty Partial."""

@@ -17,7 +17,8 @@ from fedray.config import JobSpec
 from fedray.data import datasets, partition
 from fedray.models.params import ParamSpec
 from fedray.models.zoo import build_model
-from fedray.config.privacy import client_level, min_participants, sample_level, sampling_rate
+from fedray.config.privacy import (client_level, count_noise, delta_noise_multiplier, min_participants, sample_level,
+                                   sampling_rate)
 from fedray.platform import edge, privacy, strategies, topology
 from fedray.platform.aggregation import Partial, quorum
 from fedray.platform.intake import Intake
@@ -72,6 +73,7 @@ class Driver:
         self._sampler = np.random.default_rng([job.seed, 1])
         self.history: list[RoundResult] = []
         self.ledger = privacy.Ledger.of(job) if client_level(job) else None  # client-level DP's spend
+        self.clip = job.privacy.clip if self.ledger else None  # client level: the clip bound devices use now
         self._device_epsilon: dict[int, tuple[float, float]] = {}  # sample level: each device's (spent, next)
         self.stopped: str | None = None  # why the run stopped before its last round
         self._staleness = Counter()  # staleness of every accepted late or asynchronous update
@@ -143,11 +145,13 @@ class Driver:
             sampled = np.sort(self._sampler.choice(idle, k, replace=False))
         broadcast = [self.state.params] + ([self.state.buffers[0]] if self.strategy.control_variates else [])
         refs = [ray.put(v) for v in broadcast]
+        adaptive = self.ledger is not None and self.job.privacy.adaptive_clip is not None
+        options = {"clip": self.clip} if adaptive else {}  # fit's keyword arguments
         down = sum(v.nbytes for v in broadcast)
         if self.edges is None:
-            partial, raw, metrics = self._flat_collect(r, sampled, refs, down, intake)
+            partial, raw, metrics = self._flat_collect(r, sampled, refs, options, down, intake)
         else:
-            (partial, metrics), raw = self.edges.run_round(r, sampled, refs, down, intake), []
+            (partial, metrics), raw = self.edges.run_round(r, sampled, refs, options, down, intake), []
         accepted = partial.count + len(raw)
         if self.ledger is None:
             completed = accepted >= quorum(devices.min_completion, len(sampled))
@@ -165,19 +169,22 @@ class Driver:
                 metrics.update(diagnostics)
                 intake.flagged = sorted(raw[i].device_id for i in flagged)
             if self.ledger is not None:
-                partial = privacy.release(partial, self.job)
+                partial, fraction = privacy.release(partial, self.job, self.clip)
+                if adaptive:
+                    metrics.update(clip=self.clip, below_clip_fraction=fraction)
+                    self.clip = privacy.next_clip(self.job, self.clip, fraction)
             self.state, diagnostics = self.strategy.apply(self.state, partial)
             metrics.update(diagnostics)
         return completed, metrics, sampled
 
-    def _flat_collect(self, r: int, sampled: np.ndarray, refs: list[ray.ObjectRef], down: int, intake: Intake,
-                      ) -> tuple[Partial, list[Update], dict[str, float]]:
+    def _flat_collect(self, r: int, sampled: np.ndarray, refs: list[ray.ObjectRef], options: dict, down: int,
+                      intake: Intake) -> tuple[Partial, list[Update], dict[str, float]]:
         """Train the sampled devices and fold their updates here: the Partial of a linear strategy,
         or the raw updates for a robust rule; and the round's metrics so far. Late updates of the
         last round join if they arrive."""
         carried = list(self.pool.pending)
         sent_at = time.time()
-        fresh = [self.pool.submit("fit", d, r, sent_at, *refs, tag=r) for d in sampled]
+        fresh = [self.pool.submit("fit", d, r, sent_at, *refs, tag=r, **options) for d in sampled]
         partial, raw = Partial.zeros(self.spec.size), []  # raw kept whole for robust (non-linear) rules
         for done in self.pool.as_completed(fresh + carried, time.monotonic() + self.job.devices.round_wait_s):
             update = self._accept(done, done.task.tag, intake)
@@ -380,6 +387,9 @@ class Driver:
                 "rounds": len(self.history), "stopped": self.stopped}
         return {"level": "client", "algorithm": "DP-FedAvg (McMahan et al. 2018), Gaussian mechanism",
                 "mode": spec.mode, "clip": spec.clip, "noise_multiplier": spec.noise_multiplier,
+                "adaptive_clip": spec.adaptive_clip and spec.adaptive_clip.model_dump() | {
+                    "count_noise": count_noise(job), "delta_noise_multiplier": delta_noise_multiplier(job),
+                    "last_clip": self.clip},
                 "sampling": "poisson", "sampling_rate": ledger.rate,
                 "denominator": privacy.expected_participants(job), "min_participants": min_participants(job),
                 "rounds": ledger.rounds, "delta": spec.delta, "accountant": spec.accountant,

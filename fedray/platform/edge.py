@@ -173,12 +173,13 @@ class Edges:
                 self.replace(e)
         return down
 
-    def run_round(self, r: int, sampled: np.ndarray, refs: list[ray.ObjectRef], down: int, intake: Intake,
-                  ) -> tuple[Partial, dict[str, float]]:
+    def run_round(self, r: int, sampled: np.ndarray, refs: list[ray.ObjectRef], options: dict[str, Any], down: int,
+                  intake: Intake) -> tuple[Partial, dict[str, float]]:
         """Train cloud round ``r``'s sampled devices through their edges (``refs``: the broadcast
-        objects, ``down`` bytes a device downloads), which fold their updates for
-        ``topology.edge_rounds`` edge rounds; return the merged Partial and the round's tier
-        metrics. A device of an edge that is down or fails fails with the edge's reason."""
+        objects, ``options``: keyword arguments of ``fit``, ``down``: bytes a device downloads),
+        which fold their updates for ``topology.edge_rounds`` edge rounds; return the merged
+        Partial and the round's tier metrics. A device of an edge that is down or fails fails with
+        the edge's reason."""
         pool, edge_of, edge_rounds = self._pool, self.edge_of, self._job.topology.edge_rounds
         intake.edge_failures = self.down()
         if intake.edge_failures:
@@ -198,7 +199,8 @@ class Edges:
         for k in range(edge_rounds):
             t = (r - 1) * edge_rounds + k + 1  # the edge round devices train for
             sent_at = time.time()
-            fresh = [pool.submit("fit", d, t, sent_at, models.get(edge_of[d], refs[0]), *refs[1:], tag=t) for d in live]
+            fresh = [pool.submit("fit", d, t, sent_at, models.get(edge_of[d], refs[0]), *refs[1:], tag=t, **options)
+                     for d in live]
             dispatched += len(fresh)
             tasks: dict[int, list[tuple[Task, list[ray.ObjectRef]]]] = {}
             for ref in fresh + carried:

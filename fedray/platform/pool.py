@@ -110,11 +110,11 @@ class WorkerPool:
             if node in dead:
                 self._replace(w, self._generation[w])
 
-    def submit(self, method: str, device: int, *args: Any, tag: Any = None) -> ray.ObjectRef:
-        """Call ``method(device, *args)`` on the device's worker; the task stays in ``pending``
-        until ``wait``, ``drop`` or ``expire`` hands it back."""
+    def submit(self, method: str, device: int, *args: Any, tag: Any = None, **kwargs: Any) -> ray.ObjectRef:
+        """Call ``method(device, *args, **kwargs)`` on the device's worker; the task stays in
+        ``pending`` until ``wait``, ``drop`` or ``expire`` hands it back."""
         w = int(self.worker_of[device])
-        ref = getattr(self.actors[w], method).remote(int(device), *args)
+        ref = getattr(self.actors[w], method).remote(int(device), *args, **kwargs)
         self.pending[ref] = Task(int(device), tag, w, self._generation[w], time.monotonic())
         return ref
 

@@ -6,11 +6,13 @@ release of a round's sum (central noise, fixed denominator) and the epsilon ledg
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fedray.agents.privacy import epsilon, noise, sgd_noise
 from fedray.config import JobSpec
-from fedray.config.privacy import expected_participants, sampling_rate
+from fedray.config.privacy import count_noise, delta_noise_multiplier, expected_participants, sampling_rate
 from fedray.platform.aggregation import Partial
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -21,15 +23,27 @@ def poisson_sample(rng: np.random.Generator, count: int, rate: float) -> np.ndar
     return np.flatnonzero(rng.random(count) < rate)
 
 
-def release(partial: Partial, job: JobSpec, rng: np.random.Generator | None = None) -> Partial:
-    """The Partial the server steps on: the sum of clipped deltas (plus central noise of std z C,
-    unless the devices added shares), over the fixed denominator q N."""
+def release(partial: Partial, job: JobSpec, clip: float, rng: np.random.Generator | None = None,
+            ) -> tuple[Partial, float | None]:
+    """The Partial the server steps on: the sum of deltas clipped to ``clip`` (plus central noise
+    of std z C, unless the devices added shares), over the fixed denominator q N. With adaptive
+    clipping, also the noised fraction of devices within the bound (else None); the deltas' noise
+    multiplier is then lowered so that the two releases are accounted as z together."""
     privacy = job.privacy
-    total = partial.weighted_sum
-    if privacy.mode == "central":
-        total = total + noise(total.size, privacy.noise_multiplier * privacy.clip, rng)  # OS-seeded by default
+    total, below = partial.weighted_sum, partial.below_clip
+    if privacy.mode == "central":  # OS-seeded noise by default
+        total = total + noise(total.size, delta_noise_multiplier(job) * clip, rng)
+        if privacy.adaptive_clip is not None:
+            below += float(noise(1, count_noise(job), rng)[0])
     expected = expected_participants(job)
-    return Partial(total, expected, expected, partial.count)
+    fraction = None if privacy.adaptive_clip is None else below / expected
+    return Partial(total, expected, expected, partial.count), fraction
+
+
+def next_clip(job: JobSpec, clip: float, fraction: float) -> float:
+    """Adaptive clipping's geometric step: ``C exp(-lr (b - target_quantile))``."""
+    adaptive = job.privacy.adaptive_clip
+    return clip * math.exp(-adaptive.lr * (fraction - adaptive.target_quantile))
 
 
 class Ledger:

@@ -292,6 +292,7 @@ def for_job(job) -> Strategy | AsyncStrategy:
 
 def _unweighted(partial: Partial, update: Update) -> None:
     partial.add(update.delta, 1.0)
+    partial.below_clip += update.below_clip or 0.0  # adaptive clipping's indicators
 
 
 def build(spec, local_momentum: float = 0.0, num_devices: int = 1) -> Strategy:
