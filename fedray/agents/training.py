@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from fedray.agents.dpsgd import PerSampleClipping, add_noise
 
 
 @dataclass(frozen=True)
@@ -82,35 +83,19 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(generator.initial_seed() ^ 0x5EED)
         if dp is None:
-            return _train(model, x, y, cfg, generator, correction, None)
-        from opacus.grad_sample import GradSampleModuleFastGradientClipping
-
+            return _train(model, x, y, cfg, generator, correction)
         secret = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-        # ghost clipping: per-sample gradient norms without materializing per-sample gradients
-        sampled = GradSampleModuleFastGradientClipping(model, loss_reduction="mean", max_grad_norm=dp.max_grad_norm,
-                                                       use_ghost_clipping=True)
-        try:
-            with warnings.catch_warnings():  # Opacus's hooks fire on inputs that need no gradient
-                warnings.filterwarnings("ignore", "Full backward hook is firing")
-                return _train(sampled, x, y, cfg, secret, correction, dp)
-        finally:
-            sampled.remove_hooks()
+        with PerSampleClipping(model, dp.max_grad_norm) as clipping:
+            return _train(model, x, y, cfg, secret, correction, dp, clipping)
 
 
 def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining,
-           generator: torch.Generator, correction: torch.Tensor | None, dp: SampleDP | None) -> tuple[int, float]:
+           generator: torch.Generator, correction: torch.Tensor | None, dp: SampleDP | None = None,
+           clipping: PerSampleClipping | None = None) -> tuple[int, float]:
     n = len(x)
     if n == 0:
         raise ValueError("no local training samples")
     optimizer = make_optimizer(model, cfg)
-    private = None
-    if dp is not None:
-        from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
-        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
-
-        private = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=dp.noise_multiplier,
-                                                  max_grad_norm=dp.max_grad_norm, expected_batch_size=cfg.batch_size,
-                                                  loss_reduction="mean", generator=generator)
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if cfg.prox_mu else []
     corrections = [] if correction is None else [
@@ -121,21 +106,16 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTrainin
     loss_sum = torch.zeros(())
     step = 0
     while step < total_steps:
-        for idx in _batches(n, cfg.batch_size, generator, poisson=private is not None):
-            (private or optimizer).zero_grad(set_to_none=True)
-            if private is None:
+        for idx in _batches(n, cfg.batch_size, generator, poisson=dp is not None):
+            optimizer.zero_grad(set_to_none=True)
+            if dp is None:
                 loss = F.cross_entropy(model(x[idx]), y[idx])
                 loss.backward()
-            else:
-                if len(idx):  # two backward passes: per-sample norms, then the sum of clipped gradients
-                    losses = F.cross_entropy(model(x[idx]), y[idx], reduction="none")
-                    DPTensorFastGradientClipping(model, private, losses, "mean").backward()
-                    loss = losses.detach().mean()
-                else:  # an empty Poisson batch: the step is the noise alone
-                    for p in params:
-                        p.grad = torch.zeros_like(p)
-                    loss = torch.zeros(())
-                private.pre_step()  # add noise, divide by the expected batch size: p.grad is now private
+            else:  # DP-SGD; an empty Poisson batch makes a step of noise alone
+                losses = F.cross_entropy(model(x[idx]), y[idx], reduction="none") if len(idx) else torch.zeros(0)
+                clipping.backward(losses)  # p.grad: the sum of the samples' clipped gradients
+                add_noise(params, dp.noise_multiplier * dp.max_grad_norm, cfg.batch_size, generator)
+                loss = losses.detach().sum() / max(1, len(idx))
             for p, anchor in zip(params, anchors):  # gradient of (mu/2)||w - w_start||^2
                 p.grad.add_(p.detach() - anchor, alpha=cfg.prox_mu)
             for p, c in zip(params, corrections):
