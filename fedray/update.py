@@ -26,6 +26,8 @@ class Update:
     sample-level DP, ``epsilon`` is what the device has spent so far and ``epsilon_next`` what it
     would have spent after one more round like its last. Under adaptive clipping ``below_clip`` is
     1 if the device's delta was within the clip bound, else 0 (plus its noise share when distributed).
+    With encrypted aggregation, ``delta`` holds only the plaintext coordinates and ``sealed`` the
+    encrypted rest (``fedray.secure``), which nobody but the key authority can read.
     """
 
     device_id: int
@@ -38,6 +40,7 @@ class Update:
     epsilon: float | None = None
     epsilon_next: float | None = None
     below_clip: float | None = None
+    sealed: bytes | None = None
 
     def to_bytes(self) -> bytes:
         header = {"device_id": self.device_id, "round": self.round, "num_samples": self.num_samples,
@@ -46,9 +49,11 @@ class Update:
                   "control": self.control is not None}
         header |= {name: value for name in ("epsilon", "epsilon_next", "below_clip")  # only when set: DP runs
                    if (value := getattr(self, name)) is not None}
+        if self.sealed is not None:
+            header["sealed"] = len(self.sealed)
         blob = json.dumps(header).encode()
         control = b"" if self.control is None else self.control.astype(self.delta.dtype).tobytes()
-        return _HEADER_LEN.pack(len(blob)) + blob + self.delta.tobytes() + control
+        return _HEADER_LEN.pack(len(blob)) + blob + self.delta.tobytes() + control + (self.sealed or b"")
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> Update:
@@ -60,19 +65,22 @@ class Update:
                 raise ValueError(f"header is a {type(header).__name__}, not an object")
             dtype, length = np.dtype(header.pop("dtype")), int(header.pop("length"))
             vectors = 2 if header.pop("control") is True else 1
+            sealed = int(header.pop("sealed", 0))
             offset = _HEADER_LEN.size + n
-            if len(payload) - offset != vectors * length * dtype.itemsize:
-                raise ValueError(f"payload holds {len(payload) - offset} bytes for {vectors} x {length} x {dtype}")
+            if len(payload) - offset != vectors * length * dtype.itemsize + sealed or sealed < 0:
+                raise ValueError(f"payload holds {len(payload) - offset} bytes for {vectors} x {length} x {dtype}"
+                                 f" and {sealed} encrypted bytes")
             delta, control = (np.frombuffer(payload, dtype=dtype, count=length, offset=offset + i * length * dtype.itemsize)
                               if i < vectors else None for i in range(2))
-            return cls(delta=delta, control=control, **header)
+            return cls(delta=delta, control=control, sealed=payload[len(payload) - sealed:] if sealed else None, **header)
         except (struct.error, TypeError, KeyError, ValueError, OverflowError, RecursionError) as e:
             raise ValueError(f"malformed update payload: {e}") from e
 
 
 def rejection_reason(update: Update, *, expected_device: int, expected_round: int, expected_size: int,
-                     expected_samples: int, expect_control: bool = False) -> str | None:
-    """Why ``update`` must not be aggregated, or None when it is valid."""
+                     expected_samples: int, expect_control: bool = False, expect_sealed: bool = False) -> str | None:
+    """Why ``update`` must not be aggregated, or None when it is valid. The encrypted part is
+    checked where it is loaded (``CipherSum.add``) and, summed, by the key authority."""
     if update.device_id != expected_device:
         return f"update claims device {update.device_id}, expected device {expected_device}"
     if update.round != expected_round:
@@ -89,6 +97,8 @@ def rejection_reason(update: Update, *, expected_device: int, expected_round: in
         return f"num_samples is {update.num_samples}, but the device holds {expected_samples} training samples"
     if not np.isfinite(update.delta).all():
         return f"delta has {int((~np.isfinite(update.delta)).sum())} non-finite values"
+    if (update.sealed is not None) != expect_sealed:
+        return "encrypted part missing" if expect_sealed else "unexpected encrypted part"
     if (update.control is not None) != expect_control:
         return "control variate missing" if expect_control else "unexpected control variate"
     if update.control is not None and (update.control.shape != update.delta.shape

@@ -231,7 +231,7 @@ def test_fedasync_mixes_the_stale_local_model_hand_computed():
     strategy = strategies.AsyncStrategy("fedasync", 1, 0.5, strategies.staleness_weight("constant"), True, 4)
     state = strategy.init(np.array([1, 1], np.float32))
     partial = Partial.zeros(2)
-    assert strategy.fold(partial, np.array([2, 4], np.float32), 1, lambda: np.zeros(2, np.float32) - state.params)
+    assert strategy.fold(partial, upd([2, 4]), 1, lambda: np.zeros(2, np.float32) - state.params)
     new, diag = strategy.apply(state, partial)
     np.testing.assert_allclose(new.params, [1.5, 2.5])
     assert new.round == 1 and diag["update_norm"] == pytest.approx(np.hypot(0.5, 1.5))
@@ -243,11 +243,11 @@ def test_fedbuff_staleness_weighted_buffer_hand_computed():
     strategy = strategies.AsyncStrategy("fedbuff", 2, 1.0, strategies.staleness_weight("polynomial", 0.5), False, 4)
     state = strategy.init(np.array([10], np.float32))
     partial = Partial.zeros(1)
-    assert strategy.fold(partial, np.array([2], np.float32), 0, lambda: 0 / 0)  # FedBuff never asks for the drift
-    assert strategy.fold(partial, np.array([4], np.float32), 3, lambda: 0 / 0)
+    assert strategy.fold(partial, upd([2]), 0, lambda: 0 / 0)  # FedBuff never asks for the drift
+    assert strategy.fold(partial, upd([4]), 3, lambda: 0 / 0)
     assert strategy.apply(state, partial)[0].params[0] == pytest.approx(12.0)
     capped = strategies.AsyncStrategy("fedbuff", 2, 1.0, strategies.staleness_weight("constant"), False, 4, 2)
-    assert not capped.fold(partial, np.array([4], np.float32), 3, lambda: 0 / 0) and partial.count == 2
+    assert not capped.fold(partial, upd([4]), 3, lambda: 0 / 0) and partial.count == 2
 
 
 def test_async_defaults_from_spec():

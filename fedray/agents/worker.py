@@ -11,6 +11,7 @@ import asyncio
 import math
 import time
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,14 +22,18 @@ from fedray.agents.heterogeneity import local_steps, slowdowns, training_seconds
 from fedray.agents.training import LocalTraining, SampleDP, device_generator, effective_steps, evaluate, train
 from fedray.config import JobSpec
 from fedray.config.privacy import client_level, count_noise, delta_noise_multiplier, min_participants, sample_level
+from fedray.config.secure import value_range
 from fedray.models.params import ParamSpec
 from fedray.models.zoo import build_model
+from fedray.platform import strategies
+from fedray.secure.plan import SecurePlan, Sealer
 from fedray.update import Update
 
 
 class DeviceWorker:
     """Hosts ``shards``: ``{device_id: (train_indices, test_indices)}`` into ``data = (x, y)``.
-    Devices in ``attackers`` carry out the job's attack.
+    Devices in ``attackers`` carry out the job's attack. With encrypted aggregation, ``sealing`` is
+    the job's ``SecurePlan`` and the key authority (an actor) the devices enroll with.
 
     An asyncio actor: calls on one worker train one at a time (training never awaits), but the time
     a device takes beyond its compute (``devices.speed``) is an ``await``, so the worker trains other
@@ -36,7 +41,8 @@ class DeviceWorker:
     """
 
     def __init__(self, job: JobSpec, data: tuple[np.ndarray, np.ndarray], num_classes: int,
-                 shards: dict[int, tuple[np.ndarray, np.ndarray]], attackers: frozenset[int] = frozenset()) -> None:
+                 shards: dict[int, tuple[np.ndarray, np.ndarray]], attackers: frozenset[int] = frozenset(),
+                 sealing: tuple[SecurePlan, Any] | None = None) -> None:
         torch.set_num_threads(1)
         x, y = data
         self._train = {d: (torch.from_numpy(x[tr]), torch.from_numpy(y[tr])) for d, (tr, _) in shards.items()}
@@ -65,6 +71,9 @@ class DeviceWorker:
             self._shares = shares
         self._sample_dp, self._rounds = sample_level(job), job.rounds
         self._accountants: dict[int, privacy.DeviceAccountant] = {}  # sample level: each device's own
+        self._job, self._weigh = job, strategies.for_job(job).weigh
+        self._sealer: Sealer | None = None  # made once enrolled with the key authority (the first fit awaits it)
+        self._enrolling = None if sealing is None else (sealing[0], sealing[1].enroll.remote(list(shards)))
 
     async def fit(self, device: int, round: int, sent_at: float, global_params: np.ndarray,
                   server_control: np.ndarray | None = None, clip: float | None = None) -> bytes:
@@ -103,6 +112,12 @@ class DeviceWorker:
             delta = privacy.privatize(delta, bound, share)
             if self._shares:
                 loss = 0.0  # distributed: the device's loss would be an un-noised statistic, so it sends none
+        sealed = None
+        if self._enrolling is not None and self._sealer is None:
+            plan, enrolled = self._enrolling
+            self._sealer = Sealer(plan, *await enrolled)
+        if self._sealer is not None:  # the encrypted part carries the loss and the indicator too
+            delta, sealed, loss, indicator = self._seal(device, round, len(x), steps, delta, loss, indicator, clip)
         spent = None
         if sample_dp is not None:
             dp_sgd, rate = sample_dp
@@ -110,11 +125,24 @@ class DeviceWorker:
             accountant.spend(dp_sgd.noise_multiplier, rate, steps)
             spent = accountant.epsilon(), accountant.epsilon((dp_sgd.noise_multiplier, rate, planned))
         payload = Update(device, round, len(x), steps, loss, delta, control, *(spent or (None, None)),
-                         below_clip=indicator).to_bytes()
+                         below_clip=indicator, sealed=sealed).to_bytes()
         if self._speed is not None:
             seconds = training_seconds(self._speed, self._slowdown[device], steps, time.perf_counter() - started)
             await asyncio.sleep(sent_at + seconds - time.time())
         return payload
+
+    def _seal(self, device: int, round: int, samples: int, steps: int, delta: np.ndarray, loss: float,
+              indicator: float | None, clip: float | None) -> tuple[np.ndarray, bytes, float, None]:
+        """Encrypt the chosen coordinates of ``delta``, pre-weighted as the strategy weighs the
+        update, with the loss (weighted by its samples) and the adaptive-clip indicator; returns
+        the plaintext coordinates, the blob, and the loss and indicator the header now carries."""
+        plan = self._sealer.plan
+        weight, effective = self._weigh(samples, steps)
+        extras = (loss * samples / plan.sample_scale, indicator or 0.0)
+        rng = np.random.default_rng([self._seed, round, device, 5])  # stochastic rounding
+        plain, sealed = self._sealer.seal(device, round, delta, weight / effective / plan.weight_scale,
+                                          value_range(self._job, clip), extras, rng)
+        return plain, sealed, 0.0, None
 
     def _sample_dp_for(self, device: int, samples: int, planned: int) -> tuple[SampleDP, float]:
         """The DP-SGD settings of ``device``'s round and its batch sampling rate; refuses a round

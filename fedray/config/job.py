@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from fedray.config.base import Fraction, JobError, PositiveFloat, PositiveInt, Section
 from fedray.config.privacy import PrivacySpec
+from fedray.config.secure import SecureSpec
 from fedray.config.strategy import ASYNC_STRATEGIES, ROBUST_STRATEGIES, FedAvg, StrategySpec
 from fedray.config.topology import NetworkSpec, TopologySpec
 
@@ -224,6 +225,7 @@ class JobSpec(Section):
     topology: TopologySpec | None = None
     network: NetworkSpec | None = None
     privacy: PrivacySpec | None = None
+    secure: SecureSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -264,6 +266,10 @@ class JobSpec(Section):
             self._check_topology(self.topology)
         if self.privacy is not None and self.privacy.level == "client":
             self._check_client_privacy(self.privacy)
+        if self.secure is not None:
+            from fedray.config import secure
+
+            secure.check(self)
         if self.model.name in ("cnn", "small_cnn") and known_flat:
             raise ValueError(f"model.name {self.model.name!r} needs image input (channels, height, width); "
                              f"dataset {self.data.dataset!r} is not shaped so")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-# weight, steps_weight, below-clip count, count, vector length, has control sums
-_HEADER = struct.Struct("<dddqq?")
+from fedray.update import Update
+
+# weight, steps_weight, below-clip count, count, vector length, has control sums, encrypted bytes
+_HEADER = struct.Struct("<dddqq?q")
 
 
 @dataclass
@@ -20,6 +24,8 @@ class Partial:
 
     ``control_sum`` is the plain sum of the devices' control-variate changes (SCAFFOLD), or None;
     ``below_clip`` the sum of their below-clip indicators (adaptive clipping under client-level DP).
+    With encrypted aggregation ``weighted_sum`` covers the plaintext coordinates and ``sealed`` (a
+    ``fedray.secure.ckks.CipherSum``) sums the encrypted rest, which the devices weighted themselves.
 
     Partials from disjoint sets of devices merge by addition, so devices -> edge -> cloud is the
     same fold at every tier. ``add`` and ``merge`` accumulate in place.
@@ -31,10 +37,19 @@ class Partial:
     count: int = 0
     control_sum: np.ndarray | None = None
     below_clip: float = 0.0
+    sealed: Any = None  # CipherSum
 
     @classmethod
-    def zeros(cls, size: int) -> Partial:
-        return cls(np.zeros(size, dtype=np.float32))
+    def zeros(cls, size: int, sealed: Any = None) -> Partial:
+        return cls(np.zeros(size, dtype=np.float32), sealed=sealed)
+
+    def fold(self, update: Update, weight: float, steps: float = 1.0) -> None:
+        """Add ``update`` with ``weight`` and effective ``steps``: its delta, control change,
+        below-clip indicator and encrypted part."""
+        self.add(update.delta, weight, steps, update.control)
+        self.below_clip += update.below_clip or 0.0
+        if update.sealed is not None:
+            self.sealed.add(update.sealed, (update.device_id, update.round))
 
     def add(self, delta: np.ndarray, weight: float, steps: float = 1.0, control: np.ndarray | None = None) -> None:
         if weight <= 0 or steps <= 0:
@@ -52,6 +67,8 @@ class Partial:
         self.count += other.count
         self.below_clip += other.below_clip
         self._add_control(other.control_sum)
+        if other.sealed is not None:
+            self.sealed.merge(other.sealed)
 
     def _add_control(self, control: np.ndarray | None) -> None:
         if control is None:
@@ -61,29 +78,37 @@ class Partial:
         self.control_sum += control
 
     def to_bytes(self) -> bytes:
-        """The wire format an edge sends up: a fixed header, then the float32 sums."""
+        """The wire format an edge sends up: a fixed header, the float32 sums, the encrypted sum."""
         control = b"" if self.control_sum is None else self.control_sum.astype(np.float32).tobytes()
+        sealed = b"" if self.sealed is None else self.sealed.to_bytes()
         return (_HEADER.pack(self.weight, self.steps_weight, self.below_clip, self.count, self.weighted_sum.size,
-                             self.control_sum is not None)
-                + self.weighted_sum.astype(np.float32).tobytes() + control)
+                             self.control_sum is not None, len(sealed))
+                + self.weighted_sum.astype(np.float32).tobytes() + control + sealed)
 
     @classmethod
-    def from_bytes(cls, payload: bytes, size: int) -> Partial:
-        """Decode and check a Partial of vectors of ``size``; raises ValueError naming what is wrong."""
+    def from_bytes(cls, payload: bytes, size: int, load_sealed: Callable[[bytes], Any] | None = None) -> Partial:
+        """Decode and check a Partial of vectors of ``size`` (and, with ``load_sealed``, its
+        encrypted sum); raises ValueError naming what is wrong."""
         if len(payload) < _HEADER.size:
             raise ValueError(f"partial payload of {len(payload)} bytes is shorter than its header")
-        weight, steps_weight, below_clip, count, length, has_control = _HEADER.unpack_from(payload)
+        weight, steps_weight, below_clip, count, length, has_control, sealed = _HEADER.unpack_from(payload)
         vectors = 1 + has_control
-        if length != size or len(payload) != _HEADER.size + vectors * 4 * size:
+        if length != size or len(payload) != _HEADER.size + vectors * 4 * size + sealed:
             raise ValueError(f"partial holds {len(payload) - _HEADER.size} bytes for {vectors} x {length} "
-                             f"float32, expected vectors of {size}")
-        arrays = np.frombuffer(payload, dtype=np.float32, offset=_HEADER.size).reshape(vectors, size).copy()
+                             f"float32 and {sealed} encrypted bytes, expected vectors of {size}")
+        if sealed and load_sealed is None:
+            raise ValueError("partial has an encrypted sum, but this run aggregates in plaintext")
+        if load_sealed is not None and count and not sealed:
+            raise ValueError(f"partial of {count} updates has no encrypted sum")
+        arrays = np.frombuffer(payload, dtype=np.float32, offset=_HEADER.size, count=vectors * size)
+        arrays = arrays.reshape(vectors, size).copy()
         if not (np.isfinite(arrays).all() and math.isfinite(weight) and math.isfinite(steps_weight)
                 and math.isfinite(below_clip)):
             raise ValueError("partial has non-finite sums")
         if count < 0 or weight < 0 or (count == 0) != (weight == 0):
             raise ValueError(f"partial has count {count} and weight {weight}")
-        return cls(arrays[0], weight, steps_weight, count, arrays[1] if has_control else None, below_clip)
+        return cls(arrays[0], weight, steps_weight, count, arrays[1] if has_control else None, below_clip,
+                   None if load_sealed is None else load_sealed(payload[len(payload) - sealed:] if sealed else b""))
 
     def mean(self) -> np.ndarray:
         """The weighted mean of the (normalized) deltas. Raises ValueError on an empty Partial."""

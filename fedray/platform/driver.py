@@ -4,6 +4,7 @@ the only process that talks to MLflow. A plain class; ``fedray.run`` makes it an
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
@@ -11,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedray.agents.training import evaluate
 from fedray.config import JobSpec
@@ -22,9 +24,12 @@ from fedray.config.privacy import (client_level, count_noise, delta_noise_multip
 from fedray.platform import edge, privacy, strategies, topology
 from fedray.platform.aggregation import Partial, quorum
 from fedray.platform.intake import Intake
-from fedray.platform.pool import Done, Task
+from fedray.config.secure import value_range
+from fedray.platform.pool import START_TIMEOUT_S, Done, Task
 from fedray.platform.strategies import AsyncStrategy
 from fedray.platform.tracking import MlflowTracker
+from fedray.secure.authority import KeyAuthority
+from fedray.secure.plan import SecurePlan, SumLoader
 from fedray.update import Update
 
 
@@ -58,15 +63,18 @@ class Driver:
         if sample_level(job) is not None:
             privacy.check_model(self.model)
         self.strategy = strategies.for_job(job)
-        self._check = {"size": self.spec.size, "train_sizes": self._train_sizes,
-                       "expect_control": self.strategy.control_variates}
         self.state = self.strategy.init(self.spec.flatten(self.model))
         self.tracker = MlflowTracker(tracking_uri, job.tracking.experiment, job.name)
         try:
             self.tracker.log_params(job.flat())
             self.tracker.log_text(job_yaml, "job.yaml")
+            self._sums: SumLoader | None = None  # encrypted aggregation: loads and starts encrypted sums
+            sealing = self._start_authority() if job.secure else None
+            size = self.spec.size if sealing is None else len(self.plan.plain)  # what the tiers sum in plaintext
+            self._check = {"size": size, "train_sizes": self._train_sizes, "expect_sealed": sealing is not None,
+                           "expect_control": self.strategy.control_variates}
             self.pool, self.edges = edge.start_tiers(job, ray.put((dataset.x, dataset.y)), dataset.num_classes,
-                                                     split, self.spec.size)
+                                                     split, size, sealing)
         except BaseException:
             self.tracker.finish("FAILED")
             raise
@@ -83,6 +91,41 @@ class Driver:
         self._versions: dict[int, ray.ObjectRef] = {}
         self._edge_version: dict[int, int] = {}
         self._dispatched = 0
+
+    def _start_authority(self) -> tuple[SecurePlan, ray.actor.ActorHandle, bytes]:
+        """Encrypted aggregation: the plan, and the key authority on this node; records the split."""
+        weigh = self.strategy.weigh
+        self.plan = SecurePlan.of(self.job, self.spec.names, [math.prod(s) for s in self.spec.shapes],
+                                  self._train_sizes, lambda samples: weigh(samples, 1)[0])
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.authority = ray.remote(KeyAuthority).options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote(
+            self.plan)
+        public = ray.get(self.authority.public_context.remote(), timeout=START_TIMEOUT_S)
+        self._sums = SumLoader(self.plan, public)
+        summary = self.plan.summary()
+        self.tracker.log_text(json.dumps(summary, indent=1), "secure.json")
+        self.tracker.set_tag("fedray.secure", f"ckks: {summary['encrypted_values']} values encrypted, "
+                                              f"{summary['plaintext_values']} in plaintext")
+        return self.plan, self.authority, public
+
+    def _empty(self) -> Partial:
+        """An empty aggregate: the plaintext coordinates, and an empty encrypted sum if any."""
+        return Partial.zeros(self._check["size"], self._sums and self._sums.empty())
+
+    def _unseal(self, partial: Partial, intake: Intake, clip: float | None) -> tuple[Partial, dict[str, float]]:
+        """Have the key authority decrypt the encrypted sum; the whole aggregate, and its metrics:
+        ``decrypt_seconds``, ``clipped_fraction`` (of the encrypted values, beyond secure.range) and
+        the devices' ``train_loss``."""
+        started = time.perf_counter()
+        values = ray.get(self.authority.decrypt.remote(partial.sealed.to_bytes()), timeout=self.job.devices.timeout_s)
+        total, extras = self.plan.decode(values, value_range(self.job, clip))
+        full = np.empty(self.spec.size, dtype=np.float32)
+        full[self.plan.plain], full[self.plan.encrypted] = partial.weighted_sum, total
+        metrics = {"decrypt_seconds": time.perf_counter() - started, "clipped_fraction": extras["clipped"] / partial.count}
+        if intake.samples and not (self.ledger and self.job.privacy.mode == "distributed"):
+            metrics["train_loss"] = extras["loss"] * self.plan.sample_scale / intake.samples
+        return Partial(full, partial.weight, partial.steps_weight, partial.count, partial.control_sum,
+                       extras["below_clip"]), metrics
 
     def placement(self) -> dict[str, list]:
         """Where things run: the node of every edge and worker (None if not up), and every
@@ -101,7 +144,7 @@ class Driver:
             completed, metrics, sampled = self._async_step(intake)
         else:
             completed, metrics, sampled = self._sync_round(r, intake)
-        if intake.samples and not (self.ledger and self.job.privacy.mode == "distributed"):
+        if intake.samples and not (self.ledger and self.job.privacy.mode == "distributed") and not self.job.secure:
             metrics["train_loss"] = intake.loss_sum / intake.samples  # distributed DP: devices send no loss
         if intake.staleness:
             metrics.update(staleness_mean=float(np.mean(intake.staleness)), staleness_max=max(intake.staleness))
@@ -157,6 +200,8 @@ class Driver:
             completed = accepted >= quorum(devices.min_completion, len(sampled))
         else:  # distributed noise needs its minimum of shares
             completed = accepted >= min_participants(self.job)
+        if self.job.secure:  # the authority decrypts sums of min_clients devices or more
+            completed = completed and accepted >= self.plan.min_clients
         metrics["participants"] = accepted
         if intake.staleness:
             metrics["late_accepted"] = len(intake.staleness)
@@ -168,6 +213,9 @@ class Driver:
                 partial, diagnostics, flagged = self.strategy.reduce(np.stack([u.delta for u in raw]), rng)
                 metrics.update(diagnostics)
                 intake.flagged = sorted(raw[i].device_id for i in flagged)
+            if self.job.secure:
+                partial, secure_metrics = self._unseal(partial, intake, self.clip)
+                metrics.update(secure_metrics)
             if self.ledger is not None:
                 partial, fraction = privacy.release(partial, self.job, self.clip)
                 if adaptive:
@@ -185,7 +233,7 @@ class Driver:
         carried = list(self.pool.pending)
         sent_at = time.time()
         fresh = [self.pool.submit("fit", d, r, sent_at, *refs, tag=r, **options) for d in sampled]
-        partial, raw = Partial.zeros(self.spec.size), []  # raw kept whole for robust (non-linear) rules
+        partial, raw = self._empty(), []  # raw kept whole for robust (non-linear) rules
         for done in self.pool.as_completed(fresh + carried, time.monotonic() + self.job.devices.round_wait_s):
             update = self._accept(done, done.task.tag, intake)
             if update is None:
@@ -211,14 +259,14 @@ class Driver:
         devices whose updates were folded, too. With edges, each arrival is folded by its device's
         edge; the driver sees only the edges' Partials."""
         strategy, devices, edges = self.strategy, self.job.devices, self.edges
-        partial, metrics = Partial.zeros(self.spec.size), Counter()  # Counter: update() adds up the edges' counts
+        partial, metrics = self._empty(), Counter()  # Counter: update() adds up the edges' counts
         started: list[int] = []
         while partial.count < strategy.buffer_size and intake.failed_tasks <= devices.count:
             down = {} if edges is None else edges.down()  # checked often: a recreated edge is soon up again
             if down:
                 intake.edge_failures = down | intake.edge_failures  # an edge's first reason in the step
                 self.pool.replace_lost()
-            while len(self.pool.pending) < strategy.concurrency and (device := self._dispatch(down)) is not None:
+            while len(self.pool.pending) < strategy.concurrency and (device := self._dispatch(down, intake)) is not None:
                 started.append(device)
             if not self._arrived:
                 if not self.pool.pending:
@@ -253,6 +301,9 @@ class Driver:
             metrics["bytes_device_edge"] = intake.bytes_up + len(started) * model_bytes
         completed = partial.count == strategy.buffer_size
         if completed:
+            if self.job.secure:
+                partial, secure_metrics = self._unseal(partial, intake, None)
+                metrics.update(secure_metrics)
             self.state, diagnostics = strategy.apply(self.state, partial)
             metrics.update(diagnostics)
         waiting = list(self.pool.pending.values()) + [task for _, task in self._arrived]
@@ -260,11 +311,15 @@ class Driver:
         self._versions = {v: ref for v, ref in self._versions.items() if v in live}
         return completed, dict(metrics), np.unique(intake.folded)
 
-    def _dispatch(self, down_edges: dict[int, str]) -> int | None:
+    def _dispatch(self, down_edges: dict[int, str], intake: Intake) -> int | None:
         """Start one idle device, drawn uniformly from those whose edge is up, training from the
-        current model; return it, or None if every device is busy or behind a down edge."""
+        current model; return it, or None if every device is busy or behind a down edge. With
+        encrypted aggregation a device already in this step's buffer waits for the next step: the
+        authority decrypts sums of different devices."""
         count = self.job.devices.count
         unavailable = {t.device for t in self.pool.pending.values()}
+        if self.job.secure:
+            unavailable.update(intake.folded, (task.device for _, task in self._arrived))
         if down_edges:
             unavailable.update(d for d in range(count) if self.edges.edge_of[d] in down_edges)
         if len(unavailable) == count:

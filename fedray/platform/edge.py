@@ -25,6 +25,7 @@ from fedray.platform import strategies, topology
 from fedray.platform.aggregation import Partial
 from fedray.platform.intake import Intake
 from fedray.platform.pool import START_TIMEOUT_S, Task, WorkerPool, finished, first_line, node_ids, outcome
+from fedray.secure.plan import SecurePlan, SumLoader
 
 EDGE_GRACE_S = 60.0  # an edge that has not answered this long after its devices' time is hung
 
@@ -44,11 +45,14 @@ class EdgeReport:
 class EdgeAggregator:
     """Edge ``edge`` of a job. A plain class; ``Edges`` makes it an actor."""
 
-    def __init__(self, job: JobSpec, edge: int, size: int, train_sizes: list[int]) -> None:
+    def __init__(self, job: JobSpec, edge: int, size: int, train_sizes: list[int],
+                 sealing: tuple[SecurePlan, bytes] | None = None) -> None:
         self.edge = edge
         self._strategy = strategies.for_job(job)
-        self._check = {"size": size, "train_sizes": train_sizes, "expect_control": self._strategy.control_variates}
+        self._check = {"size": size, "train_sizes": train_sizes, "expect_control": self._strategy.control_variates,
+                       "expect_sealed": sealing is not None}
         self._size = size
+        self._sums = None if sealing is None else SumLoader(*sealing)  # encrypted aggregation: add ciphertexts
         self._edge_rounds = job.topology.edge_rounds
         self._global: np.ndarray | None = None
         self._model: np.ndarray | None = None
@@ -66,7 +70,7 @@ class EdgeAggregator:
         until = time.monotonic() + seconds
         if k == 0:
             self._global = self._model = start
-        intake, partial = Intake(), Partial.zeros(self._size)
+        intake, partial = Intake(), self._empty()
         report = EdgeReport(intake)
         index = {refs[0]: i for i, (_, refs) in enumerate(tasks)}
         left = list(index)
@@ -100,7 +104,7 @@ class EdgeAggregator:
         """Asynchronous strategies: check and fold finished device tasks, each given as (task, [its
         result ref], staleness), into one Partial. ``models`` holds refs to the model versions
         (``current`` is the server's) that FedAsync rebases stale deltas on."""
-        intake, partial = Intake(), Partial.zeros(self._size)
+        intake, partial = Intake(), self._empty()
         report = EdgeReport(intake)
         for i, (task, (ref,), staleness) in enumerate(arrivals):
             done = outcome(ref, task)
@@ -111,28 +115,35 @@ class EdgeAggregator:
         report.partial = partial.to_bytes()
         return report
 
+    def _empty(self) -> Partial:
+        return Partial.zeros(self._size, self._sums and self._sums.empty())
+
 
 def start_tiers(job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Split, size: int,
-                ) -> tuple[WorkerPool, Edges | None]:
+                sealing: tuple[SecurePlan, Any, bytes] | None = None) -> tuple[WorkerPool, Edges | None]:
     """The device workers, and with a topology the edge actors, each edge and its devices' workers
-    placed on the edge's nodes."""
+    placed on the edge's nodes. ``size`` is what the tiers sum in plaintext; with encrypted
+    aggregation ``sealing`` is the plan, the key authority and its public context."""
     tree = job.topology
+    workers = None if sealing is None else sealing[:2]
+    edges = None if sealing is None else (sealing[0], sealing[2])
     if tree is None:
-        return WorkerPool(job, data, num_classes, split), None
+        return WorkerPool(job, data, num_classes, split, sealing=workers), None
     missing = topology.missing_placement(tree, ray.nodes())
     if missing:
         raise RuntimeError(f"topology.placement: no alive node offers {', '.join(missing)}; start edge nodes "
                            "with ray start --resources '{\"edge_0\": 1}' or --labels region=..., to match")
     if tree.assign == "colocated":
-        pool = WorkerPool(job, data, num_classes, split, [(np.arange(job.devices.count), {"scheduling_strategy": "SPREAD"})])
+        pool = WorkerPool(job, data, num_classes, split, [(np.arange(job.devices.count), {"scheduling_strategy": "SPREAD"})],
+                          workers)
         edge_of, nodes = topology.colocated(pool.nodes(), pool.worker_of, tree.edges)
         options = [{"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)} for node in nodes]
     else:
         edge_of = topology.assign(job)
         options = [topology.placement_options(tree, e) for e in range(tree.edges)]
         pool = WorkerPool(job, data, num_classes, split,
-                          [(np.flatnonzero(edge_of == e), options[e]) for e in range(tree.edges)])
-    return pool, Edges(job, size, [len(t) for t in split.train], options, edge_of.tolist(), pool)
+                          [(np.flatnonzero(edge_of == e), options[e]) for e in range(tree.edges)], workers)
+    return pool, Edges(job, size, [len(t) for t in split.train], options, edge_of.tolist(), pool, edges)
 
 
 class Edges:
@@ -142,8 +153,9 @@ class Edges:
     fail for the round without being asked to train."""
 
     def __init__(self, job: JobSpec, size: int, train_sizes: list[int], options: list[dict[str, Any]],
-                 edge_of: list[int], pool: WorkerPool) -> None:
+                 edge_of: list[int], pool: WorkerPool, sealing: tuple[SecurePlan, bytes] | None = None) -> None:
         self._job, self._size, self._train_sizes = job, size, train_sizes
+        self._sealing, self._sums = sealing, None if sealing is None else SumLoader(*sealing)
         self._options = options
         self.edge_of, self._pool = edge_of, pool
         self._started: dict[int, ray.ObjectRef] = {}  # edge -> its node id, once its actor has started
@@ -155,7 +167,7 @@ class Edges:
 
     def _spawn(self, e: int) -> Any:
         actor = ray.remote(EdgeAggregator).options(num_cpus=0, max_restarts=0, **self._options[e]).remote(
-            self._job, e, self._size, self._train_sizes)
+            self._job, e, self._size, self._train_sizes, self._sealing)
         self._started[e] = actor.node_id.remote()
         return actor
 
@@ -190,7 +202,7 @@ class Edges:
                 intake.fail(d, intake.edge_failures[edge_of[d]])
             else:
                 live.append(d)
-        partial, metrics = Partial.zeros(self._size), {}
+        partial, metrics = self._empty(), {}
         models: dict[int, ray.ObjectRef] = {}  # edge -> the edge model its devices train from next
         uploads: dict[int, list[list[int]]] = {}  # edge -> bytes of each upload, per edge round
         sent_up: dict[int, int] = {}  # edge -> bytes of its Partial
@@ -242,7 +254,7 @@ class Edges:
         ref, task, staleness); return the merged Partial, per-edge participants and the bytes sent
         up. The tasks of an edge that is ``down`` (``{edge: reason}``) or fails fail with the
         edge's reason."""
-        pool, partial, metrics, sent_up = self._pool, Partial.zeros(self._size), {}, 0
+        pool, partial, metrics, sent_up = self._pool, self._empty(), {}, 0
         by_edge: dict[int, list[tuple[Task, list[ray.ObjectRef], int]]] = {}
         for ref, task, staleness in arrivals:
             by_edge.setdefault(self.edge_of[task.device], []).append((task, [ref], staleness))
@@ -262,7 +274,7 @@ class Edges:
         """Merge edge ``e``'s Partial and intake into the round's; False (with the reason in
         ``failed``) if its Partial does not decode."""
         try:
-            edge_partial = Partial.from_bytes(report.partial, self._size)
+            edge_partial = Partial.from_bytes(report.partial, self._size, self._sums and self._sums.load)
         except ValueError as err:
             failed[e] = f"edge {e} sent a bad partial: {err}"
             return False
@@ -270,6 +282,9 @@ class Edges:
         intake.merge(report.intake)
         metrics[f"participants_edge_{e}"] = metrics.get(f"participants_edge_{e}", 0) + edge_partial.count
         return True
+
+    def _empty(self) -> Partial:
+        return Partial.zeros(self._size, self._sums and self._sums.empty())
 
     def _failed(self, failed: dict[int, str], tasks: list[Task], intake: Intake) -> None:
         """Fail ``tasks`` with the reason (in ``failed``) of their edge, and record the edges in

@@ -40,7 +40,7 @@ class Intake:
         self.failed_tasks += 1
 
     def accept(self, done: Done, expected_round: int, *, size: int, train_sizes: list[int],
-               expect_control: bool) -> Update | None:
+               expect_control: bool, expect_sealed: bool = False) -> Update | None:
         """The valid Update a finished task returned, or None with the reason in ``failures``."""
         d = done.task.device
         if done.failure is not None:
@@ -53,7 +53,8 @@ class Intake:
             self.fail(d, str(e))
             return None
         reason = rejection_reason(update, expected_device=d, expected_round=expected_round, expected_size=size,
-                                  expected_samples=train_sizes[d], expect_control=expect_control)
+                                  expected_samples=train_sizes[d], expect_control=expect_control,
+                                  expect_sealed=expect_sealed)
         if reason is not None:
             self.fail(d, f"rejected: {reason}")
             return None
@@ -70,7 +71,7 @@ class Intake:
         update = self.accept(done, done.task.tag[0], **check)
         if update is None:
             return
-        if strategy.fold(partial, update.delta, staleness, drift):
+        if strategy.fold(partial, update, staleness, drift):
             self.folded.append(done.task.device)
             self.staleness.append(staleness)
         else:

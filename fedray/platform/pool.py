@@ -56,10 +56,11 @@ class WorkerPool:
     ``devices.workers`` workers (default: one per CPU of the cluster) shared out over the groups,
     at least one each; within a group, devices are spread so that every worker holds about the same
     number of training samples (``balanced_assignment``). Deployment: one worker per device.
+    ``sealing`` (encrypted aggregation: the plan and the key authority) goes to every worker.
     """
 
     def __init__(self, job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Split,
-                 groups: list[tuple[np.ndarray, dict[str, Any]]] | None = None) -> None:
+                 groups: list[tuple[np.ndarray, dict[str, Any]]] | None = None, sealing: tuple | None = None) -> None:
         count = job.devices.count
         groups = groups or [(np.arange(count), {})]
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -78,7 +79,7 @@ class WorkerPool:
         self._cpus_per_worker = min(1.0, cpus / num_workers)
         self._actor_class = ray.remote(DeviceWorker)
         self.attackers = (choose_attackers(count, job.attack.fraction, job.seed) if job.attack else frozenset())
-        self._args = (job, data, num_classes)
+        self._args, self._sealing = (job, data, num_classes), sealing
         self._devices = job.devices
         self._started: dict[int, ray.ObjectRef] = {}  # worker -> its node id, once it has started
         self.actors = [self._spawn(w) for w in range(num_workers)]
@@ -95,7 +96,7 @@ class WorkerPool:
 
     def _spawn(self, w: int) -> Any:
         actor = self._actor_class.options(num_cpus=self._cpus_per_worker, max_restarts=0, **self._options[w]).remote(
-            *self._args, self._shards[w], self.attackers.intersection(self._shards[w]))
+            *self._args, self._shards[w], self.attackers.intersection(self._shards[w]), self._sealing)
         self._started[w] = actor.node_id.remote()
         return actor
 

@@ -36,25 +36,36 @@ class ServerState:
     buffers: tuple[np.ndarray, ...] = ()
 
 
-Fold = Callable[[Partial, Update], None]
+Weigh = Callable[[int, int], tuple[float, float]]  # (samples, local steps) -> weight and effective steps
 Reduce = Callable[[np.ndarray, np.random.Generator], tuple[Partial, dict[str, float], list[int]]]
+
+
+def by_samples(samples: int, local_steps: int) -> tuple[float, float]:
+    return float(samples), 1.0
+
+
+def unweighted(samples: int, local_steps: int) -> tuple[float, float]:
+    return 1.0, 1.0
 
 
 @dataclass(frozen=True)
 class Strategy:
     name: str
     init: Callable[[np.ndarray], ServerState]
-    fold: Fold
+    weigh: Weigh  # an update's weight in the sum and its effective local steps
     apply: Callable[[ServerState, Partial], tuple[ServerState, dict[str, float]]]
     reduce: Reduce | None = None  # set for robust (non-linear) rules, which do not fold
     control_variates: bool = False  # SCAFFOLD: devices get buffers[0] and send control changes
+    norm_bound: float | None = None  # every delta is clipped to this L2 norm first
+
+    def fold(self, partial: Partial, update: Update) -> None:
+        """Add ``update`` to ``partial`` with its weight, clipped to ``norm_bound`` if set."""
+        if self.norm_bound is not None:
+            update = replace(update, delta=robust.clip_to_norm(update.delta, self.norm_bound))
+        partial.fold(update, *self.weigh(update.num_samples, update.local_steps))
 
 
-def _sample_weighted(partial: Partial, update: Update) -> None:
-    partial.add(update.delta, update.num_samples)
-
-
-def _stepper(name: str, fold: Fold, buffer_inits: tuple[float, ...],
+def _stepper(name: str, weigh: Weigh, buffer_inits: tuple[float, ...],
              step: Callable[[np.ndarray, tuple[np.ndarray, ...]], tuple[np.ndarray, tuple[np.ndarray, ...]]],
              ) -> Strategy:
     """A strategy whose server moves by ``step(pseudo_gradient, buffers) -> (step, buffers)``, where
@@ -71,14 +82,14 @@ def _stepper(name: str, fold: Fold, buffer_inits: tuple[float, ...],
         return (ServerState(state.params + update, state.round + 1, buffers),
                 {"update_norm": float(np.linalg.norm(update))})
 
-    return Strategy(name, init, fold, apply)
+    return Strategy(name, init, weigh, apply)
 
 
-def fedavg(server_lr: float = 1.0, name: str = "fedavg", fold: Fold = _sample_weighted) -> Strategy:
+def fedavg(server_lr: float = 1.0, name: str = "fedavg", weigh: Weigh = by_samples) -> Strategy:
     """FedAvg (McMahan et al. 2017): step by ``server_lr`` x the sample-weighted mean delta.
     ``server_lr = 1`` is plain weighted model averaging."""
     lr = np.float32(server_lr)
-    return _stepper(name, fold, (), lambda g, buffers: (lr * g, buffers))
+    return _stepper(name, weigh, (), lambda g, buffers: (lr * g, buffers))
 
 
 def fedavgm(server_lr: float = 1.0, momentum: float = 0.9) -> Strategy:
@@ -90,7 +101,7 @@ def fedavgm(server_lr: float = 1.0, momentum: float = 0.9) -> Strategy:
         v = beta * v + g
         return lr * v, (v,)
 
-    return _stepper("fedavgm", _sample_weighted, (0.0,), step)
+    return _stepper("fedavgm", by_samples, (0.0,), step)
 
 
 def fednova(server_lr: float = 1.0, local_momentum: float = 0.0) -> Strategy:
@@ -98,10 +109,10 @@ def fednova(server_lr: float = 1.0, local_momentum: float = 0.0) -> Strategy:
     steps ``a_i`` and the mean is scaled back by ``sum p_i a_i``; with plain SGD ``a_i = tau_i``
     (its local steps), with momentum rho ``a_i = (tau_i - rho (1 - rho^tau_i) / (1 - rho)) / (1 - rho)``."""
 
-    def fold(partial: Partial, update: Update) -> None:
-        partial.add(update.delta, update.num_samples, steps=effective_steps(update.local_steps, local_momentum))
+    def weigh(samples: int, local_steps: int) -> tuple[float, float]:
+        return float(samples), effective_steps(local_steps, local_momentum)
 
-    return fedavg(server_lr, "fednova", fold)
+    return fedavg(server_lr, "fednova", weigh)
 
 
 def fedadam(server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,
@@ -118,7 +129,7 @@ def fedadam(server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, ta
         v = v - (1 - b2) * g2 * np.sign(v - g2) if yogi else b2 * v + (1 - b2) * g2
         return lr * m / (np.sqrt(v) + eps), (m, v)
 
-    return _stepper("fedyogi" if yogi else "fedadam", _sample_weighted, (0.0, tau * tau), step)
+    return _stepper("fedyogi" if yogi else "fedadam", by_samples, (0.0, tau * tau), step)
 
 
 def fedadagrad(server_lr: float = 0.1, beta1: float = 0.0, tau: float = 1e-3) -> Strategy:
@@ -132,7 +143,7 @@ def fedadagrad(server_lr: float = 0.1, beta1: float = 0.0, tau: float = 1e-3) ->
         v = v + g * g
         return lr * m / (np.sqrt(v) + eps), (m, v)
 
-    return _stepper("fedadagrad", _sample_weighted, (0.0, tau * tau), step)
+    return _stepper("fedadagrad", by_samples, (0.0, tau * tau), step)
 
 
 def scaffold(num_devices: int, server_lr: float = 1.0) -> Strategy:
@@ -146,16 +157,13 @@ def scaffold(num_devices: int, server_lr: float = 1.0) -> Strategy:
         params = np.array(params, dtype=np.float32)
         return ServerState(params, 0, (np.zeros_like(params),))
 
-    def fold(partial: Partial, update: Update) -> None:
-        partial.add(update.delta, update.num_samples, control=update.control)
-
     def apply(state: ServerState, partial: Partial) -> tuple[ServerState, dict[str, float]]:
         step = lr * partial.mean()
         control = state.buffers[0] + partial.control_sum / np.float32(num_devices)
         return (ServerState(state.params + step, state.round + 1, (control,)),
                 {"update_norm": float(np.linalg.norm(step)), "control_norm": float(np.linalg.norm(control))})
 
-    return Strategy("scaffold", init, fold, apply, control_variates=True)
+    return Strategy("scaffold", init, by_samples, apply, control_variates=True)
 
 
 def robust_rule(name: str, rule: Callable[[np.ndarray], tuple[np.ndarray, list[int] | None]],
@@ -209,13 +217,10 @@ def krum(byzantine: int, selected: int | None, server_lr: float = 1.0, name: str
 def norm_bounded(strategy: Strategy, bound: float) -> Strategy:
     """``strategy`` with every delta clipped to L2 norm ``bound`` before it is folded or reduced."""
 
-    def fold(partial: Partial, update: Update) -> None:
-        strategy.fold(partial, replace(update, delta=robust.clip_to_norm(update.delta, bound)))
-
     def reduce(deltas: np.ndarray, rng: np.random.Generator) -> tuple[Partial, dict[str, float], list[int]]:
         return strategy.reduce(np.stack([robust.clip_to_norm(d, bound) for d in deltas]), rng)
 
-    return replace(strategy, fold=fold, reduce=reduce if strategy.reduce else None)
+    return replace(strategy, norm_bound=bound, reduce=reduce if strategy.reduce else None)
 
 
 def staleness_weight(kind: str, a: float = 0.5, b: int = 4) -> Callable[[int], float]:
@@ -252,15 +257,19 @@ class AsyncStrategy:
     def init(self, params: np.ndarray) -> ServerState:
         return ServerState(np.array(params, dtype=np.float32))
 
-    def fold(self, partial: Partial, delta: np.ndarray, staleness: int, drift: Callable[[], np.ndarray]) -> bool:
-        """Fold a ``delta`` trained ``staleness`` server steps ago into ``partial``, or return False
+    def weigh(self, samples: int, local_steps: int) -> tuple[float, float]:
+        """A fresh update's weight (every update counts alike before its staleness weight)."""
+        return self.weight(0), 1.0
+
+    def fold(self, partial: Partial, update: Update, staleness: int, drift: Callable[[], np.ndarray]) -> bool:
+        """Fold an update trained ``staleness`` server steps ago into ``partial``, or return False
         if it is staler than ``max_staleness``. ``drift()`` is the model the device started from
         minus the current one (asked only to rebase a stale delta, and only by FedAsync)."""
         if self.max_staleness is not None and staleness > self.max_staleness:
             return False
         if self.mixing and staleness:
-            delta = delta + drift()
-        partial.add(delta, self.weight(staleness))
+            update = replace(update, delta=update.delta + drift())
+        partial.fold(update, self.weight(staleness))
         return True
 
     def apply(self, state: ServerState, partial: Partial) -> tuple[ServerState, dict[str, float]]:
@@ -287,12 +296,7 @@ def for_job(job) -> Strategy | AsyncStrategy:
     if job.strategy.name in ASYNC_STRATEGIES:
         return build_async(job.strategy, job.devices.per_round)
     strategy = build(job.strategy, job.devices.local.momentum, job.devices.count)
-    return strategy if client_level(job) is None else replace(strategy, fold=_unweighted)
-
-
-def _unweighted(partial: Partial, update: Update) -> None:
-    partial.add(update.delta, 1.0)
-    partial.below_clip += update.below_clip or 0.0  # adaptive clipping's indicators
+    return strategy if client_level(job) is None else replace(strategy, weigh=unweighted)
 
 
 def build(spec, local_momentum: float = 0.0, num_devices: int = 1) -> Strategy:

@@ -1,0 +1,152 @@
+"""The ``secure`` section: homomorphically encrypted aggregation (CKKS, with TenSEAL).
+
+Devices quantize their pre-weighted update to signed fixed point, pack ``values_per_slot`` values
+into each CKKS slot (with headroom for the sum) and encrypt; aggregators only add ciphertexts; a
+key authority decrypts sums of at least ``min_clients`` devices. The checks against the rest of the
+job live in ``check``; the numbers derived from the parameters (capacity, bits per value, noise
+floor) in ``fedray.secure.packing``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from fedray.config.base import PositiveFloat, PositiveInt, Section
+
+# the largest total coefficient modulus (bits) for 128-bit classical security, by polynomial
+# modulus degree N (HomomorphicEncryption.org security standard, 2018, ternary secrets)
+SECURITY_BITS = {2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+
+# preset -> (poly_modulus_degree, coeff_mod_bit_sizes, scale_bits, values_per_slot). Adding never
+# rescales, so one data prime (the first) and the special prime for key switching are enough: a
+# ciphertext holds one 64-bit word per coefficient, 32 bytes per slot.
+PRESETS = {
+    "fast": (4096, (60, 40), 20, 3),
+    "balanced": (4096, (60, 40), 20, 2),
+    "precise": (8192, (60, 40), 20, 1),
+}
+
+
+class SecureSpec(Section):
+    """CKKS parameters: a ``preset`` (``fast``: 3 values per slot, ``balanced``: 2, ``precise``: 1),
+    or any of ``poly_modulus_degree``, ``coeff_mod_bit_sizes`` and ``scale_bits`` (log2 of the CKKS
+    scale) set to override it. ``range`` bounds each encrypted value (the device's delta times its
+    weight over the largest device weight; values beyond are clipped, and the run counts them);
+    default 1.0, or under client-level DP the clip plus six standard deviations of a noise share.
+    ``encrypt`` lists parameter-name patterns (fnmatch) to encrypt; the others are aggregated in
+    plaintext."""
+
+    scheme: Literal["ckks"] = "ckks"
+    preset: Literal["fast", "balanced", "precise"] = "balanced"
+    poly_modulus_degree: Literal[2048, 4096, 8192, 16384, 32768] | None = None
+    coeff_mod_bit_sizes: tuple[Annotated[int, Field(ge=20, le=60)], ...] | None = None
+    scale_bits: Annotated[int, Field(ge=1, le=59)] | None = None
+    values_per_slot: PositiveInt | None = None
+    range: PositiveFloat | None = None
+    min_clients: Annotated[int, Field(ge=2)] = 2
+    encrypt: tuple[str, ...] = Field(("*",), min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> SecureSpec:
+        n, moduli = self.degree, self.moduli
+        if len(moduli) < 2:
+            raise ValueError("secure.coeff_mod_bit_sizes needs at least two primes: the data prime(s) and the "
+                             "special prime that TenSEAL's key switching keys need")
+        if sum(moduli) > SECURITY_BITS[n]:
+            raise ValueError(f"secure.coeff_mod_bit_sizes {list(moduli)} total {sum(moduli)} bits, over the "
+                             f"{SECURITY_BITS[n]} bits that keep 128-bit security at poly_modulus_degree {n}")
+        return self
+
+    def _param(self, name: str, index: int):
+        value = getattr(self, name)
+        return PRESETS[self.preset][index] if value is None else value
+
+    @property
+    def degree(self) -> int:
+        return self._param("poly_modulus_degree", 0)
+
+    @property
+    def moduli(self) -> tuple[int, ...]:
+        return self._param("coeff_mod_bit_sizes", 1)
+
+    @property
+    def scale(self) -> int:
+        return self._param("scale_bits", 2)
+
+    @property
+    def per_slot(self) -> int:
+        return self._param("values_per_slot", 3)
+
+
+def max_contributions(job) -> int:
+    """The most device updates one encrypted sum can hold: the buffer (FedBuff), every device
+    (Poisson-sampled rounds under client-level DP), or a round's sample plus the late updates it
+    takes in."""
+    if job.strategy.name == "fedbuff":
+        from fedray.platform.strategies import build_async
+
+        return build_async(job.strategy, job.devices.per_round).buffer_size
+    if job.privacy is not None and job.privacy.level == "client":
+        return job.devices.count
+    return job.devices.per_round * (2 if job.devices.late == "next_round" else 1)
+
+
+def value_range(job, clip: float | None = None) -> float:
+    """The bound on an encrypted value: ``secure.range``; by default 1.0, or under client-level DP
+    the round's clip bound (``clip``, default ``privacy.clip``) plus six standard deviations of a
+    device's noise share."""
+    if job.secure.range is not None:
+        return job.secure.range
+    privacy = job.privacy
+    if privacy is None or privacy.level != "client":
+        return 1.0
+    from fedray.config.privacy import delta_noise_multiplier, min_participants
+
+    clip = clip or privacy.clip
+    shares = min_participants(job) if privacy.mode == "distributed" else 0
+    return clip * (1 + 6 * delta_noise_multiplier(job) / shares ** 0.5) if shares else clip
+
+
+def check(job) -> None:
+    """What encrypted aggregation cannot do, and parameters that cannot hold the values; raises
+    ValueError naming the field."""
+    from fedray.config.strategy import ROBUST_STRATEGIES
+    from fedray.secure import packing
+
+    spec, name = job.secure, job.strategy.name
+    if name in ROBUST_STRATEGIES:
+        raise ValueError(f"secure: strategy {name} is not a sum; it needs every update in the clear, and "
+                         "aggregators only see ciphertexts (use a linear strategy)")
+    if name == "fedasync":
+        raise ValueError("secure: strategy fedasync mixes each single update into the model, which would "
+                         "decrypt one device's update (use fedbuff with buffer_size >= secure.min_clients)")
+    if name == "scaffold":
+        raise ValueError("secure: strategy scaffold sends control variates that are not encrypted "
+                         "(use fedavg, fedprox, fednova or a server optimizer)")
+    if name == "fedbuff" and job.strategy.staleness.kind != "constant":
+        raise ValueError("secure: strategy fedbuff weights each update by its staleness, which aggregators "
+                         "cannot apply to ciphertexts; set strategy.staleness.kind constant "
+                         "(strategy.max_staleness still drops old updates)")
+    if getattr(job.strategy, "norm_bound", None) is not None:
+        raise ValueError("secure: strategy.norm_bound clips updates at the aggregator, which sees only "
+                         "ciphertexts")
+    if job.topology is not None and job.topology.edge_rounds > 1:
+        raise ValueError("secure: topology.edge_rounds > 1 (HierFAVG) averages into an edge model that the "
+                         "edge would have to decrypt (use edge_rounds 1)")
+    most = max_contributions(job)
+    if spec.min_clients > most:
+        raise ValueError(f"secure.min_clients ({spec.min_clients}) exceeds the most updates one sum can hold "
+                         f"({most}), so nothing could ever be decrypted")
+    bits = packing.value_bits(spec.moduli, spec.scale, spec.per_slot, most)
+    if bits < packing.MIN_VALUE_BITS:
+        capacity = packing.capacity(spec.moduli, spec.scale)
+        raise ValueError(f"secure.scale_bits {spec.scale} leaves {capacity} bits per slot: {spec.per_slot} "
+                         f"values of {capacity // spec.per_slot} bits, {packing.headroom(most)} of them headroom "
+                         f"for {most} updates, leave {bits} bits per value (at least {packing.MIN_VALUE_BITS}); "
+                         "lower values_per_slot or scale_bits")
+    floor = packing.noise_floor_bits(spec.degree, most)
+    if spec.scale < floor:
+        raise ValueError(f"secure.scale_bits {spec.scale} is below the noise of a sum of {most} ciphertexts at "
+                         f"poly_modulus_degree {spec.degree}: decryption could round wrongly (needs >= {floor})")

@@ -1,0 +1,117 @@
+"""SecurePlan: what every party of a job's encrypted aggregation knows (all of it public), and the
+device's side: quantize, pack, tag and encrypt its update. No Ray.
+
+A device encrypts ``(w / a) / weight_scale x delta`` on the encrypted coordinates, where ``(w, a)``
+are its update's weight and effective steps in the strategy's sum and ``weight_scale`` is the
+largest weight a device can have, so every encrypted value is its delta scaled by at most 1; then
+the extras: its loss weighted by its samples over the most samples a device holds (unless it must
+not send a loss), its adaptive-clipping indicator, and the fraction of its values that were clipped
+to the range.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedray.secure import packing
+from fedray.secure.ckks import CipherSum, PublicContext
+
+EXTRAS = ("loss", "below_clip", "clipped")
+EXTRA_RANGE = 32.0  # the extras are quantized over [-32, 32]
+
+
+@dataclass(frozen=True)
+class SecurePlan:
+    encrypted: np.ndarray  # indices of the encrypted coordinates of the flat vector
+    plain: np.ndarray  # the others, aggregated in plaintext
+    names: tuple[str, ...]  # the encrypted parameters
+    layout: packing.Layout
+    bits: int  # bits of each quantized value
+    weight_scale: float  # the largest weight a device's update has in the sum
+    sample_scale: int  # the most training samples a device holds
+    degree: int
+    moduli: tuple[int, ...]
+    scale_bits: int
+    min_clients: int
+    max_contributions: int
+
+    @classmethod
+    def of(cls, job, names: tuple[str, ...], sizes: list[int], train_sizes: list[int], weigh) -> SecurePlan:
+        """The plan of ``job`` for parameters ``names`` of ``sizes`` entries; ``weigh(samples)`` is
+        the weight in the strategy's sum of an update from ``samples`` training samples."""
+        from fedray.config.secure import max_contributions
+
+        spec = job.secure
+        chosen = [any(fnmatch.fnmatchcase(name, pattern) for pattern in spec.encrypt) for name in names]
+        mask = np.repeat(chosen, sizes)
+        encrypted = np.flatnonzero(mask)
+        if not len(encrypted):
+            raise ValueError(f"secure.encrypt {list(spec.encrypt)} matches none of the model's parameters "
+                             f"({', '.join(names)})")
+        most = max_contributions(job)
+        bits = packing.value_bits(spec.moduli, spec.scale, spec.per_slot, most)
+        field_bits = packing.capacity(spec.moduli, spec.scale) // spec.per_slot
+        layout = packing.Layout(spec.degree // 2, spec.per_slot, field_bits, len(encrypted) + len(EXTRAS))
+        return cls(encrypted, np.flatnonzero(~mask), tuple(n for n, c in zip(names, chosen) if c), layout, bits, max(weigh(n) for n in train_sizes), max(train_sizes), spec.degree, spec.moduli,
+                   spec.scale, spec.min_clients, most)
+
+    @property
+    def limit(self) -> int:
+        """The largest quantized value."""
+        return 2 ** (self.bits - 1) - 1
+
+    def decode(self, values: np.ndarray, value_range: float) -> tuple[np.ndarray, dict[str, float]]:
+        """From the integer sums the authority decrypted: the sum of the devices' ``(w / a) x delta``
+        on the encrypted coordinates (float32), and the summed extras."""
+        n = len(self.encrypted)
+        total = values[:n] * (value_range / self.limit * self.weight_scale)
+        extras = values[n:] * (EXTRA_RANGE / self.limit)
+        return total.astype(np.float32), dict(zip(EXTRAS, extras.tolist()))
+
+    def summary(self) -> dict:
+        """The split and the parameters, for the run's record."""
+        return {"scheme": "ckks", "poly_modulus_degree": self.degree, "coeff_mod_bit_sizes": list(self.moduli),
+                "scale_bits": self.scale_bits, "values_per_slot": self.layout.per_slot, "value_bits": self.bits,
+                "field_bits": self.layout.field_bits, "ciphertexts_per_update": self.layout.chunks,
+                "min_clients": self.min_clients, "max_contributions": self.max_contributions,
+                "encrypted_values": len(self.encrypted), "plaintext_values": len(self.plain),
+                "encrypted_parameters": list(self.names)}
+
+
+class Sealer:
+    """A device worker's side of encrypted aggregation: its devices' tag seeds and the public context."""
+
+    def __init__(self, plan: SecurePlan, public: bytes, seeds: dict[int, int]) -> None:
+        self.plan, self.seeds = plan, seeds
+        self.public = PublicContext(public, plan.layout.slots)
+
+    def seal(self, device: int, round: int, delta: np.ndarray, scale: float, value_range: float,
+             extras: tuple[float, float], rng: np.random.Generator) -> tuple[np.ndarray, bytes]:
+        """``(plaintext part of delta, encrypted blob)``: the encrypted coordinates times ``scale``
+        (``(w / a) / weight_scale``) quantized over ``+-value_range``, then ``extras`` (weighted
+        loss, below-clip indicator) and the clipped fraction, tagged for ``round``."""
+        plan, layout = self.plan, self.plan.layout
+        values, clipped = packing.quantize(delta[plan.encrypted] * np.float32(scale), value_range / plan.limit,
+                                           plan.bits, rng)
+        tail, _ = packing.quantize(np.array([*extras, clipped / len(plan.encrypted)]), EXTRA_RANGE / plan.limit,
+                                   plan.bits, rng)
+        tag = packing.tags(self.seeds[device], round, layout.chunks, layout.per_slot, plan.bits)
+        return delta[plan.plain], self.public.encrypt(layout.pack(np.concatenate([values, tail]), tag))
+
+
+class SumLoader:
+    """An aggregator's (an edge's, the driver's) side: new and received encrypted sums, under the
+    public context."""
+
+    def __init__(self, plan: SecurePlan, public: bytes) -> None:
+        self.public, self.chunks = PublicContext(public, plan.layout.slots), plan.layout.chunks
+
+    def empty(self) -> CipherSum:
+        return CipherSum(self.public, self.chunks)
+
+    def load(self, payload: bytes) -> CipherSum:
+        """A sum an edge sent up (``CipherSum.to_bytes``); raises ValueError if it does not decode."""
+        return CipherSum.from_bytes(self.public, self.chunks, payload)
