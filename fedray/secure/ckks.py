@@ -72,7 +72,7 @@ class PublicContext:
                     raise ValueError(f"a ciphertext holds {vectors[-1].size()} slots, expected {self.slots}")
             if offset != len(payload):
                 raise ValueError(f"{len(payload) - offset} bytes after the ciphertexts")
-        except (struct.error, RuntimeError) as e:  # RuntimeError: SEAL's "ciphertext data is invalid"
+        except (struct.error, RuntimeError, ValueError) as e:  # RuntimeError: SEAL's "ciphertext data is invalid"
             raise ValueError(f"ciphertext does not decode: {e}") from e
         return vectors
 

@@ -92,8 +92,13 @@ class Sealer:
              extras: tuple[float, float], rng: np.random.Generator) -> tuple[np.ndarray, bytes]:
         """``(plaintext part of delta, encrypted blob)``: the encrypted coordinates times ``scale``
         (``(w / a) / weight_scale``) quantized over ``+-value_range``, then ``extras`` (weighted
-        loss, below-clip indicator) and the clipped fraction, tagged for ``round``."""
+        loss, below-clip indicator) and the clipped fraction, tagged for ``round``. Raises
+        ValueError for a non-finite delta or extra, which no aggregator could see to reject."""
         plan, layout = self.plan, self.plan.layout
+        bad = int(np.count_nonzero(~np.isfinite(delta)))
+        if bad or not np.isfinite(extras).all():
+            raise ValueError(f"delta has {bad} non-finite values (loss and indicator: {extras}); device {device} "
+                             "does not send it")
         values, clipped = packing.quantize(delta[plan.encrypted] * np.float32(scale), value_range / plan.limit,
                                            plan.bits, rng)
         tail, _ = packing.quantize(np.array([*extras, clipped / len(plan.encrypted)]), EXTRA_RANGE / plan.limit,

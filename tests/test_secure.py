@@ -1,0 +1,325 @@
+"""CKKS-encrypted aggregation: the packing math by hand, the parameters' checks, the key authority's
+refusals (with real TenSEAL contexts), and real runs against their plaintext twins.
+
+Tolerance: a device's encrypted values are stochastically rounded to a grid of step
+``range / (2^(bits-1) - 1)`` (``bits`` per value from the preset), so each is off by less than one
+step, and a sum of n by less than n steps (times the weight scale). CKKS's own error is far below
+1/2 at these scales (``packing.noise_floor_bits``), so decryption recovers the integer sums exactly.
+"""
+
+import numpy as np
+import pytest
+import ray
+import tenseal as ts
+import yaml
+from mlflow import MlflowClient
+
+from fedray.config import JobError, parse_job
+from fedray.platform import privacy
+from fedray.platform.aggregation import Partial
+from fedray.platform.run import run_job
+from fedray.secure import ckks, packing
+from fedray.secure.authority import DecryptionRefused, KeyAuthority
+from fedray.secure.ckks import CipherSum, PublicContext
+from fedray.secure.plan import SecurePlan, Sealer, SumLoader
+from fedray.update import Update
+
+from conftest import history, small_job, start_driver
+
+SECURE = {"preset": "balanced", "min_clients": 3}
+
+
+# the packing math, by hand
+
+@pytest.mark.parametrize("per_slot", [1, 2, 3])
+def test_packed_slots_sum_to_the_packed_sums(per_slot):
+    """The extreme values, summed over the most contributions the headroom allows, and CKKS-sized
+    noise on the slots, unpack to the exact sums; so do the tags."""
+    rng = np.random.default_rng(0)
+    field = 39 // per_slot
+    contributions = 8
+    bits = field - packing.headroom(contributions)
+    limit = 2 ** (bits - 1) - 1
+    layout = packing.Layout(slots=64, per_slot=per_slot, field_bits=field, length=500)
+    values = [rng.choice([-limit, limit, 0, 1, -1], 500) for _ in range(contributions)]
+    values[0][:10] = values[1][:10] = -limit  # every contribution at the bottom of the range
+    for v in values[2:]:
+        v[:10] = -limit
+    tags = [packing.tags(seed, 7, layout.chunks, per_slot, bits) for seed in range(contributions)]
+    slots = sum(layout.pack(v, t) for v, t in zip(values, tags))
+    assert np.abs(slots).max() < 2.0 ** 38  # within the capacity of [60, 40] at scale 2^20
+    got, got_tags = layout.unpack(slots + rng.normal(0, 0.05, slots.shape))
+    np.testing.assert_array_equal(got, sum(values))
+    np.testing.assert_array_equal(got_tags, sum(tags))
+    assert got[0] == -contributions * limit
+
+
+def test_quantization_is_unbiased_and_counts_what_it_clips():
+    rng = np.random.default_rng(1)
+    x = np.array([0.3, -0.3, 0.05, 5.0, -7.0])
+    ints = np.stack([packing.quantize(x, 0.1, 4, rng)[0] for _ in range(20_000)])
+    # limit 7: 5.0 / 0.1 = 50 and -70 are clipped to +-7
+    np.testing.assert_allclose(ints.mean(0) * 0.1, [0.3, -0.3, 0.05, 0.7, -0.7], atol=0.005)
+    assert packing.quantize(x, 0.1, 4, rng)[1] == 2
+    assert set(np.unique(ints[:, 2])) == {0, 1}  # 0.5 steps: either neighbour
+
+
+def test_capacity_and_noise_floor():
+    assert packing.capacity((60, 40), 20) == 39
+    assert packing.capacity((60, 60, 40), 20) == packing.DOUBLE_BITS - 1  # double precision bounds it
+    assert packing.value_bits((60, 40), 20, 2, 10) == 19 - 4
+    assert packing.noise_floor_bits(4096, 1) == 14 and packing.noise_floor_bits(16384, 1000) == 21
+
+
+# parameters and combinations
+
+def job(**overrides):
+    return parse_job(small_job(**overrides))
+
+
+@pytest.mark.parametrize("secure, needle", [
+    ({"poly_modulus_degree": 4096, "coeff_mod_bit_sizes": [60, 50]}, "total 110 bits, over the 109 bits"),
+    ({"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 60, 60, 40]}, "over the 218 bits"),
+    ({"poly_modulus_degree": 16384, "coeff_mod_bit_sizes": [60] * 7 + [40]}, "over the 438 bits"),
+    ({"coeff_mod_bit_sizes": [60]}, "at least two primes"),
+    ({"scale_bits": 40}, "secure.scale_bits 40 leaves 19 bits per slot: 2 values of 9 bits, 2 of them headroom"),
+    ({"preset": "precise", "scale_bits": 10}, "below the noise of a sum of 4 ciphertexts"),
+    ({"min_clients": 5}, "secure.min_clients \\(5\\) exceeds the most updates one sum can hold \\(4\\)"),
+])
+def test_parameters_that_are_unsafe_or_cannot_hold_the_values_are_rejected(secure, needle):
+    with pytest.raises(JobError, match=needle):
+        job(secure=secure)
+    job(secure={"poly_modulus_degree": 4096, "coeff_mod_bit_sizes": [60, 49]})  # exactly at the bound
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"strategy": {"name": "median"}}, "strategy median is not a sum"),
+    ({"strategy": {"name": "fedasync"}}, "fedasync mixes each single update"),
+    ({"strategy": {"name": "scaffold"}}, "control variates that are not encrypted"),
+    ({"strategy": {"name": "fedbuff"}}, "staleness.kind constant"),
+    ({"strategy": {"name": "fedavg", "norm_bound": 1.0}}, "norm_bound clips updates at the aggregator"),
+    ({"topology": {"edges": 2, "edge_rounds": 2}}, "HierFAVG"),
+])
+def test_combinations_encryption_cannot_do_are_rejected(overrides, needle):
+    with pytest.raises(JobError, match=needle):
+        job(secure=SECURE, **overrides)
+
+
+# the key authority and the contexts, with TenSEAL
+
+def plan_for(devices=6, min_clients=3, per_round=4, preset="balanced", weight=10):
+    spec = job(secure={"preset": preset, "min_clients": min_clients}, devices__count=devices,
+               devices__per_round=per_round)
+    return SecurePlan.of(spec, ("w", "b"), [300, 10], [weight] * devices, float)
+
+
+@pytest.fixture(scope="module")
+def authority():
+    plan = plan_for()
+    keys = KeyAuthority(plan)
+    public, seeds = keys.enroll(list(range(6)))
+    return plan, keys, Sealer(plan, public, seeds)
+
+
+def seal_all(sealer, deltas, round=1, devices=None):
+    total = CipherSum(sealer.public, sealer.plan.layout.chunks)
+    rng = np.random.default_rng(round)
+    for d, delta in zip(devices or range(len(deltas)), deltas):
+        _, blob = sealer.seal(d, round, delta, 1.0, 1.0, (0.5, 1.0), rng)
+        total.add(blob, (d, round))
+    return total
+
+
+def test_aggregators_hold_a_public_context_that_cannot_decrypt(authority):
+    plan, keys, sealer = authority
+    aggregator = SumLoader(plan, keys.public_context()).public.context
+    assert not aggregator.is_private() and not sealer.public.context.is_private()
+    vector = ts.ckks_vector(aggregator, [1.0, 2.0])
+    with pytest.raises(ValueError, match="secret_key"):
+        vector.decrypt()
+    assert len(keys.public_context()) < len(keys._context.serialize(save_secret_key=True))
+
+
+def test_the_decrypted_sum_equals_the_plaintext_sum_within_the_quantization_step(authority):
+    plan, keys, sealer = authority
+    rng = np.random.default_rng(0)
+    deltas = [rng.normal(0, 0.1, 310).astype(np.float32) for _ in range(4)]
+    total = seal_all(sealer, deltas, round=11)
+    summed, extras = plan.decode(keys.decrypt(total.to_bytes()), 1.0)
+    step = 1.0 / plan.limit
+    # the devices scaled their deltas by 1: the decoded sum is weight_scale (10) x the deltas' sum
+    assert np.abs(summed / plan.weight_scale - sum(deltas)).max() < 4 * step
+    assert extras["loss"] == pytest.approx(4 * 0.5, abs=4 * 32 * step) and extras["below_clip"] == pytest.approx(4, abs=0.01)
+    assert extras["clipped"] == 0
+
+
+def test_a_partial_with_an_encrypted_sum_crosses_the_wire(authority):
+    plan, keys, sealer = authority
+    loader = SumLoader(plan, keys.public_context())
+    partial = Partial.zeros(0, loader.empty())
+    rng = np.random.default_rng(0)
+    for d in range(3):
+        plain, blob = sealer.seal(d, 21, rng.normal(0, 0.1, 310).astype(np.float32), 1.0, 1.0, (0.0, 0.0), rng)
+        partial.fold(Update(d, 21, 10, 1, 0.0, plain, sealed=blob), 10.0)
+    received = Partial.from_bytes(partial.to_bytes(), 0, loader.load)
+    assert received.count == 3 and received.weight == 30 and received.sealed.contributions == [(0, 21), (1, 21), (2, 21)]
+    np.testing.assert_array_equal(ckks.decrypt(keys._context, received.sealed.vectors),
+                                  ckks.decrypt(keys._context, partial.sealed.vectors))
+    with pytest.raises(ValueError, match="unexpected encrypted sum|aggregates in plaintext"):
+        Partial.from_bytes(partial.to_bytes(), 0)
+
+
+def test_the_authority_decrypts_only_verified_sums_of_enough_devices(authority):
+    plan, keys, sealer = authority
+    rng = np.random.default_rng(0)
+    deltas = [rng.normal(0, 0.1, 310).astype(np.float32) for _ in range(4)]
+    with pytest.raises(DecryptionRefused, match="updates of 1 device"):  # an individual update
+        keys.decrypt(seal_all(sealer, deltas[:1], round=31).to_bytes())
+    with pytest.raises(DecryptionRefused, match="updates of 2 device"):
+        keys.decrypt(seal_all(sealer, deltas[:2], round=32).to_bytes())
+    # an aggregator adds one device's ciphertext to itself three times and claims three devices
+    one = seal_all(sealer, deltas[:1], round=33)
+    forged = CipherSum(sealer.public, plan.layout.chunks)
+    for d in range(3):
+        forged._add([v.copy() for v in one.vectors], [(d, 33)])
+    with pytest.raises(DecryptionRefused, match="tags do not match"):
+        keys.decrypt(forged.to_bytes())
+    # a contribution claimed twice (among three different devices)
+    twice = seal_all(sealer, deltas, round=34)
+    twice.contributions[2] = twice.contributions[1]
+    with pytest.raises(DecryptionRefused, match="claims a contribution twice"):
+        keys.decrypt(twice.to_bytes())
+    # a device that never enrolled
+    stranger = seal_all(sealer, deltas, round=35)
+    stranger.contributions[0] = (99, 35)
+    with pytest.raises(DecryptionRefused, match=r"devices \[99\] never enrolled"):
+        keys.decrypt(stranger.to_bytes())
+    # a verified sum decrypts once; a second sum over any of its contributions is refused
+    keys.decrypt(seal_all(sealer, deltas[:3], round=36).to_bytes())
+    again = seal_all(sealer, deltas[:3], round=36, devices=[0, 4, 5])
+    with pytest.raises(DecryptionRefused, match=r"\(0, 36\).*decrypted before"):
+        keys.decrypt(again.to_bytes())
+
+
+def test_a_ciphertext_under_another_context_is_rejected(authority):
+    plan, keys, sealer = authority
+    other = KeyAuthority(plan)
+    foreign = Sealer(plan, *other.enroll(list(range(6))))
+    rng = np.random.default_rng(0)
+    blob = foreign.seal(0, 41, rng.normal(0, 0.1, 310).astype(np.float32), 1.0, 1.0, (0.0, 0.0), rng)[1]
+    with pytest.raises(ValueError, match="made under another context"):
+        CipherSum(sealer.public, plan.layout.chunks).add(blob, (0, 41))
+    # relabelled with this context's fingerprint, it loads, but does not decrypt to the tags
+    relabelled = CipherSum(sealer.public, plan.layout.chunks)
+    for d in range(3):
+        relabelled.add(sealer.public.id + blob[16:], (d, 41))
+    with pytest.raises(DecryptionRefused, match="tags do not match"):
+        keys.decrypt(relabelled.to_bytes())
+    with pytest.raises(ValueError, match="does not decode"):
+        CipherSum(sealer.public, plan.layout.chunks).add(sealer.public.id + b"\0" * 40, (0, 41))
+
+
+def test_a_device_does_not_seal_a_non_finite_delta(authority):
+    _, _, sealer = authority
+    delta = np.zeros(310, np.float32)
+    delta[3] = np.nan
+    with pytest.raises(ValueError, match="1 non-finite values"):
+        sealer.seal(0, 51, delta, 1.0, 1.0, (0.0, 0.0), np.random.default_rng(0))
+
+
+# real runs
+
+def run(tracking_uri, **overrides):
+    raw = small_job(**overrides)
+    return run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri)
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("strategy, topologies", [({"name": "fedavg"}, [None, {"edges": 2}]),
+                                                  ({"name": "fednova"}, [{"edges": 2}]),
+                                                  ({"name": "fedadam"}, [None])])
+def test_encrypted_runs_equal_their_plaintext_twins(tracking_uri, strategy, topologies):
+    """Flat plaintext runs against encrypted runs, flat and through edges; the losses agree to the
+    quantization's error."""
+    client = MlflowClient(tracking_uri)
+    plain = run(tracking_uri, rounds=3, strategy=strategy)
+    for topology in topologies:
+        sealed = run(tracking_uri, rounds=3, strategy=strategy, topology=topology, secure=SECURE)
+        np.testing.assert_allclose(history(client, sealed["run_id"], "test_loss"),
+                                   history(client, plain["run_id"], "test_loss"), rtol=2e-4)
+        np.testing.assert_allclose(history(client, sealed["run_id"], "train_loss"),
+                                   history(client, plain["run_id"], "train_loss"), rtol=1e-3)
+        assert sealed["bytes_up"] > 10 * plain["bytes_up"]  # 650 parameters: one ciphertext each update
+        assert history(client, sealed["run_id"], "clipped_fraction") == [0.0] * 3
+        assert client.get_run(sealed["run_id"]).data.tags["fedray.secure"] == \
+            "ckks: 650 values encrypted, 0 in plaintext"
+        assert "secure.json" in {a.path for a in client.list_artifacts(sealed["run_id"])}
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_selective_encryption_keeps_the_rest_in_plaintext(tracking_uri):
+    client = MlflowClient(tracking_uri)
+    plain = run(tracking_uri, rounds=2)
+    sealed = run(tracking_uri, rounds=2, secure={**SECURE, "encrypt": ["*.bias"]})
+    np.testing.assert_allclose(history(client, sealed["run_id"], "test_loss"),
+                               history(client, plain["run_id"], "test_loss"), rtol=1e-4)
+    assert client.get_run(sealed["run_id"]).data.tags["fedray.secure"] == "ckks: 10 values encrypted, 640 in plaintext"
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_device_that_drops_out_contributes_nothing(tracking_uri, tmp_path):
+    from test_run import poisoned_digits
+
+    driver = start_driver(tracking_uri, secure=SECURE, **poisoned_digits(tmp_path / "one.npz", [5]))
+    result = ray.get(driver.run_round.remote(1))
+    assert result.completed and result.metrics["participants"] == 5
+    (bad,) = result.failures
+    assert "non-finite values" in result.failures[bad] and "does not send it" in result.failures[bad]
+    ray.get(driver.finish.remote())
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_too_few_devices_leave_the_sum_encrypted_and_the_model_unchanged(tracking_uri, tmp_path):
+    from test_run import poisoned_digits
+
+    driver = start_driver(tracking_uri, secure={"min_clients": 6}, **poisoned_digits(tmp_path / "one.npz", [5]))
+    before = ray.get(driver.evaluate.remote())
+    result = ray.get(driver.run_round.remote(1))
+    assert not result.completed and result.metrics["participants"] == 5  # the quorum is met, min_clients not
+    assert ray.get(driver.evaluate.remote()) == before
+    ray.get(driver.finish.remote())
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_fedbuff_steps_on_sums_of_different_devices(tracking_uri):
+    client = MlflowClient(tracking_uri)
+    summary = run(tracking_uri, rounds=4, devices__count=6, devices__per_round=4,
+                  strategy={"name": "fedbuff", "buffer_size": 3, "staleness": {"kind": "constant"}}, secure=SECURE)
+    assert summary["completed_rounds"] == 4  # the authority refuses a buffer of fewer than 3 devices
+    losses = history(client, summary["run_id"], "test_loss")
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_distributed_noise_under_encryption_is_calibrated_and_accounted(tracking_uri):
+    """As ``test_privacy``'s calibration test: with noise far above the clipped deltas, each
+    round's step is the sum of the devices' shares, encrypted and decrypted once."""
+    z, clip, d = 100.0, 1.0, 64 * 10 + 10
+    summary = run(tracking_uri, rounds=4, topology={"edges": 2}, secure=SECURE,
+                  privacy={"level": "client", "mode": "distributed", "clip": clip, "noise_multiplier": z})
+    client = MlflowClient(tracking_uri)
+    participants = history(client, summary["run_id"], "participants")
+    norms = {m.step: m.value for m in client.get_metric_history(summary["run_id"], "update_norm")}
+    ratios = [norm / (z * clip * np.sqrt(d) / 4 * np.sqrt(participants[r - 1] / 2)) for r, norm in norms.items()]
+    assert len(ratios) >= 3 and np.mean(ratios) == pytest.approx(1.0, rel=0.05)
+    assert history(client, summary["run_id"], "epsilon") == pytest.approx(
+        [privacy.Ledger(z, 4 / 6, 1e-5).epsilon(r) for r in range(1, 5)])
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_mnist_reaches_the_same_accuracy_encrypted(tracking_uri):
+    mnist = {"data": {"dataset": "mnist", "partition": {"kind": "dirichlet", "alpha": 1.0}},
+             "model": {"name": "small_cnn"}, "devices__count": 10, "devices__per_round": 5, "rounds": 3}
+    plain = run(tracking_uri, **mnist)
+    sealed = run(tracking_uri, **mnist, secure={"preset": "balanced", "min_clients": 3})
+    assert abs(sealed["test_accuracy"] - plain["test_accuracy"]) <= 0.002
