@@ -7,6 +7,8 @@ step, and a sum of n by less than n steps (times the weight scale). CKKS's own e
 1/2 at these scales (``packing.noise_floor_bits``), so decryption recovers the integer sums exactly.
 """
 
+import json
+
 import numpy as np
 import pytest
 import ray
@@ -18,9 +20,9 @@ from fedray.config import JobError, parse_job
 from fedray.platform import privacy
 from fedray.platform.aggregation import Partial
 from fedray.platform.run import run_job
-from fedray.secure import ckks, packing
+from fedray.secure import packing
 from fedray.secure.authority import DecryptionRefused, KeyAuthority
-from fedray.secure.ckks import CipherSum, PublicContext
+from fedray.secure.ciphers import CipherSum
 from fedray.secure.plan import SecurePlan, Sealer, SumLoader
 from fedray.update import Update
 
@@ -40,7 +42,7 @@ def test_packed_slots_sum_to_the_packed_sums(per_slot):
     contributions = 8
     bits = field - packing.headroom(contributions)
     limit = 2 ** (bits - 1) - 1
-    layout = packing.Layout(slots=64, per_slot=per_slot, field_bits=field, length=500)
+    layout = packing.Layout(slots=64, per_slot=per_slot, field_bits=field, length=500, tag_fields=per_slot)
     values = [rng.choice([-limit, limit, 0, 1, -1], 500) for _ in range(contributions)]
     values[0][:10] = values[1][:10] = -limit  # every contribution at the bottom of the range
     for v in values[2:]:
@@ -67,7 +69,10 @@ def test_quantization_is_unbiased_and_counts_what_it_clips():
 def test_capacity_and_noise_floor():
     assert packing.capacity((60, 40), 20) == 39
     assert packing.capacity((60, 60, 40), 20) == packing.DOUBLE_BITS - 1  # double precision bounds it
-    assert packing.value_bits((60, 40), 20, 2, 10) == 19 - 4
+    balanced = job(secure={"preset": "balanced"}).secure.fields(10)
+    assert (balanced.slots, balanced.per_slot, balanced.field_bits, balanced.value_bits) == (2048, 2, 19, 15)
+    paillier = job(secure={"scheme": "paillier", "key_bits": 2048, "value_bits": 20}).secure.fields(10)
+    assert (paillier.slots, paillier.per_slot, paillier.field_bits, paillier.tag_fields) == (1, 2046 // 24, 24, 4)
     assert packing.noise_floor_bits(4096, 1) == 14 and packing.noise_floor_bits(16384, 1000) == 21
 
 
@@ -107,15 +112,18 @@ def test_combinations_encryption_cannot_do_are_rejected(overrides, needle):
 
 # the key authority and the contexts, with TenSEAL
 
-def plan_for(devices=6, min_clients=3, per_round=4, preset="balanced", weight=10):
-    spec = job(secure={"preset": preset, "min_clients": min_clients}, devices__count=devices,
+SCHEMES = {"ckks": {"preset": "balanced"}, "paillier": {"scheme": "paillier", "key_bits": 2048}}
+
+
+def plan_for(scheme="ckks", devices=6, min_clients=3, per_round=4, weight=10):
+    spec = job(secure={**SCHEMES[scheme], "min_clients": min_clients}, devices__count=devices,
                devices__per_round=per_round)
     return SecurePlan.of(spec, ("w", "b"), [300, 10], [weight] * devices, float)
 
 
-@pytest.fixture(scope="module")
-def authority():
-    plan = plan_for()
+@pytest.fixture(scope="module", params=list(SCHEMES))
+def authority(request):
+    plan = plan_for(request.param)
     keys = KeyAuthority(plan)
     public, seeds = keys.enroll(list(range(6)))
     return plan, keys, Sealer(plan, public, seeds)
@@ -132,12 +140,16 @@ def seal_all(sealer, deltas, round=1, devices=None):
 
 def test_aggregators_hold_a_public_context_that_cannot_decrypt(authority):
     plan, keys, sealer = authority
+    if plan.scheme == "paillier":  # the public side is the modulus n alone
+        assert set(json.loads(keys.public_context())) == {"n"}
+        assert vars(SumLoader(plan, keys.public_context()).public).keys() == {"id", "slots", "key", "_width"}
+        return
     aggregator = SumLoader(plan, keys.public_context()).public.context
     assert not aggregator.is_private() and not sealer.public.context.is_private()
     vector = ts.ckks_vector(aggregator, [1.0, 2.0])
     with pytest.raises(ValueError, match="secret_key"):
         vector.decrypt()
-    assert len(keys.public_context()) < len(keys._context.serialize(save_secret_key=True))
+    assert len(keys.public_context()) < len(keys._keys.context.serialize(save_secret_key=True))
 
 
 def test_the_decrypted_sum_equals_the_plaintext_sum_within_the_quantization_step(authority):
@@ -163,8 +175,7 @@ def test_a_partial_with_an_encrypted_sum_crosses_the_wire(authority):
         partial.fold(Update(d, 21, 10, 1, 0.0, plain, sealed=blob), 10.0)
     received = Partial.from_bytes(partial.to_bytes(), 0, loader.load)
     assert received.count == 3 and received.weight == 30 and received.sealed.contributions == [(0, 21), (1, 21), (2, 21)]
-    np.testing.assert_array_equal(ckks.decrypt(keys._context, received.sealed.vectors),
-                                  ckks.decrypt(keys._context, partial.sealed.vectors))
+    np.testing.assert_array_equal(keys._keys.decrypt(received.sealed.items), keys._keys.decrypt(partial.sealed.items))
     with pytest.raises(ValueError, match="unexpected encrypted sum|aggregates in plaintext"):
         Partial.from_bytes(partial.to_bytes(), 0)
 
@@ -181,7 +192,7 @@ def test_the_authority_decrypts_only_verified_sums_of_enough_devices(authority):
     one = seal_all(sealer, deltas[:1], round=33)
     forged = CipherSum(sealer.public, plan.layout.chunks)
     for d in range(3):
-        forged._add([v.copy() for v in one.vectors], [(d, 33)])
+        forged._add([v.copy() if hasattr(v, "copy") else v for v in one.items], [(d, 33)])
     with pytest.raises(DecryptionRefused, match="tags do not match"):
         keys.decrypt(forged.to_bytes())
     # a contribution claimed twice (among three different devices)
@@ -234,25 +245,30 @@ def run(tracking_uri, **overrides):
     return run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri)
 
 
+PAILLIER = {"scheme": "paillier", "key_bits": 2048, "min_clients": 3}
+
+
 @pytest.mark.usefixtures("ray_session")
-@pytest.mark.parametrize("strategy, topologies", [({"name": "fedavg"}, [None, {"edges": 2}]),
-                                                  ({"name": "fednova"}, [{"edges": 2}]),
-                                                  ({"name": "fedadam"}, [None])])
-def test_encrypted_runs_equal_their_plaintext_twins(tracking_uri, strategy, topologies):
-    """Flat plaintext runs against encrypted runs, flat and through edges; the losses agree to the
-    quantization's error."""
+@pytest.mark.parametrize("strategy, variants", [({"name": "fedavg"}, [(None, SECURE), ({"edges": 2}, SECURE),
+                                                                      (None, PAILLIER)]),
+                                                ({"name": "fednova"}, [({"edges": 2}, SECURE)]),
+                                                ({"name": "fedadam"}, [(None, SECURE)])])
+def test_encrypted_runs_equal_their_plaintext_twins(tracking_uri, strategy, variants):
+    """Flat plaintext runs against encrypted runs, flat and through edges, CKKS and Paillier; the
+    losses agree to the quantization's error."""
     client = MlflowClient(tracking_uri)
     plain = run(tracking_uri, rounds=3, strategy=strategy)
-    for topology in topologies:
-        sealed = run(tracking_uri, rounds=3, strategy=strategy, topology=topology, secure=SECURE)
+    for topology, secure in variants:
+        sealed = run(tracking_uri, rounds=3, strategy=strategy, topology=topology, secure=secure)
         np.testing.assert_allclose(history(client, sealed["run_id"], "test_loss"),
                                    history(client, plain["run_id"], "test_loss"), rtol=2e-4)
         np.testing.assert_allclose(history(client, sealed["run_id"], "train_loss"),
                                    history(client, plain["run_id"], "train_loss"), rtol=1e-3)
-        assert sealed["bytes_up"] > 10 * plain["bytes_up"]  # 650 parameters: one ciphertext each update
+        assert sealed["bytes_up"] > plain["bytes_up"]
         assert history(client, sealed["run_id"], "clipped_fraction") == [0.0] * 3
+        scheme = secure.get("scheme", "ckks")
         assert client.get_run(sealed["run_id"]).data.tags["fedray.secure"] == \
-            "ckks: 650 values encrypted, 0 in plaintext"
+            f"{scheme}: 650 values encrypted, 0 in plaintext"
         assert "secure.json" in {a.path for a in client.list_artifacts(sealed["run_id"])}
 
 

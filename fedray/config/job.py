@@ -229,9 +229,11 @@ class JobSpec(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_strategy_name(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("strategy"), dict) and "name" not in data["strategy"]:
-            data = {**data, "strategy": {"name": "fedavg", **data["strategy"]}}
+    def _default_tags(cls, data: Any) -> Any:
+        """``strategy.name`` defaults to fedavg and ``secure.scheme`` to ckks."""
+        for section, tag, default in (("strategy", "name", "fedavg"), ("secure", "scheme", "ckks")):
+            if isinstance(data, dict) and isinstance(data.get(section), dict) and tag not in data[section]:
+                data = {**data, section: {tag: default, **data[section]}}
         return data
 
     @model_validator(mode="after")
@@ -387,7 +389,7 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobSpec:
         raise JobError(f"{path}: {e}") from None
 
 
-_TAGGED = frozenset({"strategy", "partition", "speed", "placement", "privacy"})
+_TAGGED = frozenset({"strategy", "partition", "speed", "placement", "privacy", "secure"})
 
 
 def format_errors(error: ValidationError) -> str:

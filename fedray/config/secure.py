@@ -1,15 +1,17 @@
-"""The ``secure`` section: homomorphically encrypted aggregation (CKKS, with TenSEAL).
+"""The ``secure`` section: homomorphically encrypted aggregation, with CKKS (TenSEAL) or Paillier
+(python-paillier, for small models).
 
-Devices quantize their pre-weighted update to signed fixed point, pack ``values_per_slot`` values
-into each CKKS slot (with headroom for the sum) and encrypt; aggregators only add ciphertexts; a
-key authority decrypts sums of at least ``min_clients`` devices. The checks against the rest of the
-job live in ``check``; the numbers derived from the parameters (capacity, bits per value, noise
-floor) in ``fedray.secure.packing``.
+Devices quantize their pre-weighted update to signed fixed point, pack several values into each
+plaintext slot (with headroom for the sum) and encrypt; aggregators only add ciphertexts; a key
+authority decrypts sums of at least ``min_clients`` devices. The checks against the rest of the
+job live in ``check``; the packing arithmetic (capacity, headroom, noise floor) in
+``fedray.secure.packing``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import math
+from typing import Annotated, Literal, NamedTuple
 
 from pydantic import Field, model_validator
 
@@ -28,28 +30,43 @@ PRESETS = {
     "precise": (8192, (60, 40), 20, 1),
 }
 
+TAG_BITS = 64  # a Paillier ciphertext's tag spans at least this many bits
 
-class SecureSpec(Section):
-    """CKKS parameters: a ``preset`` (``fast``: 3 values per slot, ``balanced``: 2, ``precise``: 1),
-    or any of ``poly_modulus_degree``, ``coeff_mod_bit_sizes`` and ``scale_bits`` (log2 of the CKKS
-    scale) set to override it. ``range`` bounds each encrypted value (the device's delta times its
-    weight over the largest device weight; values beyond are clipped, and the run counts them);
-    default 1.0, or under client-level DP the clip plus six standard deviations of a noise share.
-    ``encrypt`` lists parameter-name patterns (fnmatch) to encrypt; the others are aggregated in
-    plaintext."""
 
-    scheme: Literal["ckks"] = "ckks"
+class Fields(NamedTuple):
+    """How a scheme's plaintexts hold values: ``slots`` per ciphertext, ``per_slot`` fields of
+    ``field_bits`` in each, values of ``value_bits`` (sign included), ``tag_fields`` for the tag."""
+
+    slots: int
+    per_slot: int
+    field_bits: int
+    value_bits: int
+    tag_fields: int
+
+
+class _Secure(Section):
+    range: PositiveFloat | None = Field(None, description="each encrypted value, (w / a) / max w x delta, is "
+                                                          "clipped to +-range (default 1.0; under client-level DP "
+                                                          "the clip plus 6 std of a noise share)")
+    min_clients: Annotated[int, Field(ge=2)] = 2
+    encrypt: tuple[str, ...] = Field(("*",), min_length=1, description="parameter-name patterns (fnmatch) to "
+                                                                        "encrypt; the rest is summed in plaintext")
+
+
+class CKKSSpec(_Secure):
+    """CKKS (TenSEAL): a ``preset`` (``fast``: 3 values per slot, ``balanced``: 2, ``precise``: 1),
+    with any of ``poly_modulus_degree``, ``coeff_mod_bit_sizes``, ``scale_bits`` (log2 of the
+    scale) and ``values_per_slot`` set to override it; the bits of each value follow from them."""
+
+    scheme: Literal["ckks"]
     preset: Literal["fast", "balanced", "precise"] = "balanced"
     poly_modulus_degree: Literal[2048, 4096, 8192, 16384, 32768] | None = None
     coeff_mod_bit_sizes: tuple[Annotated[int, Field(ge=20, le=60)], ...] | None = None
     scale_bits: Annotated[int, Field(ge=1, le=59)] | None = None
     values_per_slot: PositiveInt | None = None
-    range: PositiveFloat | None = None
-    min_clients: Annotated[int, Field(ge=2)] = 2
-    encrypt: tuple[str, ...] = Field(("*",), min_length=1)
 
     @model_validator(mode="after")
-    def _check(self) -> SecureSpec:
+    def _check(self) -> CKKSSpec:
         n, moduli = self.degree, self.moduli
         if len(moduli) < 2:
             raise ValueError("secure.coeff_mod_bit_sizes needs at least two primes: the data prime(s) and the "
@@ -75,9 +92,33 @@ class SecureSpec(Section):
     def scale(self) -> int:
         return self._param("scale_bits", 2)
 
-    @property
-    def per_slot(self) -> int:
-        return self._param("values_per_slot", 3)
+    def fields(self, contributions: int) -> Fields:
+        """Values per slot as set; each field a share of the slot's capacity; the tag in the first slot."""
+        from fedray.secure import packing
+
+        per_slot = self._param("values_per_slot", 3)
+        field = packing.capacity(self.moduli, self.scale) // per_slot
+        return Fields(self.degree // 2, per_slot, field, field - packing.headroom(contributions), per_slot)
+
+
+class PaillierSpec(_Secure):
+    """Paillier (python-paillier): one ciphertext per ``key_bits - 2`` bits of packed values, each of
+    ``value_bits`` (sign included) plus the sum's headroom. For small models: an encryption takes
+    milliseconds. A 3072-bit modulus gives about 128-bit security, 2048 about 112 (NIST SP 800-57)."""
+
+    scheme: Literal["paillier"]
+    key_bits: Literal[2048, 3072] = 3072
+    value_bits: Annotated[int, Field(ge=8, le=48)] = 24
+
+    def fields(self, contributions: int) -> Fields:
+        from fedray.secure import packing
+
+        field = self.value_bits + packing.headroom(contributions)
+        return Fields(1, (self.key_bits - 2) // field, field, self.value_bits,
+                      math.ceil(TAG_BITS / (self.value_bits - 1)))
+
+
+SecureSpec = Annotated[CKKSSpec | PaillierSpec, Field(discriminator="scheme")]
 
 
 def max_contributions(job) -> int:
@@ -139,13 +180,18 @@ def check(job) -> None:
     if spec.min_clients > most:
         raise ValueError(f"secure.min_clients ({spec.min_clients}) exceeds the most updates one sum can hold "
                          f"({most}), so nothing could ever be decrypted")
-    bits = packing.value_bits(spec.moduli, spec.scale, spec.per_slot, most)
-    if bits < packing.MIN_VALUE_BITS:
+    fields = spec.fields(most)
+    if spec.scheme == "paillier":
+        if fields.per_slot <= fields.tag_fields:
+            raise ValueError(f"secure.value_bits {spec.value_bits}: {fields.field_bits}-bit fields leave no room "
+                             f"for values beside the tag in a {spec.key_bits}-bit plaintext")
+        return
+    if fields.value_bits < packing.MIN_VALUE_BITS:
         capacity = packing.capacity(spec.moduli, spec.scale)
-        raise ValueError(f"secure.scale_bits {spec.scale} leaves {capacity} bits per slot: {spec.per_slot} "
-                         f"values of {capacity // spec.per_slot} bits, {packing.headroom(most)} of them headroom "
-                         f"for {most} updates, leave {bits} bits per value (at least {packing.MIN_VALUE_BITS}); "
-                         "lower values_per_slot or scale_bits")
+        raise ValueError(f"secure.scale_bits {spec.scale} leaves {capacity} bits per slot: {fields.per_slot} "
+                         f"values of {fields.field_bits} bits, {packing.headroom(most)} of them headroom "
+                         f"for {most} updates, leave {fields.value_bits} bits per value (at least "
+                         f"{packing.MIN_VALUE_BITS}); lower values_per_slot or scale_bits")
     floor = packing.noise_floor_bits(spec.degree, most)
     if spec.scale < floor:
         raise ValueError(f"secure.scale_bits {spec.scale} is below the noise of a sum of {most} ciphertexts at "

@@ -25,7 +25,7 @@ class Partial:
     ``control_sum`` is the plain sum of the devices' control-variate changes (SCAFFOLD), or None;
     ``below_clip`` the sum of their below-clip indicators (adaptive clipping under client-level DP).
     With encrypted aggregation ``weighted_sum`` covers the plaintext coordinates and ``sealed`` (a
-    ``fedray.secure.ckks.CipherSum``) sums the encrypted rest, which the devices weighted themselves.
+    ``fedray.secure.ciphers.CipherSum``) sums the encrypted rest, which the devices weighted themselves.
 
     Partials from disjoint sets of devices merge by addition, so devices -> edge -> cloud is the
     same fold at every tier. ``add`` and ``merge`` accumulate in place.

@@ -104,7 +104,7 @@ class Driver:
         self._sums = SumLoader(self.plan, public)
         summary = self.plan.summary()
         self.tracker.log_text(json.dumps(summary, indent=1), "secure.json")
-        self.tracker.set_tag("fedray.secure", f"ckks: {summary['encrypted_values']} values encrypted, "
+        self.tracker.set_tag("fedray.secure", f"{self.plan.scheme}: {summary['encrypted_values']} values encrypted, "
                                               f"{summary['plaintext_values']} in plaintext")
         return self.plan, self.authority, public
 

@@ -1,6 +1,7 @@
-"""KeyAuthority: the only holder of the CKKS secret key. A plain class; the driver makes it an actor.
+"""KeyAuthority: the only holder of the secret key (CKKS or Paillier). A plain class; the driver
+makes it an actor.
 
-It hands out the public context, gives each device a secret tag seed when the device enrolls, and
+It hands out the public key material, gives each device a secret tag seed when the device enrolls, and
 decrypts a sum only if it verifiably is the plain sum of at least ``min_clients`` different
 devices' updates, none of which it has decrypted before: the tag digits in every ciphertext must
 equal the sum of the claimed contributions' tags, which only the devices and the authority can
@@ -18,7 +19,8 @@ import secrets
 
 import numpy as np
 
-from fedray.secure import ckks, packing
+from fedray.secure import packing
+from fedray.secure.ciphers import CipherSum, keys_for, public_for
 from fedray.secure.plan import SecurePlan
 
 
@@ -29,14 +31,15 @@ class DecryptionRefused(ValueError):
 class KeyAuthority:
     def __init__(self, plan: SecurePlan) -> None:
         self.plan = plan
-        self._context = ckks.new_context(plan.degree, plan.moduli, plan.scale_bits)
-        self._public_bytes = ckks.public_bytes(self._context)
-        self._public = ckks.PublicContext(self._public_bytes, plan.layout.slots)
+        self._keys = keys_for(plan.scheme, plan.params)
+        self._public_bytes = self._keys.public_bytes()
+        self._public = public_for(plan.scheme, self._public_bytes, plan.layout.slots)
         self._seeds: dict[int, int] = {}
         self._decrypted: set[tuple[int, int]] = set()
 
     def public_context(self) -> bytes:
-        """The serialized context without its secret key: it encrypts and adds, and cannot decrypt."""
+        """The serialized public key material (a CKKS context without its secret key): it encrypts
+        and adds, and cannot decrypt."""
         return self._public_bytes
 
     def enroll(self, devices: list[int]) -> tuple[bytes, dict[int, int]]:
@@ -52,7 +55,7 @@ class KeyAuthority:
         devices, a contribution claimed twice or decrypted before, an unknown device, or tags that
         do not match the claimed contributions; ValueError for a sum that does not decode."""
         plan, layout = self.plan, self.plan.layout
-        total = ckks.CipherSum.from_bytes(self._public, layout.chunks, sealed)
+        total = CipherSum.from_bytes(self._public, layout.chunks, sealed)
         claimed = total.contributions
         devices = {d for d, _ in claimed}
         if len(devices) < plan.min_clients:
@@ -70,8 +73,8 @@ class KeyAuthority:
         if again:
             raise DecryptionRefused(f"contributions {again} (device, round) were decrypted before; another sum "
                                     "over them could reveal a difference")
-        values, tags = layout.unpack(ckks.decrypt(self._context, total.vectors))
-        expected = sum(packing.tags(self._seeds[d], r, layout.chunks, layout.per_slot, plan.bits) for d, r in claimed)
+        values, tags = layout.unpack(self._keys.decrypt(total.items))
+        expected = sum(packing.tags(self._seeds[d], r, layout.chunks, layout.tag_fields, plan.bits) for d, r in claimed)
         if not np.array_equal(tags, expected):
             raise DecryptionRefused(f"the ciphertext is not the plain sum of the {len(claimed)} contributions it claims: "
                                     "its tags do not match (altered, scaled, or made under another context)")

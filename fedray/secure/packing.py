@@ -4,9 +4,10 @@ A device's values (its pre-weighted delta, then a few extras) are quantized to s
 ``bits`` bits by stochastic rounding (unbiased), and ``per_slot`` of them share one CKKS slot as
 the digits of one integer in base ``2^field_bits``: ``P = sum_j v_j 2^(j field_bits)``. A field is
 wider than a value by the headroom that the sum of up to ``2^headroom`` devices needs, so sums of
-packed slots are the packed sums, digit by digit. The first slot of every ciphertext holds the
+packed slots are the packed sums, digit by digit. The first fields of every ciphertext hold the
 device's tag digits, secret numbers only it and the key authority can compute, so the authority can
-check that a ciphertext is the plain sum of the contributions it is claimed to be.
+check that a ciphertext is the plain sum of the contributions it is claimed to be. (Paillier's
+"slot" is its whole plaintext, a few thousand bits: hundreds of values share it.)
 """
 
 from __future__ import annotations
@@ -32,11 +33,6 @@ def headroom(contributions: int) -> int:
     return math.ceil(math.log2(contributions)) if contributions > 1 else 0
 
 
-def value_bits(moduli: tuple[int, ...], scale_bits: int, per_slot: int, contributions: int) -> int:
-    """Bits of each quantized value (sign included) when ``per_slot`` share a slot."""
-    return capacity(moduli, scale_bits) // per_slot - headroom(contributions)
-
-
 def noise_floor_bits(degree: int, contributions: int) -> int:
     """The smallest log2 scale at which a sum of ``contributions`` fresh ciphertexts still decrypts
     to the right integers: a fresh public-key encryption's error has standard deviation about
@@ -55,26 +51,28 @@ def quantize(values: np.ndarray, step: float, bits: int, rng: np.random.Generato
     return np.clip(rounded, -limit, limit).astype(np.int64), clipped
 
 
-def tags(seed: int, round: int, chunks: int, per_slot: int, bits: int) -> np.ndarray:
-    """A device's tag digits for ``round``: ``(chunks, per_slot)`` integers in ``[0, 2^(bits-1))``,
+def tags(seed: int, round: int, chunks: int, fields: int, bits: int) -> np.ndarray:
+    """A device's tag digits for ``round``: ``(chunks, fields)`` integers in ``[0, 2^(bits-1))``,
     drawn from its secret ``seed``."""
-    return np.random.default_rng([seed, round]).integers(0, 2 ** (bits - 1), (chunks, per_slot), dtype=np.int64)
+    return np.random.default_rng([seed, round]).integers(0, 2 ** (bits - 1), (chunks, fields), dtype=np.int64)
 
 
 @dataclass(frozen=True)
 class Layout:
     """How ``length`` values fill ciphertexts of ``slots`` slots, ``per_slot`` fields of
-    ``field_bits`` bits in each; the first slot of every ciphertext holds the tag."""
+    ``field_bits`` bits in each; the first ``tag_fields`` fields of every ciphertext hold its tag.
+    A slot is an int64 while it fits (CKKS), else a Python integer (Paillier's thousands of bits)."""
 
     slots: int
     per_slot: int
     field_bits: int
     length: int
+    tag_fields: int
 
     @property
     def per_chunk(self) -> int:
         """Values per ciphertext."""
-        return (self.slots - 1) * self.per_slot
+        return self.slots * self.per_slot - self.tag_fields
 
     @property
     def chunks(self) -> int:
@@ -82,25 +80,29 @@ class Layout:
         return -(-self.length // self.per_chunk)
 
     def pack(self, values: np.ndarray, tag: np.ndarray) -> np.ndarray:
-        """``(chunks, slots)`` float64 slot values (exact integers) holding ``values`` (int64,
-        ``length``) and the ``(chunks, per_slot)`` tag digits."""
+        """``(chunks, slots)`` slot integers holding ``values`` (int64, ``length``) and the
+        ``(chunks, tag_fields)`` tag digits."""
         payload = np.zeros(self.chunks * self.per_chunk, dtype=np.int64)
         payload[:self.length] = values
         fields = np.concatenate([tag, payload.reshape(self.chunks, -1)], axis=1)
         fields = fields.reshape(self.chunks, self.slots, self.per_slot)
-        packed = np.zeros((self.chunks, self.slots), dtype=np.int64)
-        for j in range(self.per_slot):
+        if self.per_slot * self.field_bits > 62:
+            fields = fields.astype(object)
+        packed = fields[:, :, 0].copy()
+        for j in range(1, self.per_slot):
             packed += fields[:, :, j] << (j * self.field_bits)
-        return packed.astype(np.float64)
+        return packed
 
     def unpack(self, totals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The field sums in decrypted slot sums ``totals`` (``(chunks, slots)``, within 1/2 of
-        integers): ``(values (length,), tag digits (chunks, per_slot))``, int64."""
-        packed = np.rint(totals).astype(np.int64)
+        """The field sums in summed slot integers ``totals`` (``(chunks, slots)``; floats within 1/2
+        of integers, as CKKS decrypts them, are rounded): ``(values (length,), tag digits (chunks,
+        tag_fields))``, int64."""
+        packed = np.rint(totals).astype(np.int64) if totals.dtype.kind == "f" else totals
         fields = np.empty((self.chunks, self.slots, self.per_slot), dtype=np.int64)
         half, base = 1 << (self.field_bits - 1), 1 << self.field_bits
         for j in range(self.per_slot):  # balanced digits: each in [-half, half)
-            fields[:, :, j] = (packed + half) % base - half
-            packed = (packed - fields[:, :, j]) >> self.field_bits
+            digit = (packed + half) % base - half
+            fields[:, :, j] = digit
+            packed = (packed - digit) >> self.field_bits
         fields = fields.reshape(self.chunks, -1)
-        return fields[:, self.per_slot:].reshape(-1)[:self.length], fields[:, :self.per_slot]
+        return fields[:, self.tag_fields:].reshape(-1)[:self.length], fields[:, :self.tag_fields]

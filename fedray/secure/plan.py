@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedray.secure import packing
-from fedray.secure.ckks import CipherSum, PublicContext
+from fedray.secure.ciphers import CipherSum, public_for
 
 EXTRAS = ("loss", "below_clip", "clipped")
 EXTRA_RANGE = 32.0  # the extras are quantized over [-32, 32]
@@ -32,9 +32,8 @@ class SecurePlan:
     bits: int  # bits of each quantized value
     weight_scale: float  # the largest weight a device's update has in the sum
     sample_scale: int  # the most training samples a device holds
-    degree: int
-    moduli: tuple[int, ...]
-    scale_bits: int
+    scheme: str  # ckks | paillier
+    params: dict  # the scheme's key parameters
     min_clients: int
     max_contributions: int
 
@@ -52,11 +51,14 @@ class SecurePlan:
             raise ValueError(f"secure.encrypt {list(spec.encrypt)} matches none of the model's parameters "
                              f"({', '.join(names)})")
         most = max_contributions(job)
-        bits = packing.value_bits(spec.moduli, spec.scale, spec.per_slot, most)
-        field_bits = packing.capacity(spec.moduli, spec.scale) // spec.per_slot
-        layout = packing.Layout(spec.degree // 2, spec.per_slot, field_bits, len(encrypted) + len(EXTRAS))
-        return cls(encrypted, np.flatnonzero(~mask), tuple(n for n, c in zip(names, chosen) if c), layout, bits, max(weigh(n) for n in train_sizes), max(train_sizes), spec.degree, spec.moduli,
-                   spec.scale, spec.min_clients, most)
+        fields = spec.fields(most)
+        layout = packing.Layout(fields.slots, fields.per_slot, fields.field_bits, len(encrypted) + len(EXTRAS),
+                                fields.tag_fields)
+        params = ({"degree": spec.degree, "moduli": spec.moduli, "scale_bits": spec.scale} if spec.scheme == "ckks"
+                  else {"key_bits": spec.key_bits})
+        return cls(encrypted, np.flatnonzero(~mask), tuple(n for n, c in zip(names, chosen) if c), layout,
+                   fields.value_bits, max(weigh(n) for n in train_sizes), max(train_sizes), spec.scheme, params,
+                   spec.min_clients, most)
 
     @property
     def limit(self) -> int:
@@ -73,8 +75,8 @@ class SecurePlan:
 
     def summary(self) -> dict:
         """The split and the parameters, for the run's record."""
-        return {"scheme": "ckks", "poly_modulus_degree": self.degree, "coeff_mod_bit_sizes": list(self.moduli),
-                "scale_bits": self.scale_bits, "values_per_slot": self.layout.per_slot, "value_bits": self.bits,
+        return {"scheme": self.scheme, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()},
+                "slots": self.layout.slots, "values_per_slot": self.layout.per_slot, "value_bits": self.bits,
                 "field_bits": self.layout.field_bits, "ciphertexts_per_update": self.layout.chunks,
                 "min_clients": self.min_clients, "max_contributions": self.max_contributions,
                 "encrypted_values": len(self.encrypted), "plaintext_values": len(self.plain),
@@ -86,7 +88,7 @@ class Sealer:
 
     def __init__(self, plan: SecurePlan, public: bytes, seeds: dict[int, int]) -> None:
         self.plan, self.seeds = plan, seeds
-        self.public = PublicContext(public, plan.layout.slots)
+        self.public = public_for(plan.scheme, public, plan.layout.slots)
 
     def seal(self, device: int, round: int, delta: np.ndarray, scale: float, value_range: float,
              extras: tuple[float, float], rng: np.random.Generator) -> tuple[np.ndarray, bytes]:
@@ -103,7 +105,7 @@ class Sealer:
                                            plan.bits, rng)
         tail, _ = packing.quantize(np.array([*extras, clipped / len(plan.encrypted)]), EXTRA_RANGE / plan.limit,
                                    plan.bits, rng)
-        tag = packing.tags(self.seeds[device], round, layout.chunks, layout.per_slot, plan.bits)
+        tag = packing.tags(self.seeds[device], round, layout.chunks, layout.tag_fields, plan.bits)
         return delta[plan.plain], self.public.encrypt(layout.pack(np.concatenate([values, tail]), tag))
 
 
@@ -112,7 +114,7 @@ class SumLoader:
     public context."""
 
     def __init__(self, plan: SecurePlan, public: bytes) -> None:
-        self.public, self.chunks = PublicContext(public, plan.layout.slots), plan.layout.chunks
+        self.public, self.chunks = public_for(plan.scheme, public, plan.layout.slots), plan.layout.chunks
 
     def empty(self) -> CipherSum:
         return CipherSum(self.public, self.chunks)
