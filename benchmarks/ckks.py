@@ -1,13 +1,15 @@
-"""CKKS-encrypted aggregation against plaintext, on a ~1M-parameter model with 10 devices.
+"""Encrypted aggregation against plaintext, on a ~1M-parameter model with 10 devices.
 
-1. One update, side by side: fedray's presets (fixed point, several values per slot, one data
-   prime) and an NVFlare-style encoding (TenSEAL CKKS, N = 8192, moduli [60, 40, 40], scale 2^40,
-   one float per slot). The deltas are real: 10 MNIST devices (the 5,000-image subset, IID) each
-   train the MLP (784-1024-128-10, 936,330 parameters) for one epoch from the same start. Printed:
-   ciphertext bytes per parameter as a multiple of float32's 4, one device's encrypt + serialize
-   time, the aggregator's time per device (load and add), the decryption of the 10-device sum, and
-   the largest error of the decrypted sum against the plaintext one. fedray's decryption includes
-   verifying the tags of every ciphertext.
+1. One update, side by side: fedray's CKKS presets (fixed point, several values per slot, one
+   data prime) and an NVFlare-style encoding (TenSEAL CKKS, N = 8192, moduli [60, 40, 40], scale
+   2^40, one float per slot). The deltas are real: 10 MNIST devices (the 5,000-image subset, IID)
+   each train the MLP (784-1024-128-10, 936,330 parameters) for one epoch from the same start.
+   Printed: ciphertext bytes per parameter as a multiple of float32's 4, one device's encrypt +
+   serialize time, the aggregator's time per device (load and add), the decryption of the
+   10-device sum, and the largest error of the decrypted weighted mean delta against the plaintext
+   one. fedray's decryption includes verifying the tags of every ciphertext.
+   Then the same for a small model, logistic regression on sklearn's digits (650 parameters, 10
+   devices), with Paillier (2048- and 3072-bit keys) beside CKKS.
 2. Whole rounds, side by side in one Ray: the same job (10 devices, all in every round,
    ``--rounds`` rounds) in plaintext and encrypted with each preset: mean round time and its ratio
    to plaintext, bytes uploaded per round, final test accuracy.
@@ -36,29 +38,30 @@ from fedray.models.params import ParamSpec
 from fedray.models.zoo import build_model
 from fedray.platform.run import connect, run_job
 from fedray.secure.authority import KeyAuthority
-from fedray.secure.ckks import CipherSum
+from fedray.secure.ciphers import CipherSum
 from fedray.secure.plan import SecurePlan, Sealer
 
 DEVICES = 10
-HIDDEN = [1024, 128]
+LARGE = ("mnist", {"name": "mlp", "kwargs": {"hidden": [1024, 128]}})
+SMALL = ("digits", {"name": "logreg"})
 
 
-def job(name: str, rounds: int, secure: dict | None) -> dict:
+def job(name: str, rounds: int, secure: dict | None, workload: tuple[str, dict] = LARGE) -> dict:
     raw = {"name": name, "seed": 0, "rounds": rounds,
-           "data": {"dataset": "mnist", "partition": {"kind": "iid"}, "holdout": 0.2, "test_fraction": 0.0},
-           "model": {"name": "mlp", "kwargs": {"hidden": HIDDEN}},
+           "data": {"dataset": workload[0], "partition": {"kind": "iid"}, "holdout": 0.2, "test_fraction": 0.0},
+           "model": workload[1],
            "devices": {"count": DEVICES, "per_round": DEVICES, "local": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
            "tracking": {"experiment": "benchmarks", "log_model": False}}
     return raw | ({"secure": secure} if secure else {})
 
 
-def real_deltas() -> tuple[list[np.ndarray], list[int], ParamSpec]:
+def real_deltas(workload: tuple[str, dict]) -> tuple[list[np.ndarray], list[int], ParamSpec]:
     """Each device's delta after one local epoch from the seed's model, and its sample count."""
     torch.set_num_threads(1)
-    spec_job = parse_job(job("deltas", 1, None))
+    spec_job = parse_job(job("deltas", 1, None, workload))
     data = datasets.load(spec_job.data, 0)
     split = partition.split(data.y, spec_job.data, DEVICES, 0)
-    model = build_model("mlp", None, {"hidden": HIDDEN}, data.input_shape, data.num_classes, 0)
+    model = build_model(spec_job.model.name, None, spec_job.model.kwargs, data.input_shape, data.num_classes, 0)
     params = ParamSpec.of(model)
     start = params.flatten(model)
     deltas = []
@@ -70,8 +73,8 @@ def real_deltas() -> tuple[list[np.ndarray], list[int], ParamSpec]:
     return deltas, [len(rows) for rows in split.train], params
 
 
-def fedray_preset(preset: str, deltas: list[np.ndarray], samples: list[int], params: ParamSpec) -> dict:
-    spec_job = parse_job(job("ckks", 1, {"preset": preset}))
+def fedray_scheme(name: str, secure: dict, deltas: list[np.ndarray], samples: list[int], params: ParamSpec) -> dict:
+    spec_job = parse_job(job("secure", 1, secure))
     plan = SecurePlan.of(spec_job, params.names, [math.prod(s) for s in params.shapes], samples, float)
     authority = KeyAuthority(plan)
     sealer = Sealer(plan, *authority.enroll(list(range(DEVICES))))
@@ -89,7 +92,7 @@ def fedray_preset(preset: str, deltas: list[np.ndarray], samples: list[int], par
     summed, _ = plan.decode(authority.decrypt(total.to_bytes()), 1.0)
     decrypt = time.perf_counter() - started
     expected = sum(n * delta for n, delta in zip(samples, deltas))
-    return {"name": preset, "bytes": len(blobs[0]) / params.size / 4, "encrypt": float(np.median(encrypt)),
+    return {"name": name, "bytes": len(blobs[0]) / params.size / 4, "encrypt": float(np.median(encrypt)),
             "aggregate": aggregate, "decrypt": decrypt, "error": float(np.abs(summed - expected).max() / sum(samples))}
 
 
@@ -134,13 +137,17 @@ def main() -> None:
     parser.add_argument("--mnist-job", action="store_true", help="also run jobs/mnist_noniid.yaml both ways")
     args = parser.parse_args()
 
-    deltas, samples, params = real_deltas()
-    print(f"1. one update of {params.size:,} parameters, {DEVICES} devices")
-    print(f"{'encoding':>14} {'x float32':>9} {'encrypt s':>9} {'add s/dev':>9} {'decrypt s':>9} {'max err':>9}")
-    for row in [nvflare_style(deltas, samples, params)] + [fedray_preset(p, deltas, samples, params)
-                                                           for p in args.presets]:
-        print(f"{row['name']:>14} {row['bytes']:9.2f} {row['encrypt']:9.3f} {row['aggregate']:9.4f} "
-              f"{row['decrypt']:9.3f} {row['error']:9.1e}")
+    for workload, schemes in ((LARGE, {p: {"preset": p} for p in args.presets}),
+                              (SMALL, {"balanced": {"preset": "balanced"},
+                                       "paillier-2048": {"scheme": "paillier", "key_bits": 2048},
+                                       "paillier-3072": {"scheme": "paillier", "key_bits": 3072}})):
+        deltas, samples, params = real_deltas(workload)
+        print(f"1. one update of {params.size:,} parameters ({workload[1]['name']} on {workload[0]}), {DEVICES} devices")
+        print(f"{'encoding':>14} {'x float32':>9} {'encrypt s':>9} {'add s/dev':>9} {'decrypt s':>9} {'max err':>9}")
+        rows = [nvflare_style(deltas, samples, params)] if workload is LARGE else []
+        for row in rows + [fedray_scheme(name, secure, deltas, samples, params) for name, secure in schemes.items()]:
+            print(f"{row['name']:>14} {row['bytes']:9.2f} {row['encrypt']:9.4f} {row['aggregate']:9.5f} "
+                  f"{row['decrypt']:9.4f} {row['error']:9.1e}")
     print("   (max err: of the decrypted weighted mean delta, against the plaintext one)")
 
     connect()

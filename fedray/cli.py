@@ -173,6 +173,9 @@ def _print_summary(job: JobSpec, s: dict, seconds: float) -> None:
         tree += f"\n  privacy         epsilon {s['epsilon']:.3f} at delta {job.privacy.delta:g}"
     if "device_epsilon_max" in s:
         tree += f"\n  privacy         device epsilon max {s['device_epsilon_max']:.3f} at delta {job.privacy.delta:g}"
+    if job.secure is not None:
+        tree += (f"\n  encrypted       {job.secure.scheme}: only sums of >= {job.secure.min_clients} devices were "
+                 "decrypted (split and parameters in secure.json)")
     if "stopped" in s:
         tree += f"\n  stopped early   {s['stopped']}"
     click.echo(f"""
