@@ -295,6 +295,18 @@ def test_a_device_that_drops_out_contributes_nothing(tracking_uri, tmp_path):
 
 
 @pytest.mark.usefixtures("ray_session")
+def test_a_replaced_worker_enrolls_its_devices_again(tracking_uri):
+    driver = start_driver(tracking_uri, rounds=3, devices__count=4, devices__per_round=4, secure={"min_clients": 2})
+    assert ray.get(driver.run_round.remote(1)).completed
+    ray.kill(ray.get(driver.__ray_call__.remote(lambda self: self.pool.actors[0])), no_restart=True)
+    second = ray.get(driver.run_round.remote(2))
+    assert second.completed and second.metrics["participants"] == 2 and len(second.failures) == 2
+    third = ray.get(driver.run_round.remote(3))  # the new worker's devices' updates verify
+    assert third.completed and third.metrics["participants"] == 4 and not third.failures
+    ray.get(driver.finish.remote())
+
+
+@pytest.mark.usefixtures("ray_session")
 def test_too_few_devices_leave_the_sum_encrypted_and_the_model_unchanged(tracking_uri, tmp_path):
     from test_run import poisoned_digits
 

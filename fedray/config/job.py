@@ -13,9 +13,10 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from fedray.config.base import Fraction, JobError, PositiveFloat, PositiveInt, Section
+from fedray.config import privacy, secure, topology
 from fedray.config.privacy import PrivacySpec
 from fedray.config.secure import SecureSpec
-from fedray.config.strategy import ASYNC_STRATEGIES, ROBUST_STRATEGIES, FedAvg, StrategySpec
+from fedray.config.strategy import ASYNC_STRATEGIES, FedAvg, StrategySpec
 from fedray.config.topology import NetworkSpec, TopologySpec
 
 
@@ -265,78 +266,15 @@ class JobSpec(Section):
         if self.strategy.name == "fednova" and self.devices.local.optimizer != "sgd":
             raise ValueError("strategy fednova normalizes SGD steps; it needs devices.local.optimizer 'sgd'")
         if self.topology is not None:
-            self._check_topology(self.topology)
+            topology.check(self)
         if self.privacy is not None and self.privacy.level == "client":
-            self._check_client_privacy(self.privacy)
+            privacy.check_client(self)
         if self.secure is not None:
-            from fedray.config import secure
-
             secure.check(self)
         if self.model.name in ("cnn", "small_cnn") and known_flat:
             raise ValueError(f"model.name {self.model.name!r} needs image input (channels, height, width); "
                              f"dataset {self.data.dataset!r} is not shaped so")
         return self
-
-    def _check_topology(self, topology: TopologySpec) -> None:
-        name = self.strategy.name
-        if name in ROBUST_STRATEGIES:
-            raise ValueError(f"topology: strategy {name} is not linear and needs every raw update in one place; "
-                             "edges can only fold sums (use a linear strategy, or no topology)")
-        if topology.edges > self.devices.count:
-            raise ValueError(f"topology.edges ({topology.edges}) exceeds devices.count ({self.devices.count})")
-        if topology.edge_rounds > 1:
-            if name in ASYNC_STRATEGIES:
-                raise ValueError(f"topology.edge_rounds > 1 (HierFAVG) runs synchronous edge rounds; strategy {name} "
-                                 "folds each update as it arrives (use edge_rounds 1)")
-            if name in ("fednova", "scaffold"):
-                raise ValueError(f"topology.edge_rounds > 1 (HierFAVG) averages at the edges by samples; strategy "
-                                 f"{name} needs each device's update at the cloud")
-            if self.devices.late == "next_round":
-                raise ValueError("devices.late 'next_round' does not apply with topology.edge_rounds > 1: a late "
-                                 "update would miss its edge round")
-        if topology.assign == "attribute":
-            values = self.devices.attributes.get(topology.attribute)
-            if values is None:
-                raise ValueError(f"topology.attribute {topology.attribute!r} is not in devices.attributes "
-                                 f"(has: {sorted(self.devices.attributes) or 'none'})")
-            if len(set(values)) != topology.edges:
-                raise ValueError(f"devices.attributes.{topology.attribute} has {len(set(values))} distinct values "
-                                 f"but topology.edges is {topology.edges}; give one edge per value")
-
-    def _check_client_privacy(self, privacy: PrivacySpec) -> None:
-        name = self.strategy.name
-        if name in ROBUST_STRATEGIES:
-            raise ValueError(f"privacy.level client bounds each device's influence on a sum; strategy {name} is not a "
-                             "sum of the updates, so the noise would not cover it (use a linear strategy)")
-        if name in ASYNC_STRATEGIES:
-            raise ValueError(f"privacy.level client accounts Poisson-sampled rounds; strategy {name} has no rounds "
-                             "(use a synchronous strategy)")
-        if name in ("scaffold", "fednova"):
-            raise ValueError(f"privacy.level client: strategy {name} uses per-device "
-                             f"{'control variates' if name == 'scaffold' else 'step counts'} at the server, "
-                             "which the clip and noise do not cover (use fedavg, fedprox or a server optimizer)")
-        if self.strategy.norm_bound is not None:
-            raise ValueError("strategy.norm_bound: privacy.level client already clips each update to privacy.clip")
-        if self.devices.late == "next_round":
-            raise ValueError("privacy.level client: devices.late 'next_round' would fold updates outside their "
-                             "round's sample (use late 'drop')")
-        if self.topology is not None and self.topology.edge_rounds > 1:
-            raise ValueError("privacy.level client: topology.edge_rounds > 1 (HierFAVG) folds each device several "
-                             "times per round; the accountant counts one (use edge_rounds 1)")
-        if privacy.adaptive_clip is not None:
-            from fedray.config.privacy import count_noise
-
-            if 2 * count_noise(self) <= privacy.noise_multiplier:
-                raise ValueError(f"privacy.adaptive_clip.count_noise ({count_noise(self):g}) must exceed half of "
-                                 f"privacy.noise_multiplier ({privacy.noise_multiplier:g}): the count's noise is part "
-                                 "of the accounted noise (raise count_noise or lower noise_multiplier)")
-        if privacy.min_participants is not None:
-            if privacy.mode != "distributed":
-                raise ValueError("privacy.min_participants applies to mode 'distributed' (central noise does not "
-                                 "depend on how many answer)")
-            if privacy.min_participants > self.devices.count:
-                raise ValueError(f"privacy.min_participants ({privacy.min_participants}) exceeds devices.count "
-                                 f"({self.devices.count})")
 
     def flat(self) -> dict[str, str]:
         """The spec as dotted keys and string values, for MLflow params."""

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from fedray.config.base import PositiveFloat, PositiveInt, Section
+from fedray.config.strategy import ASYNC_STRATEGIES, ROBUST_STRATEGIES
 
 
 class Budget(Section):
@@ -121,3 +122,39 @@ def delta_noise_multiplier(job) -> float:
     if privacy.adaptive_clip is None:
         return privacy.noise_multiplier
     return (privacy.noise_multiplier ** -2 - (2 * count_noise(job)) ** -2) ** -0.5
+
+
+def check_client(job) -> None:
+    """Client-level DP against the rest of the job; raises ValueError naming the field."""
+    privacy = job.privacy
+    name = job.strategy.name
+    if name in ROBUST_STRATEGIES:
+        raise ValueError(f"privacy.level client bounds each device's influence on a sum; strategy {name} is not a "
+                         "sum of the updates, so the noise would not cover it (use a linear strategy)")
+    if name in ASYNC_STRATEGIES:
+        raise ValueError(f"privacy.level client accounts Poisson-sampled rounds; strategy {name} has no rounds "
+                         "(use a synchronous strategy)")
+    if name in ("scaffold", "fednova"):
+        raise ValueError(f"privacy.level client: strategy {name} uses per-device "
+                         f"{'control variates' if name == 'scaffold' else 'step counts'} at the server, "
+                         "which the clip and noise do not cover (use fedavg, fedprox or a server optimizer)")
+    if job.strategy.norm_bound is not None:
+        raise ValueError("strategy.norm_bound: privacy.level client already clips each update to privacy.clip")
+    if job.devices.late == "next_round":
+        raise ValueError("privacy.level client: devices.late 'next_round' would fold updates outside their "
+                         "round's sample (use late 'drop')")
+    if job.topology is not None and job.topology.edge_rounds > 1:
+        raise ValueError("privacy.level client: topology.edge_rounds > 1 (HierFAVG) folds each device several "
+                         "times per round; the accountant counts one (use edge_rounds 1)")
+    if privacy.adaptive_clip is not None:
+        if 2 * count_noise(job) <= privacy.noise_multiplier:
+            raise ValueError(f"privacy.adaptive_clip.count_noise ({count_noise(job):g}) must exceed half of "
+                             f"privacy.noise_multiplier ({privacy.noise_multiplier:g}): the count's noise is part "
+                             "of the accounted noise (raise count_noise or lower noise_multiplier)")
+    if privacy.min_participants is not None:
+        if privacy.mode != "distributed":
+            raise ValueError("privacy.min_participants applies to mode 'distributed' (central noise does not "
+                             "depend on how many answer)")
+        if privacy.min_participants > job.devices.count:
+            raise ValueError(f"privacy.min_participants ({privacy.min_participants}) exceeds devices.count "
+                             f"({job.devices.count})")

@@ -16,6 +16,7 @@ from typing import Annotated, Literal, NamedTuple
 from pydantic import Field, model_validator
 
 from fedray.config.base import PositiveFloat, PositiveInt, Section
+from fedray.config.strategy import ROBUST_STRATEGIES
 
 # the largest total coefficient modulus (bits) for 128-bit classical security, by polynomial
 # modulus degree N (HomomorphicEncryption.org security standard, 2018, ternary secrets)
@@ -153,7 +154,6 @@ def value_range(job, clip: float | None = None) -> float:
 def check(job) -> None:
     """What encrypted aggregation cannot do, and parameters that cannot hold the values; raises
     ValueError naming the field."""
-    from fedray.config.strategy import ROBUST_STRATEGIES
     from fedray.secure import packing
 
     spec, name = job.secure, job.strategy.name

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from fedray.config.base import PositiveFloat, PositiveInt, Section
+from fedray.config.strategy import ASYNC_STRATEGIES, ROBUST_STRATEGIES
 
 
 class ResourcePlacement(Section):
@@ -77,3 +78,32 @@ class NetworkSpec(Section):
 
     device_edge: Link
     edge_cloud: Link
+
+
+def check(job) -> None:
+    """The topology section against the rest of the job; raises ValueError naming the field."""
+    topology = job.topology
+    name = job.strategy.name
+    if name in ROBUST_STRATEGIES:
+        raise ValueError(f"topology: strategy {name} is not linear and needs every raw update in one place; "
+                         "edges can only fold sums (use a linear strategy, or no topology)")
+    if topology.edges > job.devices.count:
+        raise ValueError(f"topology.edges ({topology.edges}) exceeds devices.count ({job.devices.count})")
+    if topology.edge_rounds > 1:
+        if name in ASYNC_STRATEGIES:
+            raise ValueError(f"topology.edge_rounds > 1 (HierFAVG) runs synchronous edge rounds; strategy {name} "
+                             "folds each update as it arrives (use edge_rounds 1)")
+        if name in ("fednova", "scaffold"):
+            raise ValueError(f"topology.edge_rounds > 1 (HierFAVG) averages at the edges by samples; strategy "
+                             f"{name} needs each device's update at the cloud")
+        if job.devices.late == "next_round":
+            raise ValueError("devices.late 'next_round' does not apply with topology.edge_rounds > 1: a late "
+                             "update would miss its edge round")
+    if topology.assign == "attribute":
+        values = job.devices.attributes.get(topology.attribute)
+        if values is None:
+            raise ValueError(f"topology.attribute {topology.attribute!r} is not in devices.attributes "
+                             f"(has: {sorted(job.devices.attributes) or 'none'})")
+        if len(set(values)) != topology.edges:
+            raise ValueError(f"devices.attributes.{topology.attribute} has {len(set(values))} distinct values "
+                             f"but topology.edges is {topology.edges}; give one edge per value")

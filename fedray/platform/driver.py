@@ -4,7 +4,6 @@ the only process that talks to MLflow. A plain class; ``fedray.run`` makes it an
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
@@ -12,24 +11,20 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import ray
 import torch
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedray.agents.training import evaluate
 from fedray.config import JobSpec
 from fedray.data import datasets, partition
 from fedray.models.params import ParamSpec
 from fedray.models.zoo import build_model
-from fedray.config.privacy import (client_level, count_noise, delta_noise_multiplier, min_participants, sample_level,
-                                   sampling_rate)
-from fedray.platform import edge, privacy, strategies, topology
+from fedray.config.privacy import client_level, min_participants, sample_level, sampling_rate
+from fedray.platform import edge, plots, privacy, strategies, topology
 from fedray.platform.aggregation import Partial, quorum
 from fedray.platform.intake import Intake
-from fedray.config.secure import value_range
-from fedray.platform.pool import START_TIMEOUT_S, Done, Task
+from fedray.platform.pool import Done, Task
+from fedray.platform.sealing import Sealing
 from fedray.platform.strategies import AsyncStrategy
 from fedray.platform.tracking import MlflowTracker
-from fedray.secure.authority import KeyAuthority
-from fedray.secure.plan import SecurePlan, SumLoader
 from fedray.update import Update
 
 
@@ -68,19 +63,20 @@ class Driver:
         try:
             self.tracker.log_params(job.flat())
             self.tracker.log_text(job_yaml, "job.yaml")
-            self._sums: SumLoader | None = None  # encrypted aggregation: loads and starts encrypted sums
-            sealing = self._start_authority() if job.secure else None
-            size = self.spec.size if sealing is None else len(self.plan.plain)  # what the tiers sum in plaintext
-            self._check = {"size": size, "train_sizes": self._train_sizes, "expect_sealed": sealing is not None,
+            self.sealing = (Sealing(job, self.spec, self._train_sizes, self.strategy.weigh, self.tracker)
+                            if job.secure else None)
+            size = self.spec.size if self.sealing is None else len(self.sealing.plan.plain)  # summed in plaintext
+            self._check = {"size": size, "train_sizes": self._train_sizes, "expect_sealed": self.sealing is not None,
                            "expect_control": self.strategy.control_variates}
             self.pool, self.edges = edge.start_tiers(job, ray.put((dataset.x, dataset.y)), dataset.num_classes,
-                                                     split, size, sealing)
+                                                     split, size, self.sealing and self.sealing.tiers)
         except BaseException:
             self.tracker.finish("FAILED")
             raise
         self._sampler = np.random.default_rng([job.seed, 1])
         self.history: list[RoundResult] = []
         self.ledger = privacy.Ledger.of(job) if client_level(job) else None  # client-level DP's spend
+        self._losses = not (self.ledger and job.privacy.mode == "distributed")  # distributed: devices send none
         self.clip = job.privacy.clip if self.ledger else None  # client level: the clip bound devices use now
         self._device_epsilon: dict[int, tuple[float, float]] = {}  # sample level: each device's (spent, next)
         self.stopped: str | None = None  # why the run stopped before its last round
@@ -92,40 +88,10 @@ class Driver:
         self._edge_version: dict[int, int] = {}
         self._dispatched = 0
 
-    def _start_authority(self) -> tuple[SecurePlan, ray.actor.ActorHandle, bytes]:
-        """Encrypted aggregation: the plan, and the key authority on this node; records the split."""
-        weigh = self.strategy.weigh
-        self.plan = SecurePlan.of(self.job, self.spec.names, [math.prod(s) for s in self.spec.shapes],
-                                  self._train_sizes, lambda samples: weigh(samples, 1)[0])
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.authority = ray.remote(KeyAuthority).options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote(
-            self.plan)
-        public = ray.get(self.authority.public_context.remote(), timeout=START_TIMEOUT_S)
-        self._sums = SumLoader(self.plan, public)
-        summary = self.plan.summary()
-        self.tracker.log_text(json.dumps(summary, indent=1), "secure.json")
-        self.tracker.set_tag("fedray.secure", f"{self.plan.scheme}: {summary['encrypted_values']} values encrypted, "
-                                              f"{summary['plaintext_values']} in plaintext")
-        return self.plan, self.authority, public
-
     def _empty(self) -> Partial:
-        """An empty aggregate: the plaintext coordinates, and an empty encrypted sum if any."""
-        return Partial.zeros(self._check["size"], self._sums and self._sums.empty())
-
-    def _unseal(self, partial: Partial, intake: Intake, clip: float | None) -> tuple[Partial, dict[str, float]]:
-        """Have the key authority decrypt the encrypted sum; the whole aggregate, and its metrics:
-        ``decrypt_seconds``, ``clipped_fraction`` (of the encrypted values, beyond secure.range) and
-        the devices' ``train_loss``."""
-        started = time.perf_counter()
-        values = ray.get(self.authority.decrypt.remote(partial.sealed.to_bytes()), timeout=self.job.devices.timeout_s)
-        total, extras = self.plan.decode(values, value_range(self.job, clip))
-        full = np.empty(self.spec.size, dtype=np.float32)
-        full[self.plan.plain], full[self.plan.encrypted] = partial.weighted_sum, total
-        metrics = {"decrypt_seconds": time.perf_counter() - started, "clipped_fraction": extras["clipped"] / partial.count}
-        if intake.samples and not (self.ledger and self.job.privacy.mode == "distributed"):
-            metrics["train_loss"] = extras["loss"] * self.plan.sample_scale / intake.samples
-        return Partial(full, partial.weight, partial.steps_weight, partial.count, partial.control_sum,
-                       extras["below_clip"]), metrics
+        """An empty aggregate of this run: with encrypted aggregation, its plaintext coordinates and
+        an empty encrypted sum."""
+        return Partial.zeros(self.spec.size) if self.sealing is None else self.sealing.empty()
 
     def placement(self) -> dict[str, list]:
         """Where things run: the node of every edge and worker (None if not up), and every
@@ -144,8 +110,8 @@ class Driver:
             completed, metrics, sampled = self._async_step(intake)
         else:
             completed, metrics, sampled = self._sync_round(r, intake)
-        if intake.samples and not (self.ledger and self.job.privacy.mode == "distributed") and not self.job.secure:
-            metrics["train_loss"] = intake.loss_sum / intake.samples  # distributed DP: devices send no loss
+        if intake.samples and self._losses and self.sealing is None:  # else: in the encrypted sum, or none
+            metrics["train_loss"] = intake.loss_sum / intake.samples
         if intake.staleness:
             metrics.update(staleness_mean=float(np.mean(intake.staleness)), staleness_max=max(intake.staleness))
             self._staleness.update(intake.staleness)
@@ -200,8 +166,8 @@ class Driver:
             completed = accepted >= quorum(devices.min_completion, len(sampled))
         else:  # distributed noise needs its minimum of shares
             completed = accepted >= min_participants(self.job)
-        if self.job.secure:  # the authority decrypts sums of min_clients devices or more
-            completed = completed and accepted >= self.plan.min_clients
+        if self.sealing is not None:  # the authority decrypts sums of min_clients devices or more
+            completed = completed and accepted >= self.sealing.plan.min_clients
         metrics["participants"] = accepted
         if intake.staleness:
             metrics["late_accepted"] = len(intake.staleness)
@@ -213,8 +179,8 @@ class Driver:
                 partial, diagnostics, flagged = self.strategy.reduce(np.stack([u.delta for u in raw]), rng)
                 metrics.update(diagnostics)
                 intake.flagged = sorted(raw[i].device_id for i in flagged)
-            if self.job.secure:
-                partial, secure_metrics = self._unseal(partial, intake, self.clip)
+            if self.sealing is not None:
+                partial, secure_metrics = self.sealing.unseal(partial, intake, self.clip, self._losses)
                 metrics.update(secure_metrics)
             if self.ledger is not None:
                 partial, fraction = privacy.release(partial, self.job, self.clip)
@@ -301,8 +267,8 @@ class Driver:
             metrics["bytes_device_edge"] = intake.bytes_up + len(started) * model_bytes
         completed = partial.count == strategy.buffer_size
         if completed:
-            if self.job.secure:
-                partial, secure_metrics = self._unseal(partial, intake, None)
+            if self.sealing is not None:
+                partial, secure_metrics = self.sealing.unseal(partial, intake, None, self._losses)
                 metrics.update(secure_metrics)
             self.state, diagnostics = strategy.apply(self.state, partial)
             metrics.update(diagnostics)
@@ -318,7 +284,7 @@ class Driver:
         authority decrypts sums of different devices."""
         count = self.job.devices.count
         unavailable = {t.device for t in self.pool.pending.values()}
-        if self.job.secure:
+        if self.sealing is not None:
             unavailable.update(intake.folded, (task.device for _, task in self._arrived))
         if down_edges:
             unavailable.update(d for d in range(count) if self.edges.edge_of[d] in down_edges)
@@ -339,21 +305,8 @@ class Driver:
         return self._versions[self.state.round]
 
     def stop_reason(self, r: int) -> str | None:
-        """Why round ``r`` must not run, or None. Client level: the round would spend more epsilon
-        than the budget. Sample level: a device that has trained would pass the budget if sampled
-        again (devices also refuse such a round themselves)."""
-        budget = self.job.privacy and self.job.privacy.budget
-        if not budget or self.stopped:
-            return self.stopped
-        if self.ledger is not None and (spent := self.ledger.epsilon(r)) > budget.epsilon:
-            self.stopped = (f"privacy budget: round {r} would bring epsilon to {spent:.3f}, over "
-                            f"privacy.budget.epsilon {budget.epsilon:g}")
-        over = {d: after for d, (_, after) in self._device_epsilon.items() if after > budget.epsilon}
-        if over:
-            d = max(over, key=over.get)
-            self.stopped = (f"privacy budget: before round {r}, device {d} would reach epsilon {over[d]:.3f} "
-                            f"in its next round, over privacy.budget.epsilon {budget.epsilon:g} "
-                            f"({len(over)} devices would)")
+        """Why round ``r`` must not run (``privacy.budget_stop``), or None; once stopped, stays so."""
+        self.stopped = self.stopped or privacy.budget_stop(self.job, self.ledger, self._device_epsilon, r)
         return self.stopped
 
     def evaluate(self) -> dict[str, float]:
@@ -401,13 +354,13 @@ class Driver:
                     self.tracker.log_text(json.dumps(sorted(self.pool.attackers)), "attackers.json")
                 if self.history:
                     self.tracker.log_text(json.dumps([asdict(h) for h in self.history], indent=1), "rounds.json")
-                    self.tracker.log_figure(_plot(self.history), "accuracy_loss.png")
+                    self.tracker.log_figure(plots.accuracy_loss_figure(self.history), "accuracy_loss.png")
                 if self.stopped:
                     self.tracker.set_tag("fedray.stopped", self.stopped)
                 if self.job.privacy is not None:
                     self.tracker.log_text(json.dumps(self.privacy_report(), indent=1), "privacy_report.json")
                     if self.history:
-                        self.tracker.log_figure(_privacy_plot(self.history), "privacy.png")
+                        self.tracker.log_figure(plots.privacy_figure(self.history), "privacy.png")
                 if self.job.tracking.log_model and status == "FINISHED":
                     self.spec.load(self.model, self.state.params)
                     self.tracker.log_model(self.model, self._example)
@@ -435,52 +388,7 @@ class Driver:
 
     def privacy_report(self) -> dict:
         """What the run's privacy rests on and what it spent, by each accountant."""
-        job, ledger = self.job, self.ledger
-        spec = job.privacy
-        if ledger is None:
-            return privacy.sample_report(job, self._train_sizes, self._device_epsilon) | {
+        if self.ledger is None:
+            return privacy.sample_report(self.job, self._train_sizes, self._device_epsilon) | {
                 "rounds": len(self.history), "stopped": self.stopped}
-        return {"level": "client", "algorithm": "DP-FedAvg (McMahan et al. 2018), Gaussian mechanism",
-                "mode": spec.mode, "clip": spec.clip, "noise_multiplier": spec.noise_multiplier,
-                "adaptive_clip": spec.adaptive_clip and spec.adaptive_clip.model_dump() | {
-                    "count_noise": count_noise(job), "delta_noise_multiplier": delta_noise_multiplier(job),
-                    "last_clip": self.clip},
-                "sampling": "poisson", "sampling_rate": ledger.rate,
-                "denominator": privacy.expected_participants(job), "min_participants": min_participants(job),
-                "rounds": ledger.rounds, "delta": spec.delta, "accountant": spec.accountant,
-                "epsilon": {kind: privacy.Ledger.of(job, kind).epsilon(ledger.rounds) for kind in privacy.ACCOUNTANTS},
-                "budget": spec.budget.epsilon if spec.budget else None, "stopped": self.stopped}
-
-
-def _privacy_plot(history: list[RoundResult]):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 3.5))
-    spent, acc = fig.subplots(1, 2)
-    key = "epsilon" if "epsilon" in history[0].metrics else "device_epsilon_max"  # client, or sample level
-    logged = [h for h in history if key in h.metrics]
-    spent.plot([h.round for h in logged], [h.metrics[key] for h in logged], marker=".")
-    spent.set(xlabel="round", ylabel=key.replace("_", " "), title="Privacy spent")
-    evaluated = [h for h in history if "test_accuracy" in h.metrics]
-    acc.plot([h.round for h in evaluated], [h.metrics["test_accuracy"] for h in evaluated], marker=".")
-    acc.set(xlabel="round", ylabel="test accuracy", title="Global model accuracy")
-    fig.tight_layout()
-    return fig
-
-
-def _plot(history: list[RoundResult]):
-    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
-
-    evaluated = [h for h in history if "test_accuracy" in h.metrics]
-    rounds = [h.round for h in evaluated]
-    fig = Figure(figsize=(9, 3.5))
-    acc, loss = fig.subplots(1, 2)
-    acc.plot(rounds, [h.metrics["test_accuracy"] for h in evaluated], marker=".")
-    acc.set(xlabel="round", ylabel="test accuracy", title="Global model accuracy")
-    loss.plot(rounds, [h.metrics["test_loss"] for h in evaluated], marker=".", label="test")
-    trained = [h for h in history if "train_loss" in h.metrics]
-    loss.plot([h.round for h in trained], [h.metrics["train_loss"] for h in trained], label="train (devices)")
-    loss.set(xlabel="round", ylabel="cross-entropy", title="Loss")
-    loss.legend()
-    fig.tight_layout()
-    return fig
+        return privacy.client_report(self.job, self.ledger, self.clip) | {"stopped": self.stopped}

@@ -12,7 +12,8 @@ import numpy as np
 
 from fedray.agents.privacy import epsilon, noise, sgd_noise
 from fedray.config import JobSpec
-from fedray.config.privacy import count_noise, delta_noise_multiplier, expected_participants, sampling_rate
+from fedray.config.privacy import (count_noise, delta_noise_multiplier, expected_participants, min_participants,
+                                   sampling_rate)
 from fedray.platform.aggregation import Partial
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -79,6 +80,42 @@ class Ledger:
             middle = (low + high) // 2
             low, high = (middle, high) if self.epsilon(middle) <= budget else (low, middle)
         return low
+
+
+def budget_stop(job: JobSpec, ledger: Ledger | None, device_epsilon: dict[int, tuple[float, float]], r: int,
+                ) -> str | None:
+    """Why round ``r`` must not run under ``privacy.budget``, or None. Client level: the round
+    would bring the ``ledger`` past the budget. Sample level: a device that has trained would pass
+    it if sampled again (``device_epsilon``: each device's spent and next epsilon; devices also
+    refuse such a round themselves)."""
+    budget = job.privacy and job.privacy.budget
+    if not budget:
+        return None
+    if ledger is not None and (spent := ledger.epsilon(r)) > budget.epsilon:
+        return (f"privacy budget: round {r} would bring epsilon to {spent:.3f}, over privacy.budget.epsilon "
+                f"{budget.epsilon:g}")
+    over = {d: after for d, (_, after) in device_epsilon.items() if after > budget.epsilon}
+    if not over:
+        return None
+    d = max(over, key=over.get)
+    return (f"privacy budget: before round {r}, device {d} would reach epsilon {over[d]:.3f} in its next round, over "
+            f"privacy.budget.epsilon {budget.epsilon:g} ({len(over)} devices would)")
+
+
+def client_report(job: JobSpec, ledger: Ledger, clip: float) -> dict:
+    """The privacy report of a client-level run: the mechanism, its parameters and the epsilon its
+    ``ledger`` spent by each accountant; ``clip`` is the last bound (adaptive clipping moves it)."""
+    spec = job.privacy
+    return {"level": "client", "algorithm": "DP-FedAvg (McMahan et al. 2018), Gaussian mechanism",
+            "mode": spec.mode, "clip": spec.clip, "noise_multiplier": spec.noise_multiplier,
+            "adaptive_clip": spec.adaptive_clip and spec.adaptive_clip.model_dump() | {
+                "count_noise": count_noise(job), "delta_noise_multiplier": delta_noise_multiplier(job),
+                "last_clip": clip},
+            "sampling": "poisson", "sampling_rate": ledger.rate, "denominator": expected_participants(job),
+            "min_participants": min_participants(job), "rounds": ledger.rounds, "delta": spec.delta,
+            "accountant": spec.accountant,
+            "epsilon": {kind: Ledger.of(job, kind).epsilon(ledger.rounds) for kind in ACCOUNTANTS},
+            "budget": spec.budget.epsilon if spec.budget else None}
 
 
 def check_model(model) -> None:

@@ -43,11 +43,11 @@ class KeyAuthority:
         return self._public_bytes
 
     def enroll(self, devices: list[int]) -> tuple[bytes, dict[int, int]]:
-        """The public context and a new secret tag seed for each of ``devices`` (a seed given before
-        is replaced: updates tagged with it no longer verify)."""
-        seeds = {int(d): secrets.randbits(128) for d in devices}
-        self._seeds.update(seeds)
-        return self._public_bytes, seeds
+        """The public context and each of ``devices``' secret tag seed, drawn when it first enrolls:
+        a replaced worker gets its devices' seeds again, so their updates already summed still verify."""
+        for d in devices:
+            self._seeds.setdefault(int(d), secrets.randbits(128))
+        return self._public_bytes, {int(d): self._seeds[int(d)] for d in devices}
 
     def decrypt(self, sealed: bytes) -> np.ndarray:
         """The integer field sums (int64, ``plan.layout.length``) of an encrypted sum given as

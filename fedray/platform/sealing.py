@@ -1,0 +1,67 @@
+"""The driver's side of encrypted aggregation: the plan, the key authority actor, and the whole
+aggregate the authority's decryption of a round's encrypted sum gives back."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from fedray.config import JobSpec
+from fedray.config.secure import value_range
+from fedray.models.params import ParamSpec
+from fedray.platform.aggregation import Partial
+from fedray.platform.intake import Intake
+from fedray.platform.pool import START_TIMEOUT_S
+from fedray.platform.tracking import MlflowTracker
+from fedray.secure.authority import KeyAuthority
+from fedray.secure.plan import SecurePlan, SumLoader
+
+
+class Sealing:
+    """Makes the plan, starts the key authority on this node (the driver's) and records the split
+    in the run (``secure.json``, tag ``fedray.secure``). ``weigh`` is the strategy's."""
+
+    def __init__(self, job: JobSpec, spec: ParamSpec, train_sizes: list[int], weigh, tracker: MlflowTracker) -> None:
+        self.job, self.size = job, spec.size
+        self.plan = SecurePlan.of(job, spec.names, [math.prod(s) for s in spec.shapes], train_sizes,
+                                  lambda samples: weigh(samples, 1)[0])
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.authority = ray.remote(KeyAuthority).options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote(
+            self.plan)
+        self.public = ray.get(self.authority.public_context.remote(), timeout=START_TIMEOUT_S)
+        self._sums = SumLoader(self.plan, self.public)
+        summary = self.plan.summary()
+        tracker.log_text(json.dumps(summary, indent=1), "secure.json")
+        tracker.set_tag("fedray.secure", f"{self.plan.scheme}: {summary['encrypted_values']} values encrypted, "
+                                         f"{summary['plaintext_values']} in plaintext")
+
+    @property
+    def tiers(self) -> tuple[SecurePlan, Any, bytes]:
+        """What the workers (plan, authority) and the edges (plan, public context) need."""
+        return self.plan, self.authority, self.public
+
+    def empty(self) -> Partial:
+        """An empty aggregate: the plaintext coordinates, and an empty encrypted sum."""
+        return Partial.zeros(len(self.plan.plain), self._sums.empty())
+
+    def unseal(self, partial: Partial, intake: Intake, clip: float | None, losses: bool) -> tuple[Partial, dict]:
+        """Have the key authority decrypt ``partial``'s encrypted sum (``clip``: the round's DP clip
+        bound, for the range); the whole aggregate and its metrics: ``decrypt_seconds``,
+        ``clipped_fraction`` (the devices' mean fraction of values beyond the range) and, if the
+        devices send ``losses``, ``train_loss``. Raises what the authority raises when it refuses."""
+        started = time.perf_counter()
+        values = ray.get(self.authority.decrypt.remote(partial.sealed.to_bytes()), timeout=self.job.devices.timeout_s)
+        total, extras = self.plan.decode(values, value_range(self.job, clip))
+        full = np.empty(self.size, dtype=np.float32)
+        full[self.plan.plain], full[self.plan.encrypted] = partial.weighted_sum, total
+        metrics = {"decrypt_seconds": time.perf_counter() - started, "clipped_fraction": extras["clipped"] / partial.count}
+        if losses and intake.samples:
+            metrics["train_loss"] = extras["loss"] * self.plan.sample_scale / intake.samples
+        return Partial(full, partial.weight, partial.steps_weight, partial.count, partial.control_sum,
+                       extras["below_clip"]), metrics
