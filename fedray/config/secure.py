@@ -93,6 +93,11 @@ class CKKSSpec(_Secure):
     def scale(self) -> int:
         return self._param("scale_bits", 2)
 
+    @property
+    def keys(self) -> dict:
+        """What the key authority makes its context from."""
+        return {"degree": self.degree, "moduli": self.moduli, "scale_bits": self.scale}
+
     def fields(self, contributions: int) -> Fields:
         """Values per slot as set; each field a share of the slot's capacity; the tag in the first slot."""
         from fedray.secure import packing
@@ -110,6 +115,11 @@ class PaillierSpec(_Secure):
     scheme: Literal["paillier"]
     key_bits: Literal[2048, 3072] = 3072
     value_bits: Annotated[int, Field(ge=8, le=48)] = 24
+
+    @property
+    def keys(self) -> dict:
+        """What the key authority makes its key pair from."""
+        return {"key_bits": self.key_bits}
 
     def fields(self, contributions: int) -> Fields:
         from fedray.secure import packing

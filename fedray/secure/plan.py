@@ -54,10 +54,8 @@ class SecurePlan:
         fields = spec.fields(most)
         layout = packing.Layout(fields.slots, fields.per_slot, fields.field_bits, len(encrypted) + len(EXTRAS),
                                 fields.tag_fields)
-        params = ({"degree": spec.degree, "moduli": spec.moduli, "scale_bits": spec.scale} if spec.scheme == "ckks"
-                  else {"key_bits": spec.key_bits})
         return cls(encrypted, np.flatnonzero(~mask), tuple(n for n, c in zip(names, chosen) if c), layout,
-                   fields.value_bits, max(weigh(n) for n in train_sizes), max(train_sizes), spec.scheme, params,
+                   fields.value_bits, max(weigh(n) for n in train_sizes), max(train_sizes), spec.scheme, spec.keys,
                    spec.min_clients, most)
 
     @property
