@@ -28,7 +28,8 @@ class Partial:
     ``fedray.secure.ciphers.CipherSum``) sums the encrypted rest, which the devices weighted themselves.
 
     Partials from disjoint sets of devices merge by addition, so devices -> edge -> cloud is the
-    same fold at every tier. ``add`` and ``merge`` accumulate in place.
+    same fold at every tier. ``add`` and ``merge`` accumulate in place, in float64, so the order in
+    which updates arrive does not change the float32 results; the wire format is float32.
     """
 
     weighted_sum: np.ndarray
@@ -41,7 +42,7 @@ class Partial:
 
     @classmethod
     def zeros(cls, size: int, sealed: Any = None) -> Partial:
-        return cls(np.zeros(size, dtype=np.float32), sealed=sealed)
+        return cls(np.zeros(size), sealed=sealed)
 
     def fold(self, update: Update, weight: float, steps: float = 1.0) -> None:
         """Add ``update`` with ``weight`` and effective ``steps``: its delta, control change,
@@ -54,7 +55,7 @@ class Partial:
     def add(self, delta: np.ndarray, weight: float, steps: float = 1.0, control: np.ndarray | None = None) -> None:
         if weight <= 0 or steps <= 0:
             raise ValueError(f"update weight and steps must be > 0, got {weight} and {steps}")
-        self.weighted_sum += np.float32(weight / steps) * delta
+        self.weighted_sum += (weight / steps) * delta.astype(np.float64)
         self.weight += weight
         self.steps_weight += weight * steps
         self.count += 1
@@ -114,7 +115,7 @@ class Partial:
         """The weighted mean of the (normalized) deltas. Raises ValueError on an empty Partial."""
         if self.count == 0:
             raise ValueError("cannot take the mean of an empty aggregate")
-        return self.weighted_sum / np.float32(self.weight)
+        return (self.weighted_sum / self.weight).astype(np.float32)
 
     def effective_steps(self) -> float:
         """``sum w_i a_i / sum w_i``: 1 for plain averaging, FedNova's tau_eff when normalizing."""

@@ -159,7 +159,7 @@ def scaffold(num_devices: int, server_lr: float = 1.0) -> Strategy:
 
     def apply(state: ServerState, partial: Partial) -> tuple[ServerState, dict[str, float]]:
         step = lr * partial.mean()
-        control = state.buffers[0] + partial.control_sum / np.float32(num_devices)
+        control = state.buffers[0] + (partial.control_sum / num_devices).astype(np.float32)
         return (ServerState(state.params + step, state.round + 1, (control,)),
                 {"update_norm": float(np.linalg.norm(step)), "control_norm": float(np.linalg.norm(control))})
 
@@ -273,7 +273,7 @@ class AsyncStrategy:
         return True
 
     def apply(self, state: ServerState, partial: Partial) -> tuple[ServerState, dict[str, float]]:
-        step = np.float32(self.server_lr / partial.count) * partial.weighted_sum
+        step = (self.server_lr / partial.count * partial.weighted_sum).astype(np.float32)
         return ServerState(state.params + step, state.round + 1), {"update_norm": float(np.linalg.norm(step))}
 
 
