@@ -168,7 +168,7 @@ def test_the_decrypted_sum_equals_the_plaintext_sum_within_the_quantization_step
 def test_a_partial_with_an_encrypted_sum_crosses_the_wire(authority):
     plan, keys, sealer = authority
     loader = SumLoader(plan, keys.public_context())
-    partial = Partial.zeros(0, loader.empty())
+    partial = Partial.zeros(0, loader)
     rng = np.random.default_rng(0)
     for d in range(3):
         plain, blob = sealer.seal(d, 21, rng.normal(0, 0.1, 310).astype(np.float32), 1.0, 1.0, (0.0, 0.0), rng)

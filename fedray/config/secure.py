@@ -154,11 +154,13 @@ def value_range(job, clip: float | None = None) -> float:
     privacy = job.privacy
     if privacy is None or privacy.level != "client":
         return 1.0
+    from fedray.agents.privacy import share_std
     from fedray.config.privacy import delta_noise_multiplier, min_participants
 
     clip = clip or privacy.clip
-    shares = min_participants(job) if privacy.mode == "distributed" else 0
-    return clip * (1 + 6 * delta_noise_multiplier(job) / shares ** 0.5) if shares else clip
+    if privacy.mode == "central":
+        return clip
+    return clip + 6 * share_std(delta_noise_multiplier(job), clip, min_participants(job))
 
 
 def check(job) -> None:

@@ -41,8 +41,10 @@ class Partial:
     sealed: Any = None  # CipherSum
 
     @classmethod
-    def zeros(cls, size: int, sealed: Any = None) -> Partial:
-        return cls(np.zeros(size), sealed=sealed)
+    def zeros(cls, size: int, sums: Any = None) -> Partial:
+        """An empty Partial of ``size`` plaintext coordinates; with ``sums`` (an aggregator's
+        ``SumLoader``, under encrypted aggregation) also an empty encrypted sum."""
+        return cls(np.zeros(size), sealed=None if sums is None else sums.empty())
 
     def fold(self, update: Update, weight: float, steps: float = 1.0) -> None:
         """Add ``update`` with ``weight`` and effective ``steps``: its delta, control change,

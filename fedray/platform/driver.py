@@ -91,7 +91,7 @@ class Driver:
     def _empty(self) -> Partial:
         """An empty aggregate of this run: with encrypted aggregation, its plaintext coordinates and
         an empty encrypted sum."""
-        return Partial.zeros(self.spec.size) if self.sealing is None else self.sealing.empty()
+        return Partial.zeros(self._check["size"], self.sealing and self.sealing.sums)
 
     def placement(self) -> dict[str, list]:
         """Where things run: the node of every edge and worker (None if not up), and every

@@ -70,7 +70,7 @@ class EdgeAggregator:
         until = time.monotonic() + seconds
         if k == 0:
             self._global = self._model = start
-        intake, partial = Intake(), self._empty()
+        intake, partial = Intake(), Partial.zeros(self._size, self._sums)
         report = EdgeReport(intake)
         index = {refs[0]: i for i, (_, refs) in enumerate(tasks)}
         left = list(index)
@@ -104,7 +104,7 @@ class EdgeAggregator:
         """Asynchronous strategies: check and fold finished device tasks, each given as (task, [its
         result ref], staleness), into one Partial. ``models`` holds refs to the model versions
         (``current`` is the server's) that FedAsync rebases stale deltas on."""
-        intake, partial = Intake(), self._empty()
+        intake, partial = Intake(), Partial.zeros(self._size, self._sums)
         report = EdgeReport(intake)
         for i, (task, (ref,), staleness) in enumerate(arrivals):
             done = outcome(ref, task)
@@ -114,10 +114,6 @@ class EdgeAggregator:
                                 lambda: ray.get(models[started]) - ray.get(models[current]), **self._check)
         report.partial = partial.to_bytes()
         return report
-
-    def _empty(self) -> Partial:
-        return Partial.zeros(self._size, self._sums and self._sums.empty())
-
 
 def start_tiers(job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Split, size: int,
                 sealing: tuple[SecurePlan, Any, bytes] | None = None) -> tuple[WorkerPool, Edges | None]:
@@ -202,7 +198,7 @@ class Edges:
                 intake.fail(d, intake.edge_failures[edge_of[d]])
             else:
                 live.append(d)
-        partial, metrics = self._empty(), {}
+        partial, metrics = Partial.zeros(self._size, self._sums), {}
         models: dict[int, ray.ObjectRef] = {}  # edge -> the edge model its devices train from next
         uploads: dict[int, list[list[int]]] = {}  # edge -> bytes of each upload, per edge round
         sent_up: dict[int, int] = {}  # edge -> bytes of its Partial
@@ -254,7 +250,7 @@ class Edges:
         ref, task, staleness); return the merged Partial, per-edge participants and the bytes sent
         up. The tasks of an edge that is ``down`` (``{edge: reason}``) or fails fail with the
         edge's reason."""
-        pool, partial, metrics, sent_up = self._pool, self._empty(), {}, 0
+        pool, partial, metrics, sent_up = self._pool, Partial.zeros(self._size, self._sums), {}, 0
         by_edge: dict[int, list[tuple[Task, list[ray.ObjectRef], int]]] = {}
         for ref, task, staleness in arrivals:
             by_edge.setdefault(self.edge_of[task.device], []).append((task, [ref], staleness))
@@ -282,9 +278,6 @@ class Edges:
         intake.merge(report.intake)
         metrics[f"participants_edge_{e}"] = metrics.get(f"participants_edge_{e}", 0) + edge_partial.count
         return True
-
-    def _empty(self) -> Partial:
-        return Partial.zeros(self._size, self._sums and self._sums.empty())
 
     def _failed(self, failed: dict[int, str], tasks: list[Task], intake: Intake) -> None:
         """Fail ``tasks`` with the reason (in ``failed``) of their edge, and record the edges in

@@ -35,7 +35,7 @@ class Sealing:
         self.authority = ray.remote(KeyAuthority).options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote(
             self.plan)
         self.public = ray.get(self.authority.public_context.remote(), timeout=START_TIMEOUT_S)
-        self._sums = SumLoader(self.plan, self.public)
+        self.sums = SumLoader(self.plan, self.public)  # the driver adds ciphertexts too
         summary = self.plan.summary()
         tracker.log_text(json.dumps(summary, indent=1), "secure.json")
         tracker.set_tag("fedray.secure", f"{self.plan.scheme}: {summary['encrypted_values']} values encrypted, "
@@ -45,10 +45,6 @@ class Sealing:
     def tiers(self) -> tuple[SecurePlan, Any, bytes]:
         """What the workers (plan, authority) and the edges (plan, public context) need."""
         return self.plan, self.authority, self.public
-
-    def empty(self) -> Partial:
-        """An empty aggregate: the plaintext coordinates, and an empty encrypted sum."""
-        return Partial.zeros(len(self.plan.plain), self._sums.empty())
 
     def unseal(self, partial: Partial, intake: Intake, clip: float | None, losses: bool) -> tuple[Partial, dict]:
         """Have the key authority decrypt ``partial``'s encrypted sum (``clip``: the round's DP clip
