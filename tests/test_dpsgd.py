@@ -84,3 +84,63 @@ def test_what_per_sample_rules_cannot_see_through_is_refused():
     with PerSampleClipping(shared, 1.0) as clipping:
         with pytest.raises(ValueError, match="called more than once"):
             clipping.backward(F.cross_entropy(shared(shared(x))[:, :2], y, reduction="none"))
+
+
+class Grid(nn.Module):
+    """Layers whose per-sample rules were wrong before: a Linear over a 4-d input (a norm per
+    position grid), convolutions with every padding_mode, 'same' padding, groups, 1-d and 3-d."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1, padding_mode=mode)
+        self.grouped = nn.Conv2d(4, 4, 3, padding="same", groups=2, padding_mode=mode, dilation=2)
+        self.line = nn.Conv1d(4, 3, 3, padding=2, padding_mode=mode, stride=2)
+        self.cube = nn.Conv3d(1, 2, 2, padding=1, padding_mode=mode)
+        self.mix = nn.Linear(6, 5)  # applied to (n, 3, 6, 6) activations: 3-d positions per sample
+        self.out = nn.Linear(5 + 3 + 2, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.grouped(torch.tanh(self.conv(x))))  # (n, 4, 6, 6)
+        line = self.line(h.mean(3)).mean(2)  # (n, 3)
+        cube = self.cube(h[:, None, :, :3, :3]).flatten(2).mean(2)  # (n, 2)
+        grid = self.mix(h[:, :3]).mean((1, 2))  # (n, 5)
+        return self.out(torch.cat([grid, line, cube], 1))
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_every_layer_type_is_clipped_by_its_definition(mode):
+    """Each sample's whole gradient, over every trainable parameter, is clipped to C: Linear layers
+    on 4-d inputs and convolutions with any padding_mode included, and a norm is computed for every
+    trainable parameter."""
+    torch.manual_seed(1)
+    model, x, y = Grid(mode), torch.randn(6, 2, 6, 6) * 2, torch.randint(0, 4, (6,))
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = []
+    for i in range(len(x)):
+        grads = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params)
+        norms.append(float(torch.sqrt(sum((g * g).sum() for g in grads))))
+    clip = sorted(norms)[len(norms) // 2]
+    expected = clipped_sum_by_definition(model, x, y, clip)
+    with PerSampleClipping(model, clip) as clipping:
+        clipping.backward(F.cross_entropy(model(x), y, reduction="none"))
+    assert clipping.normed == set(params)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(10, 4), nn.Linear(4, 3)
+
+    def forward(self, tokens):  # the embedding matrix is used again outside its layer
+        h = self.embed(tokens).mean(1)
+        return self.head(h) + (h @ self.embed.weight.t())[:, :3]
+
+
+def test_a_model_whose_gradients_escape_their_layer_is_refused_before_training():
+    from fedray.agents.dpsgd import check
+
+    with pytest.raises(ValueError, match="parameters embed.weight get gradient outside the layer"):
+        check(Tied(), torch.randint(0, 10, (4, 5)), torch.tensor([0, 1, 2, 0]))
+    check(Grid("reflect"), torch.randn(4, 2, 6, 6), torch.tensor([0, 1, 2, 3]))  # every parameter is covered

@@ -284,9 +284,11 @@ def test_dp_sgd_clips_each_sample_gradient():
 def test_a_model_dp_sgd_cannot_train_is_refused_with_the_fix():
     from fedray.models.zoo import build_model
 
+    x, y = np.random.default_rng(0).normal(size=(4, 1, 28, 28)).astype(np.float32), np.array([0, 1, 2, 3])
+
     with pytest.raises(ValueError, match="BatchNorm cannot support training with differential privacy.*GroupNorm"):
-        privacy.check_model(build_model(None, "user_models:BatchStatsNet", {}, (64,), 10, 0))
-    privacy.check_model(build_model("small_cnn", None, {}, (1, 28, 28), 10, 0))
+        privacy.check_model(build_model(None, "user_models:BatchStatsNet", {}, (64,), 10, 0), x.reshape(4, -1)[:, :64], y)
+    privacy.check_model(build_model("small_cnn", None, {}, (1, 28, 28), 10, 0), x, y)
 
 
 SAMPLE_DP = {"devices__per_round": 6, "devices__local": {"epochs": 1, "batch_size": 16, "lr": 0.1}}

@@ -23,42 +23,57 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 Sums = Callable[[torch.Tensor], dict[nn.Parameter, torch.Tensor]]  # clipping factors -> clipped sums
+Norms = dict[nn.Parameter, torch.Tensor]  # each trainable parameter's per-sample squared gradient norms
 
 
 def _scaled(backprops: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     return backprops * coef.view(-1, *[1] * (backprops.dim() - 1))
 
 
-def _linear(layer: nn.Linear, activations: torch.Tensor, backprops: torch.Tensor) -> tuple[torch.Tensor, Sums]:
-    if backprops.dim() == 2:  # one input row per sample: |g a^T|^2 = |g|^2 |a|^2
-        g2 = (backprops * backprops).sum(1)
-        squared = g2 * (activations * activations).sum(1) if layer.weight.requires_grad else 0
-        squared = squared + (g2 if layer.bias is not None and layer.bias.requires_grad else 0)
-    else:  # sequences: Opacus's ghost norm over the positions
-        squared = sum(n ** 2 for n in _opacus().norm[nn.Linear](layer, [activations], backprops).values())
+def _linear(layer: nn.Linear, activations: torch.Tensor, backprops: torch.Tensor) -> tuple[Norms, Sums]:
+    """Ghost norms of a Linear layer on inputs of any rank: a sample's positions t (none, a
+    sequence, a grid ...) give the weight gradient ``sum_t g_t a_t^T``, whose squared norm is
+    ``<A A^T, G G^T>`` over the positions, or, when there are many positions, that of the
+    gradient itself; the bias gradient is ``sum_t g_t``."""
+    n = len(backprops)
+    g = backprops.reshape(n, -1, backprops.shape[-1])  # (n, positions, out)
+    a = activations.reshape(n, -1, activations.shape[-1])  # (n, positions, in)
+    positions, (out, inp) = g.shape[1], (g.shape[2], a.shape[2])
+    norms: Norms = {}
+    if layer.weight.requires_grad:
+        if positions == 1:  # |g a^T|^2 = |g|^2 |a|^2
+            norms[layer.weight] = (g * g).sum((1, 2)) * (a * a).sum((1, 2))
+        elif positions * positions * (out + inp) <= positions * out * inp:
+            norms[layer.weight] = (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
+        else:
+            norms[layer.weight] = torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
+    if layer.bias is not None and layer.bias.requires_grad:
+        norms[layer.bias] = g.sum(1).pow(2).sum(1)
 
     def sums(coef: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-        scaled = _scaled(backprops, coef).reshape(-1, backprops.shape[-1])
-        result = {layer.weight: scaled.t() @ activations.reshape(-1, activations.shape[-1])}
-        return result | ({layer.bias: scaled.sum(0)} if layer.bias is not None else {})
+        scaled = _scaled(g, coef).reshape(-1, out)
+        return {layer.weight: scaled.t() @ a.reshape(-1, inp)} | (
+            {layer.bias: scaled.sum(0)} if layer.bias is not None else {})
 
-    return squared, sums
+    return norms, sums
 
 
-def _embedding(layer: nn.Embedding, indices: torch.Tensor, backprops: torch.Tensor) -> tuple[torch.Tensor, Sums]:
-    squared = sum(n ** 2 for n in _opacus().norm[nn.Embedding](layer, [indices], backprops).values())
+def _embedding(layer: nn.Embedding, indices: torch.Tensor, backprops: torch.Tensor) -> tuple[Norms, Sums]:
+    norms = {p: n ** 2 for p, n in _opacus().norm[nn.Embedding](layer, [indices], backprops).items()}
 
     def sums(coef: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         rows = _scaled(backprops, coef).reshape(-1, layer.embedding_dim)
         return {layer.weight: torch.zeros_like(layer.weight).index_add_(0, indices.reshape(-1), rows)}
 
-    return squared, sums
+    return norms, sums
 
 
 def _conv2d(layer: nn.Conv2d, activations: torch.Tensor, backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-sample gradients of an ungrouped Conv2d: (output gradient) x (unfolded input)^T per sample."""
+    """Per-sample gradients of an ungrouped, zero-padded Conv2d: (output gradient) x (unfolded input)^T
+    per sample (one batched matrix product; the fast path for the zoo's conv nets)."""
     from opacus.utils.tensor_utils import unfold2d
 
     n = len(activations)
@@ -69,21 +84,44 @@ def _conv2d(layer: nn.Conv2d, activations: torch.Tensor, backprops: torch.Tensor
     return result | ({layer.bias: grads.sum(2)} if layer.bias is not None else {})
 
 
-def _materialized(per_sample: dict[nn.Parameter, torch.Tensor]) -> tuple[torch.Tensor, Sums]:
-    squared = sum(g.flatten(1).pow(2).sum(1) for p, g in per_sample.items() if p.requires_grad)
-    return squared, lambda coef: {p: torch.einsum("n,n...->...", coef, g) for p, g in per_sample.items()}
+_CONV_WEIGHT = {nn.Conv1d: torch.nn.grad.conv1d_weight, nn.Conv2d: torch.nn.grad.conv2d_weight,
+                nn.Conv3d: torch.nn.grad.conv3d_weight}
 
 
-def _rule(layer: nn.Module, inputs: list[torch.Tensor], backprops: torch.Tensor) -> tuple[torch.Tensor, Sums]:
-    """A layer's per-sample squared gradient norms (all its trainable parameters) and its clipped sums."""
-    if type(layer) is nn.Linear:
+def _conv(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d, activations: torch.Tensor, backprops: torch.Tensor,
+          ) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of any Conv1d/2d/3d (groups, stride, dilation, ``padding='same'``, and
+    every ``padding_mode``): the input is padded as the layer pads it, then the batch becomes
+    groups of one weight-gradient convolution, one group per sample."""
+    n = len(activations)
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    padded = F.pad(activations, layer._reversed_padding_repeated_twice, mode=mode)
+    weight = _CONV_WEIGHT[type(layer)](
+        padded.reshape(1, -1, *padded.shape[2:]), (n * layer.out_channels, *layer.weight.shape[1:]),
+        backprops.reshape(1, -1, *backprops.shape[2:]), stride=layer.stride, padding=0, dilation=layer.dilation,
+        groups=n * layer.groups)
+    result = {layer.weight: weight.view(n, *layer.weight.shape)}
+    return result | ({layer.bias: backprops.flatten(2).sum(2)} if layer.bias is not None else {})
+
+
+def _materialized(per_sample: dict[nn.Parameter, torch.Tensor]) -> tuple[Norms, Sums]:
+    norms = {p: g.flatten(1).pow(2).sum(1) for p, g in per_sample.items() if p.requires_grad}
+    return norms, lambda coef: {p: torch.einsum("n,n...->...", coef, g) for p, g in per_sample.items()}
+
+
+def _rule(layer: nn.Module, inputs: list[torch.Tensor], backprops: torch.Tensor) -> tuple[Norms, Sums]:
+    """A layer's per-sample squared gradient norms, by trainable parameter, and its clipped sums."""
+    kind = type(layer)
+    if kind is nn.Linear:
         return _linear(layer, inputs[0], backprops)
-    if type(layer) is nn.Embedding:
+    if kind is nn.Embedding:
         return _embedding(layer, inputs[0], backprops)
-    if type(layer) is nn.Conv2d and layer.groups == 1 and isinstance(layer.padding, tuple):
+    if kind is nn.Conv2d and layer.groups == 1 and layer.padding_mode == "zeros" and isinstance(layer.padding, tuple):
         return _materialized(_conv2d(layer, inputs[0], backprops))
+    if kind in _CONV_WEIGHT:
+        return _materialized(_conv(layer, inputs[0], backprops))
     opacus = _opacus()
-    return _materialized(opacus.grad.get(type(layer), opacus.functorch)(layer, inputs, backprops))
+    return _materialized(opacus.grad.get(kind, opacus.functorch)(layer, inputs, backprops))
 
 
 @cache
@@ -104,8 +142,12 @@ class PerSampleClipping:
     ``max_grad_norm`` (all of the sample's parameters together). A context manager: the hooks are
     removed on exit.
 
-    Raises ValueError for what per-sample rules cannot see through: a layer called twice in one
-    forward pass (shared weights) or a layer output changed in place afterwards (``inplace=True``)."""
+    Each trainable parameter is clipped by the layer that owns it: every rule must give the
+    per-sample norm of every trainable parameter its layer owns, and ``.grad`` is set from the
+    clipped sums of those parameters only. Raises ValueError naming the layer for what per-sample
+    rules cannot see through: a layer called twice in one forward pass (shared weights), a layer
+    output changed in place afterwards (``inplace=True``), a layer no rule gives every norm of.
+    ``check`` finds, before training, parameters that get gradient outside their own layer."""
 
     def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
         self.max_grad_norm = max_grad_norm
@@ -113,6 +155,7 @@ class PerSampleClipping:
                        if any(p.requires_grad for p in m.parameters(recurse=False))}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.calls: list[tuple[nn.Module, list[torch.Tensor], torch.Tensor, int]] = []
+        self.normed: set[nn.Parameter] = set()  # the parameters the last backward computed norms of
         self.handles = [m.register_forward_hook(self._capture) for m in self.layers]
 
     def _capture(self, layer: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -134,16 +177,28 @@ class PerSampleClipping:
                              "per-sample clipping supports each trainable layer once")
         backprops = torch.autograd.grad(losses.sum(), [output for *_, output, _ in calls], allow_unused=True) \
             if calls else []
-        squared, all_sums = torch.zeros(len(losses)), []
+        squared, all_sums, self.normed = torch.zeros(len(losses)), [], set()
         for (layer, inputs, output, _), grad in zip(calls, backprops):
-            layer_squared, sums = _rule(layer, inputs, torch.zeros_like(output) if grad is None else grad)
-            squared += layer_squared
-            all_sums.append(sums)
+            own = [p for p in layer.parameters(recurse=False) if p.requires_grad]
+            try:
+                norms, sums = _rule(layer, inputs, torch.zeros_like(output) if grad is None else grad)
+            except Exception as e:
+                raise ValueError(f"DP-SGD: no per-sample gradient rule works for layer {self.layers[layer]!r} "
+                                 f"({type(layer).__name__}): {e}") from e
+            missing = [p for p in own if p not in norms]
+            if missing:
+                names = {id(p): n for n, p in layer.named_parameters(recurse=False)}
+                raise ValueError(f"DP-SGD: layer {self.layers[layer]!r} ({type(layer).__name__}) gives no per-sample "
+                                 f"norm for {', '.join(names[id(p)] for p in missing)}; its gradient would not be clipped")
+            for p in own:
+                squared += norms[p]
+            self.normed.update(own)
+            all_sums.append((own, sums))
         coef = (self.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
-        for sums in all_sums:
-            for p, total in sums(coef).items():
-                if p.requires_grad:
-                    p.grad = total
+        for own, sums in all_sums:  # only a layer's own parameters, each clipped by the norms above
+            totals = sums(coef)
+            for p in own:
+                p.grad = totals[p]
         for p in self.params:  # layers the forward pass did not use, or an empty batch
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -162,3 +217,33 @@ def add_noise(params: list[nn.Parameter], std: float, expected_batch_size: int, 
     (the Poisson batch's own size would reveal it)."""
     for p in params:
         p.grad.add_(torch.normal(0.0, std, p.shape, generator=generator)).div_(expected_batch_size)
+
+
+def check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Refuse, before any training, a model whose per-sample clipping would miss a gradient: in
+    train mode on the real batch ``(x, y)``, with a bound no sample reaches, the engine's sums must
+    equal a plain backward pass's gradient for every trainable parameter. A parameter used outside
+    its own layer (tied weights) gets gradient the rules do not see, and is named. Raises
+    ValueError naming the parameter or the layer."""
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            seed = torch.seed()
+            with PerSampleClipping(model, float("inf")) as clipping:
+                clipping.backward(F.cross_entropy(model(x), y, reduction="none"))
+            engine = [p.grad for p in clipping.params]
+            torch.manual_seed(seed)  # the same dropout masks
+            plain = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), clipping.params,
+                                        allow_unused=True)
+        names = {id(p): n for n, p in model.named_parameters()}
+        unclipped = [names[id(p)] for p, e, g in zip(clipping.params, engine, plain)
+                     if g is not None and not torch.allclose(e, g, rtol=1e-3, atol=1e-5 * float(g.abs().max()))]
+        if unclipped:
+            raise ValueError(f"DP-SGD: parameters {', '.join(unclipped)} get gradient outside the layer that owns "
+                             "them (tied or shared weights), so per-sample clipping cannot bound them; give each "
+                             "layer its own parameters or freeze these")
+    finally:
+        model.train(was_training)
+        for p in model.parameters():
+            p.grad = None

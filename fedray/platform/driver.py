@@ -56,7 +56,7 @@ class Driver:
                                  dataset.num_classes, job.seed)
         self.spec = ParamSpec.of(self.model)
         if sample_level(job) is not None:
-            privacy.check_model(self.model)
+            privacy.check_model(self.model, dataset.x[:4], dataset.y[:4])
         self.strategy = strategies.for_job(job)
         self.state = self.strategy.init(self.spec.flatten(self.model))
         self.tracker = MlflowTracker(tracking_uri, job.tracking.experiment, job.name)

@@ -118,15 +118,21 @@ def client_report(job: JobSpec, ledger: Ledger, clip: float) -> dict:
             "budget": spec.budget.epsilon if spec.budget else None}
 
 
-def check_model(model) -> None:
-    """Refuse a model Opacus cannot give per-sample gradients for (BatchNorm mixes a batch's samples)."""
+def check_model(model, x: np.ndarray, y: np.ndarray) -> None:
+    """Refuse a model DP-SGD cannot clip: one whose layers mix a batch's samples (BatchNorm), or
+    whose per-sample clipping would miss a gradient on the real batch ``(x, y)`` (``dpsgd.check``).
+    Raises ValueError naming the layer or parameter."""
+    import torch
     from opacus.validators import ModuleValidator
+
+    from fedray.agents.dpsgd import check
 
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         reasons = "; ".join(str(e).split(". ")[0] for e in errors[:3])
         raise ValueError(f"privacy.level sample: DP-SGD cannot train this model: {reasons}. Replace BatchNorm with "
                          "GroupNorm (or LayerNorm/InstanceNorm), which normalize each sample on its own")
+    check(model, torch.from_numpy(x), torch.from_numpy(y))
 
 
 def sample_plan(job: JobSpec, train_sizes: list[int]) -> list[tuple[float, float, int]]:
