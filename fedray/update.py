@@ -25,7 +25,7 @@ class Update:
     the change of the device's control variate (SCAFFOLD only), shaped like ``delta``. Under
     sample-level DP, ``epsilon`` is what the device has spent so far and ``epsilon_next`` what it
     would have spent after one more round like its last. Under adaptive clipping ``below_clip`` is
-    1 if the device's delta was within the clip bound, else 0 (plus its noise share when distributed).
+    +1/2 if the device's delta was within the clip bound, else -1/2 (plus its noise share when distributed).
     With encrypted aggregation, ``delta`` holds only the plaintext coordinates and ``sealed`` the
     encrypted rest (``fedray.secure``), which nobody but the key authority can read.
     """

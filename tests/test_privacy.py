@@ -108,9 +108,9 @@ def test_adaptive_clipping_splits_the_noise_and_steps_the_bound_to_the_quantile(
     assert (z_delta ** -2 + (2 * 0.5) ** -2) ** -0.5 == pytest.approx(0.8)  # together: accounted as z
     rng = np.random.default_rng(4)
     partial = Partial.zeros(200_000)
-    for bit in (1.0,) * 7 + (0.0,) * 3:  # 7 of 10 devices within the bound
+    for norm in (0.1,) * 7 + (0.9,) * 3:  # 7 of 10 devices within the bound
         partial.add(np.zeros(200_000, np.float32), 1.0)
-        partial.below_clip += bit
+        partial.below_clip += device_privacy.below_clip(np.full(4, norm / 2, np.float32), 0.5, 0.0)
     fractions = []
     for _ in range(400):
         released, fraction = privacy.release(partial, spec, 0.5, rng)
@@ -129,9 +129,10 @@ def test_adaptive_clip_bound_follows_the_updates_norms(tracking_uri, mode):
     """The bound starts far above every update's norm: each applied round it shrinks by
     exp(-lr (b - 0.5)) with the logged noised fraction b, until about half the updates fit.
     Distributed: the devices noise their indicators themselves."""
-    summary = run(tracking_uri, rounds=8, devices__count=6, devices__per_round=6,
-                  privacy={"level": "client", "mode": mode, "clip": 50.0, "noise_multiplier": 0.5,
-                           "adaptive_clip": {"lr": 1.0, "count_noise": 0.3}})
+    overrides = dict(rounds=8, devices__count=6, devices__per_round=6,
+                     privacy={"level": "client", "mode": mode, "clip": 50.0, "noise_multiplier": 0.5,
+                              "adaptive_clip": {"lr": 1.0, "count_noise": 0.3}})
+    summary = run(tracking_uri, **overrides)
     client = MlflowClient(tracking_uri)
     clips = history(client, summary["run_id"], "clip")
     fractions = history(client, summary["run_id"], "below_clip_fraction")
@@ -139,6 +140,28 @@ def test_adaptive_clip_bound_follows_the_updates_norms(tracking_uri, mode):
     for before, after, b in zip(clips, clips[1:], fractions):
         assert after == pytest.approx(before * math.exp(-(b - 0.5)))
     assert np.mean(fractions[:3]) > 0.7 and clips[-1] < clips[0] / 4  # all fit at first: the bound fell
+    assert history(client, summary["run_id"], "epsilon")[-1] == pytest.approx(
+        independent_adaptive_epsilon(parse_job(small_job(**overrides)), 8), rel=1e-3)
+
+
+def independent_adaptive_epsilon(job, rounds):
+    """Epsilon of an adaptive-clipping run by Google's dp-accounting, from what the devices really
+    send: each round one Poisson sample (q) releases two Gaussian sums, the clipped deltas (noise std
+    z_delta C, sensitivity C) and the below-clip indicators (noise std sigma_b, sensitivity: the
+    largest indicator a device sends), composed, at Opacus's RDP orders."""
+    import dp_accounting
+    from dp_accounting import rdp
+    from opacus.accountants.rdp import RDPAccountant
+
+    from fedray.config.privacy import count_noise, delta_noise_multiplier, sampling_rate
+
+    sensitivity = max(abs(device_privacy.below_clip(np.full(3, x, np.float32), 1.0, 0.0)) for x in (0.0, 10.0))
+    both = dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(delta_noise_multiplier(job)),
+                                          dp_accounting.GaussianDpEvent(count_noise(job) / sensitivity)])
+    accountant = rdp.RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS)
+    accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(sampling_rate(job), both),
+                                                         rounds))
+    return accountant.get_epsilon(job.privacy.delta)
 
 
 def test_devices_clip_their_whole_delta():

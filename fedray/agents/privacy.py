@@ -40,10 +40,11 @@ def privatize(delta: np.ndarray, clip_bound: float, std: float, rng: np.random.G
 
 
 def below_clip(delta: np.ndarray, clip_bound: float, std: float, rng: np.random.Generator | None = None) -> float:
-    """Adaptive clipping's indicator: 1.0 if ``delta`` (unclipped) is within ``clip_bound``, else 0.0,
-    plus a noise share of ``std`` (0: none)."""
-    bit = float(np.linalg.norm(delta) <= clip_bound)
-    return bit + float(noise(1, std, rng)[0]) if std else bit
+    """Adaptive clipping's indicator, centred: +1/2 if ``delta`` (unclipped) is within ``clip_bound``,
+    else -1/2, plus a noise share of ``std`` (0: none). Centred, one device adds or removes at most
+    1/2 from the sum: the sensitivity the noise split assumes (``delta_noise_multiplier``)."""
+    value = 0.5 if np.linalg.norm(delta) <= clip_bound else -0.5
+    return value + float(noise(1, std, rng)[0]) if std else value
 
 
 Mechanism = tuple[float, float, int]  # (noise multiplier, sampling rate, steps), as Opacus's history

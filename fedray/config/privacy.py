@@ -27,7 +27,8 @@ class _Accounting(Section):
 class AdaptiveClip(Section):
     """Adaptive clipping (Andrew et al. 2021): each round the clip bound moves geometrically
     towards the ``target_quantile`` of the devices' update norms, ``C <- C exp(-lr (b - q))``,
-    where b is the noised fraction of devices whose update was within C. ``count_noise`` is the
+    where b is the noised fraction of devices whose update was within C (each device sends +-1/2,
+    so the count's sensitivity is 1/2). ``count_noise`` is the
     std of the noise on that count (default q N / 20); the deltas' noise multiplier is lowered so
     that both releases together are accounted as ``noise_multiplier``."""
 
@@ -117,7 +118,10 @@ def count_noise(job) -> float:
 
 def delta_noise_multiplier(job) -> float:
     """The noise multiplier on the deltas: ``noise_multiplier``, or with adaptive clipping
-    ``(z^-2 - (2 sigma_b)^-2)^-1/2``, so that deltas and count together are accounted as z."""
+    ``(z^-2 - (2 sigma_b)^-2)^-1/2``, so that deltas and count together are accounted as z. The
+    count sums centred indicators (+-1/2, sensitivity 1/2), so its noise multiplier is 2 sigma_b;
+    one Poisson-sampled release of both Gaussians is the Gaussian mechanism with
+    ``z^-2 = z_delta^-2 + (2 sigma_b)^-2`` (Andrew et al. 2021, Theorem 1)."""
     privacy = job.privacy
     if privacy.adaptive_clip is None:
         return privacy.noise_multiplier

@@ -28,7 +28,8 @@ def release(partial: Partial, job: JobSpec, clip: float, rng: np.random.Generato
             ) -> tuple[Partial, float | None]:
     """The Partial the server steps on: the sum of deltas clipped to ``clip`` (plus central noise
     of std z C, unless the devices added shares), over the fixed denominator q N. With adaptive
-    clipping, also the noised fraction of devices within the bound (else None); the deltas' noise
+    clipping, also the noised fraction of devices within the bound (else None): the sum of the
+    centred indicators (+-1/2) plus noise of std sigma_b, over q N, plus 1/2; the deltas' noise
     multiplier is then lowered so that the two releases are accounted as z together."""
     privacy = job.privacy
     total, below = partial.weighted_sum, partial.below_clip
@@ -37,7 +38,7 @@ def release(partial: Partial, job: JobSpec, clip: float, rng: np.random.Generato
         if privacy.adaptive_clip is not None:
             below += float(noise(1, count_noise(job), rng)[0])
     expected = expected_participants(job)
-    fraction = None if privacy.adaptive_clip is None else below / expected
+    fraction = None if privacy.adaptive_clip is None else below / expected + 0.5  # the indicators are centred
     return Partial(total, expected, expected, partial.count), fraction
 
 
