@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import secrets
 import tempfile
 import time
 
@@ -76,8 +77,10 @@ def real_deltas(workload: tuple[str, dict]) -> tuple[list[np.ndarray], list[int]
 def fedray_scheme(name: str, secure: dict, deltas: list[np.ndarray], samples: list[int], params: ParamSpec) -> dict:
     spec_job = parse_job(job("secure", 1, secure))
     plan = SecurePlan.of(spec_job, params.names, [math.prod(s) for s in params.shapes], samples, float)
-    authority = KeyAuthority(plan)
-    sealer = Sealer(plan, *authority.enroll(list(range(DEVICES))))
+    authority = KeyAuthority(plan)  # the plain class: provisioned here as its spawn would provision a worker
+    seeds = {d: secrets.randbits(128) for d in range(DEVICES)}
+    authority._seeds.update(seeds)
+    sealer = Sealer(plan, authority.public_context(), seeds)
     rng = np.random.default_rng(0)
     total, blobs, encrypt = CipherSum(sealer.public, plan.layout.chunks), [], []
     for d, delta in enumerate(deltas):
@@ -86,7 +89,7 @@ def fedray_scheme(name: str, secure: dict, deltas: list[np.ndarray], samples: li
         encrypt.append(time.perf_counter() - started)
     started = time.perf_counter()
     for d, blob in enumerate(blobs):
-        total.add(blob, (d, 1))
+        total.add(blob, d, 1)
     aggregate = (time.perf_counter() - started) / DEVICES
     started = time.perf_counter()
     summed, _ = plan.decode(authority.decrypt(total.to_bytes()), 1.0)

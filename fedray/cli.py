@@ -150,7 +150,7 @@ class _Progress:
                 f" acc {_fmt(self.accuracy)} loss {_fmt(self.loss)} "
                 f"{time.monotonic() - self.started:6.1f}s"
                 + ("" if result.completed else f"  round failed: {int(m['participants'])} answered")
-                + (f"  {len(result.failures)} failures" if result.failures else "")
+                + (f"  {int(m['failures'])} failures" if m.get("failures") else "")
                 + (f"  edges failed or down: {sorted(result.edge_failures)}" if result.edge_failures else ""))
         click.echo(f"\r{line}\x1b[K" if self.tty else line, nl=not self.tty, err=True)
 

@@ -8,6 +8,7 @@ step, and a sum of n by less than n steps (times the weight scale). CKKS's own e
 """
 
 import json
+import secrets
 
 import numpy as np
 import pytest
@@ -124,9 +125,16 @@ def plan_for(scheme="ckks", devices=6, min_clients=3, per_round=4, weight=10):
 @pytest.fixture(scope="module", params=list(SCHEMES))
 def authority(request):
     plan = plan_for(request.param)
+    return (plan, *provisioned(plan))
+
+
+def provisioned(plan, devices=6):
+    """A key authority (the plain class) and a sealer holding its devices' seeds, as ``spawn``
+    would hand them to a worker."""
     keys = KeyAuthority(plan)
-    public, seeds = keys.enroll(list(range(6)))
-    return plan, keys, Sealer(plan, public, seeds)
+    seeds = {d: secrets.randbits(128) for d in range(devices)}
+    keys._seeds.update(seeds)
+    return keys, Sealer(plan, keys.public_context(), seeds)
 
 
 def seal_all(sealer, deltas, round=1, devices=None):
@@ -134,7 +142,7 @@ def seal_all(sealer, deltas, round=1, devices=None):
     rng = np.random.default_rng(round)
     for d, delta in zip(devices or range(len(deltas)), deltas):
         _, blob = sealer.seal(d, round, delta, 1.0, 1.0, (0.5, 1.0), rng)
-        total.add(blob, (d, round))
+        total.add(blob, d, round)
     return total
 
 
@@ -174,7 +182,7 @@ def test_a_partial_with_an_encrypted_sum_crosses_the_wire(authority):
         plain, blob = sealer.seal(d, 21, rng.normal(0, 0.1, 310).astype(np.float32), 1.0, 1.0, (0.0, 0.0), rng)
         partial.fold(Update(d, 21, 10, 1, 0.0, plain, sealed=blob), 10.0)
     received = Partial.from_bytes(partial.to_bytes(), 0, loader.load)
-    assert received.count == 3 and received.weight == 30 and received.sealed.contributions == [(0, 21), (1, 21), (2, 21)]
+    assert received.count == 3 and received.weight == 30 and [c[:2] for c in received.sealed.contributions] == [(0, 21), (1, 21), (2, 21)]
     np.testing.assert_array_equal(keys._keys.decrypt(received.sealed.items), keys._keys.decrypt(partial.sealed.items))
     with pytest.raises(ValueError, match="unexpected encrypted sum|aggregates in plaintext"):
         Partial.from_bytes(partial.to_bytes(), 0)
@@ -188,11 +196,11 @@ def test_the_authority_decrypts_only_verified_sums_of_enough_devices(authority):
         keys.decrypt(seal_all(sealer, deltas[:1], round=31).to_bytes())
     with pytest.raises(DecryptionRefused, match="updates of 2 device"):
         keys.decrypt(seal_all(sealer, deltas[:2], round=32).to_bytes())
-    # an aggregator adds one device's ciphertext to itself three times and claims three devices
-    one = seal_all(sealer, deltas[:1], round=33)
+    # an aggregator adds one device's ciphertext to itself three times, claiming three devices that sent
+    one, three = seal_all(sealer, deltas[:1], round=33), seal_all(sealer, deltas[:3], round=33)
     forged = CipherSum(sealer.public, plan.layout.chunks)
-    for d in range(3):
-        forged._add([v.copy() if hasattr(v, "copy") else v for v in one.items], [(d, 33)])
+    for contribution in three.contributions:
+        forged._add([v.copy() if hasattr(v, "copy") else v for v in one.items], [contribution])
     with pytest.raises(DecryptionRefused, match="tags do not match"):
         keys.decrypt(forged.to_bytes())
     # a contribution claimed twice (among three different devices)
@@ -200,35 +208,66 @@ def test_the_authority_decrypts_only_verified_sums_of_enough_devices(authority):
     twice.contributions[2] = twice.contributions[1]
     with pytest.raises(DecryptionRefused, match="claims a contribution twice"):
         keys.decrypt(twice.to_bytes())
-    # a device that never enrolled
+    # a device that was never provisioned
     stranger = seal_all(sealer, deltas, round=35)
-    stranger.contributions[0] = (99, 35)
-    with pytest.raises(DecryptionRefused, match=r"devices \[99\] never enrolled"):
+    stranger.contributions[0] = (99, 35, stranger.contributions[0][2])
+    with pytest.raises(DecryptionRefused, match=r"contributions \[\(99, 35\)\].*no device sent"):
         keys.decrypt(stranger.to_bytes())
     # a verified sum decrypts once; a second sum over any of its contributions is refused
     keys.decrypt(seal_all(sealer, deltas[:3], round=36).to_bytes())
     again = seal_all(sealer, deltas[:3], round=36, devices=[0, 4, 5])
-    with pytest.raises(DecryptionRefused, match=r"\(0, 36\).*decrypted before"):
+    with pytest.raises(DecryptionRefused, match=r"\(0, 36\).*decrypted or refused before"):
         keys.decrypt(again.to_bytes())
+
+
+def test_a_malicious_aggregator_gets_one_guess_and_cannot_claim_updates_nobody_sent(authority):
+    """Padding one update with claims of devices that sent nothing is refused by their receipts;
+    a refused sum burns the contributions it claimed, so the honest sum over them never decrypts
+    (no retries); every ciphertext's tag holds at least 64 secret bits."""
+    plan, keys, sealer = authority
+    rng = np.random.default_rng(1)
+    deltas = [rng.normal(0, 0.1, 310).astype(np.float32) for _ in range(3)]
+    alone = seal_all(sealer, deltas[:1], round=61)
+    padded = CipherSum(sealer.public, plan.layout.chunks)
+    padded._add(alone.items, alone.contributions + [(1, 61, "00" * 16), (2, 61, alone.contributions[0][2])])
+    with pytest.raises(DecryptionRefused, match=r"\[\(1, 61\), \(2, 61\)\].*no device sent"):
+        keys.decrypt(padded.to_bytes())
+    with pytest.raises(DecryptionRefused, match=r"\(0, 61\).*decrypted or refused before"):  # device 0: burned
+        keys.decrypt(seal_all(sealer, deltas, round=61).to_bytes())
+    honest = seal_all(sealer, deltas, round=62)
+    guessed = CipherSum(sealer.public, plan.layout.chunks)
+    guessed._add(seal_all(sealer, deltas[:1], round=62).items, honest.contributions)  # receipts right, sum wrong
+    with pytest.raises(DecryptionRefused, match="tags do not match"):
+        keys.decrypt(guessed.to_bytes())
+    with pytest.raises(DecryptionRefused, match="decrypted or refused before"):
+        keys.decrypt(honest.to_bytes())
+    assert plan.layout.tag_fields * (plan.bits - 1) >= 64
+
+
+@pytest.mark.parametrize("secure", [{"preset": "fast"}, {"preset": "balanced"}, {"preset": "precise"},
+                                    {"scheme": "paillier", "key_bits": 2048, "value_bits": 8}])
+def test_every_preset_tags_each_ciphertext_with_at_least_64_secret_bits(secure):
+    spec = job(secure=secure)
+    plan = SecurePlan.of(spec, ("w", "b"), [300, 10], [10] * 6, float)
+    assert plan.layout.tag_fields * (plan.bits - 1) >= 64
 
 
 def test_a_ciphertext_under_another_context_is_rejected(authority):
     plan, keys, sealer = authority
-    other = KeyAuthority(plan)
-    foreign = Sealer(plan, *other.enroll(list(range(6))))
+    _, foreign = provisioned(plan)
     rng = np.random.default_rng(0)
     blob = foreign.seal(0, 41, rng.normal(0, 0.1, 310).astype(np.float32), 1.0, 1.0, (0.0, 0.0), rng)[1]
     with pytest.raises(ValueError, match="made under another context"):
-        CipherSum(sealer.public, plan.layout.chunks).add(blob, (0, 41))
+        CipherSum(sealer.public, plan.layout.chunks).add(blob, 0, 41)
     # relabelled with this context's fingerprint, it does not decrypt to the tags (or, Paillier,
     # it may not even be below this key's n^2)
     with pytest.raises(ValueError, match="tags do not match|outside \\(0, n\\^2\\)"):
         relabelled = CipherSum(sealer.public, plan.layout.chunks)
         for d in range(3):
-            relabelled.add(sealer.public.id + blob[16:], (d, 41))
+            relabelled.add(packing.receipt(sealer.seeds[d], d, 41) + sealer.public.id + blob[32:], d, 41)
         keys.decrypt(relabelled.to_bytes())
     with pytest.raises(ValueError, match="does not decode"):
-        CipherSum(sealer.public, plan.layout.chunks).add(sealer.public.id + b"\0" * 40, (0, 41))
+        CipherSum(sealer.public, plan.layout.chunks).add(b"\0" * 16 + sealer.public.id + b"\0" * 40, 0, 41)
 
 
 def test_a_device_does_not_seal_a_non_finite_delta(authority):

@@ -64,13 +64,34 @@ def epsilon(kind: str, history: list[Mechanism], delta: float) -> float:
         return float(accountant.get_epsilon(delta=delta))
 
 
-def sgd_noise(spec, batch_size: int, samples: int, planned: int, rounds: int) -> tuple[float, float]:
-    """A device's DP-SGD (noise multiplier, batch sampling rate) under a sample-level ``spec``:
-    ``target_epsilon`` gives the noise that reaches it after ``planned`` steps in each of ``rounds``."""
-    rate = min(1.0, batch_size / samples)
+def sgd_noise(job, samples: int, planned: int) -> tuple[float, float]:
+    """A device's DP-SGD (noise multiplier, batch sampling rate) under ``job``'s sample-level
+    privacy: ``target_epsilon`` gives the noise that reaches it after ``planned`` steps in every
+    training the job can give it (``config.privacy.trainings``)."""
+    from fedray.config.privacy import trainings
+
+    spec, rate = job.privacy, min(1.0, job.devices.local.batch_size / samples)
     if spec.noise_multiplier is not None:
         return spec.noise_multiplier, rate
-    return noise_for(spec.accountant, spec.target_epsilon, spec.delta, rate, planned * rounds), rate
+    return noise_for(spec.accountant, spec.target_epsilon, spec.delta, rate, planned * trainings(job)), rate
+
+
+def planned_steps(job, samples: int) -> int:
+    """The DP-SGD steps a device of ``samples`` training samples plans per training."""
+    local = job.devices.local
+    return local.steps or local.epochs * -(-samples // local.batch_size)
+
+
+def sample_mechanism(job, samples: int, round: int, device: int) -> Mechanism:
+    """What ``device`` (of ``samples`` training samples) spends training for ``round`` under
+    sample-level DP: its (noise multiplier, batch sampling rate, steps); the steps are those it
+    will take (``devices.partial_work`` draws them from the job's seed), so whoever knows the job
+    can charge them before the device trains."""
+    from fedray.agents.heterogeneity import local_steps
+
+    planned = planned_steps(job, samples)
+    steps = local_steps(planned, job.devices.partial_work, np.random.default_rng([job.seed, round, device, 4]))
+    return (*sgd_noise(job, samples, planned), steps)
 
 
 @lru_cache(maxsize=1024)
@@ -86,21 +107,22 @@ def noise_for(kind: str, target: float, delta: float, rate: float, steps: int) -
 
 
 class DeviceAccountant:
-    """One device's DP-SGD spend, kept by the device across every round it trains."""
+    """One device's DP-SGD spend: the ``history`` of what it spent before (its state record, kept
+    outside any worker) and what it spends now."""
 
-    def __init__(self, kind: str, delta: float) -> None:
+    def __init__(self, kind: str, delta: float, history: list[Mechanism] = ()) -> None:
         self.kind, self.delta = kind, delta
-        self.history: list[Mechanism] = []
+        self.history: list[Mechanism] = [tuple(m) for m in history]
 
     def spend(self, noise_multiplier: float, rate: float, steps: int) -> None:
-        self.history = _compose(self.history, (noise_multiplier, rate, steps))
+        self.history = compose(self.history, (noise_multiplier, rate, steps))
 
     def epsilon(self, then: Mechanism | None = None) -> float:
         """Epsilon spent so far, or after also spending ``then``."""
-        return epsilon(self.kind, self.history if then is None else _compose(self.history, then), self.delta)
+        return epsilon(self.kind, self.history if then is None else compose(self.history, then), self.delta)
 
 
-def _compose(history: list[Mechanism], mechanism: Mechanism) -> list[Mechanism]:
+def compose(history: list[Mechanism], mechanism: Mechanism) -> list[Mechanism]:
     if history and history[-1][:2] == mechanism[:2]:
         return history[:-1] + [(*mechanism[:2], history[-1][2] + mechanism[2])]
     return history + [mechanism]

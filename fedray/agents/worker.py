@@ -33,7 +33,8 @@ from fedray.update import Update
 class DeviceWorker:
     """Hosts ``shards``: ``{device_id: (train_indices, test_indices)}`` into ``data = (x, y)``.
     Devices in ``attackers`` carry out the job's attack. With encrypted aggregation, ``sealing`` is
-    the job's ``SecurePlan`` and the key authority (an actor) the devices enroll with.
+    the job's ``SecurePlan``, the public context and the devices' secret tag seeds: the key
+    authority starts such a worker (``KeyAuthority.spawn``), and no seed ever leaves it otherwise.
 
     An asyncio actor: calls on one worker train one at a time (training never awaits), but the time
     a device takes beyond its compute (``devices.speed``) is an ``await``, so the worker trains other
@@ -42,7 +43,7 @@ class DeviceWorker:
 
     def __init__(self, job: JobSpec, data: tuple[np.ndarray, np.ndarray], num_classes: int,
                  shards: dict[int, tuple[np.ndarray, np.ndarray]], attackers: frozenset[int] = frozenset(),
-                 sealing: tuple[SecurePlan, Any] | None = None) -> None:
+                 sealing: tuple[SecurePlan, bytes, dict[int, int]] | None = None) -> None:
         torch.set_num_threads(1)
         x, y = data
         self._train = {d: (torch.from_numpy(x[tr]), torch.from_numpy(y[tr])) for d, (tr, _) in shards.items()}
@@ -69,20 +70,21 @@ class DeviceWorker:
             self._delta_z = delta_noise_multiplier(job)
             self._count_share = count_noise(job) / math.sqrt(shares) if shares and dp.adaptive_clip else 0.0
             self._shares = shares
-        self._sample_dp, self._rounds = sample_level(job), job.rounds
-        self._accountants: dict[int, privacy.DeviceAccountant] = {}  # sample level: each device's own
+        self._sample_dp = sample_level(job)
         self._job, self._weigh = job, strategies.for_job(job).weigh
-        self._sealer: Sealer | None = None  # made once enrolled with the key authority (the first fit awaits it)
-        self._enrolling = None if sealing is None else (sealing[0], sealing[1].enroll.remote(list(shards)))
+        self._sealer = None if sealing is None else Sealer(*sealing)
 
     async def fit(self, device: int, round: int, sent_at: float, global_params: np.ndarray,
-                  server_control: np.ndarray | None = None, clip: float | None = None) -> bytes:
+                  server_control: np.ndarray | None = None, clip: float | None = None,
+                  spent: list | None = None) -> bytes:
         """Train ``device`` from ``global_params`` (with SCAFFOLD, correcting its gradients by
         ``server_control - c_i``) and return its serialized Update. ``round`` is the synchronous
         round, or the dispatch number of an asynchronous run: it seeds the device's randomness.
         ``sent_at`` (``time.time()``) is when the device was sent the model: a device with a speed
         answers no sooner than its training time after that, however long it waited here. ``clip``
-        is the round's bound under adaptive clipping (default: ``privacy.clip``)."""
+        is the round's bound under adaptive clipping (default: ``privacy.clip``). Under sample-level
+        DP ``spent`` is the device's DP-SGD history so far (its record, which the run keeps): the
+        device refuses a round that would take it past the budget."""
         started = time.perf_counter()
         start = np.array(global_params, dtype=np.float32)  # writable copy
         x, y = self._train[device]
@@ -92,9 +94,9 @@ class DeviceWorker:
         planned = self._local.steps or self._local.epochs * -(-len(x) // self._local.batch_size)
         steps = local_steps(planned, self._partial_work, np.random.default_rng([self._seed, round, device, 4]))
         local = self._local if steps == planned else replace(self._local, epochs=None, steps=steps)
-        sample_dp = None if self._sample_dp is None else self._sample_dp_for(device, len(x), planned)
-        steps, loss = train(self._model, x, y, local, device_generator(self._seed, round, device), correction,
-                            sample_dp and sample_dp[0])
+        accountant = None if self._sample_dp is None else self._accountant(device, round, len(x), spent)
+        dp_sgd = accountant and SampleDP(self._sample_dp.max_grad_norm, accountant.history[-1][0])
+        steps, loss = train(self._model, x, y, local, device_generator(self._seed, round, device), correction, dp_sgd)
         delta = self._spec.flatten(self._model) - start
         control = None
         if own is not None:  # SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K lr), K in plain SGD steps
@@ -110,21 +112,14 @@ class DeviceWorker:
                 indicator = privacy.below_clip(delta, bound, self._count_share)
             share = privacy.share_std(self._delta_z, bound, self._shares) if self._shares else 0.0
             delta = privacy.privatize(delta, bound, share)
-            if self._shares:
-                loss = 0.0  # distributed: the device's loss would be an un-noised statistic, so it sends none
+        if self._job.privacy is not None:
+            loss = 0.0  # an un-noised statistic of the device's data: under DP it stays on the device
         sealed = None
-        if self._enrolling is not None and self._sealer is None:
-            plan, enrolled = self._enrolling
-            self._sealer = Sealer(plan, *await enrolled)
         if self._sealer is not None:  # the encrypted part carries the loss and the indicator too
             delta, sealed, loss, indicator = self._seal(device, round, len(x), steps, delta, loss, indicator, clip)
-        spent = None
-        if sample_dp is not None:
-            dp_sgd, rate = sample_dp
-            accountant = self._accountants[device]
-            accountant.spend(dp_sgd.noise_multiplier, rate, steps)
-            spent = accountant.epsilon(), accountant.epsilon((dp_sgd.noise_multiplier, rate, planned))
-        payload = Update(device, round, len(x), steps, loss, delta, control, *(spent or (None, None)),
+        epsilons = (None, None) if accountant is None else (
+            accountant.epsilon(), accountant.epsilon((*accountant.history[-1][:2], planned)))
+        payload = Update(device, round, len(x), steps, loss, delta, control, *epsilons,
                          below_clip=indicator, sealed=sealed).to_bytes()
         if self._speed is not None:
             seconds = training_seconds(self._speed, self._slowdown[device], steps, time.perf_counter() - started)
@@ -139,21 +134,23 @@ class DeviceWorker:
         plan = self._sealer.plan
         weight, effective = self._weigh(samples, steps)
         extras = (loss * samples / plan.sample_scale, indicator or 0.0)
-        rng = np.random.default_rng([self._seed, round, device, 5])  # stochastic rounding
+        private = self._job.privacy is not None  # rounding noised values: secret randomness, no clipped count
+        rng = np.random.default_rng() if private else np.random.default_rng([self._seed, round, device, 5])
         plain, sealed = self._sealer.seal(device, round, delta, weight / effective / plan.weight_scale,
-                                          value_range(self._job, clip), extras, rng)
+                                          value_range(self._job, clip), extras, rng, count_clipped=not private)
         return plain, sealed, 0.0, None
 
-    def _sample_dp_for(self, device: int, samples: int, planned: int) -> tuple[SampleDP, float]:
-        """The DP-SGD settings of ``device``'s round and its batch sampling rate; refuses a round
-        that could take the device past the budget."""
+    def _accountant(self, device: int, round: int, samples: int, spent: list | None) -> privacy.DeviceAccountant:
+        """``device``'s accountant after this round's DP-SGD (its history is ``spent``, the record
+        the run keeps); refuses a round that would take the device past the budget."""
         spec = self._sample_dp
-        z, rate = privacy.sgd_noise(spec, self._local.batch_size, samples, planned, self._rounds)
-        accountant = self._accountants.setdefault(device, privacy.DeviceAccountant(spec.accountant, spec.delta))
-        if spec.budget is not None and (after := accountant.epsilon((z, rate, planned))) > spec.budget.epsilon:
+        accountant = privacy.DeviceAccountant(spec.accountant, spec.delta, spent or [])
+        mechanism = privacy.sample_mechanism(self._job, samples, round, device)
+        if spec.budget is not None and (after := accountant.epsilon(mechanism)) > spec.budget.epsilon:
             raise RuntimeError(f"device {device} refuses to train: its epsilon would reach {after:.3f}, over "
                                f"privacy.budget.epsilon {spec.budget.epsilon:g}")
-        return SampleDP(spec.max_grad_norm, z), rate
+        accountant.spend(*mechanism)
+        return accountant
 
     def node_id(self) -> str:
         """The Ray node this worker runs on (answering also says it has started)."""

@@ -267,8 +267,8 @@ class JobSpec(Section):
             raise ValueError("strategy fednova normalizes SGD steps; it needs devices.local.optimizer 'sgd'")
         if self.topology is not None:
             topology.check(self)
-        if self.privacy is not None and self.privacy.level == "client":
-            privacy.check_client(self)
+        if self.privacy is not None:
+            privacy.check(self)
         if self.secure is not None:
             secure.check(self)
         if self.model.name in ("cnn", "small_cnn") and known_flat:

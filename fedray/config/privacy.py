@@ -111,6 +111,13 @@ def min_participants(job) -> int:
     return privacy.min_participants or max(1, quorum(job.devices.min_completion, expected_participants(job)))
 
 
+def trainings(job) -> int:
+    """The most times a device trains in a synchronous run: once in each edge round (HierFAVG's
+    ``topology.edge_rounds`` per round) of each of the job's rounds. Sample-level
+    ``target_epsilon`` is sized for all of them."""
+    return job.rounds * (job.topology.edge_rounds if job.topology is not None else 1)
+
+
 def count_noise(job) -> float:
     """sigma_b: the std of the noise on the adaptive clip's below-clip count."""
     return job.privacy.adaptive_clip.count_noise or expected_participants(job) / 20
@@ -128,10 +135,27 @@ def delta_noise_multiplier(job) -> float:
     return (privacy.noise_multiplier ** -2 - (2 * count_noise(job)) ** -2) ** -0.5
 
 
-def check_client(job) -> None:
-    """Client-level DP against the rest of the job; raises ValueError naming the field."""
+def check(job) -> None:
+    """The privacy section against the rest of the job; raises ValueError naming the field."""
+    if job.evaluation.federated:
+        raise ValueError("evaluation.federated: each device's accuracy and loss on its own test split would leave "
+                         f"it un-noised, outside what privacy.level {job.privacy.level} accounts (evaluate on the "
+                         "server's holdout: set evaluation.federated false)")
+    if job.privacy.level == "client":
+        _check_client(job)
+    elif job.strategy.name in ASYNC_STRATEGIES and job.privacy.target_epsilon is not None:
+        raise ValueError(f"privacy.target_epsilon: under strategy {job.strategy.name} a device may train any number "
+                         "of times, so no noise can be sized for all of them (set privacy.noise_multiplier and "
+                         "privacy.budget, which stops the run before a device passes it)")
+
+
+def _check_client(job) -> None:
     privacy = job.privacy
     name = job.strategy.name
+    if privacy.mode == "distributed" and job.secure is None:
+        raise ValueError("privacy.mode distributed: each device adds only a share of the noise, so whoever reads a "
+                         "single update (the driver, an edge) sees it barely noised; add a secure section, so "
+                         "aggregators see only sums of at least secure.min_clients updates, or use mode central")
     if name in ROBUST_STRATEGIES:
         raise ValueError(f"privacy.level client bounds each device's influence on a sum; strategy {name} is not a "
                          "sum of the updates, so the noise would not cover it (use a linear strategy)")

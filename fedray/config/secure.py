@@ -10,7 +10,6 @@ job live in ``check``; the packing arithmetic (capacity, headroom, noise floor) 
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Literal, NamedTuple
 
 from pydantic import Field, model_validator
@@ -31,8 +30,6 @@ PRESETS = {
     "precise": (8192, (60, 40), 20, 1),
 }
 
-TAG_BITS = 64  # a Paillier ciphertext's tag spans at least this many bits
-
 
 class Fields(NamedTuple):
     """How a scheme's plaintexts hold values: ``slots`` per ciphertext, ``per_slot`` fields of
@@ -49,7 +46,9 @@ class _Secure(Section):
     range: PositiveFloat | None = Field(None, description="each encrypted value, (w / a) / max w x delta, is "
                                                           "clipped to +-range (default 1.0; under client-level DP "
                                                           "the clip plus 6 std of a noise share)")
-    min_clients: Annotated[int, Field(ge=2)] = 2
+    min_clients: Annotated[int, Field(ge=2)] = Field(3, description="the fewest devices a decrypted sum holds: "
+                                                                     "3 keeps one device colluding with an "
+                                                                     "aggregator from isolating another's update")
     encrypt: tuple[str, ...] = Field(("*",), min_length=1, description="parameter-name patterns (fnmatch) to "
                                                                         "encrypt; the rest is summed in plaintext")
 
@@ -99,12 +98,14 @@ class CKKSSpec(_Secure):
         return {"degree": self.degree, "moduli": self.moduli, "scale_bits": self.scale}
 
     def fields(self, contributions: int) -> Fields:
-        """Values per slot as set; each field a share of the slot's capacity; the tag in the first slot."""
+        """Values per slot as set; each field a share of the slot's capacity; the tag in the first
+        fields of each ciphertext (``packing.TAG_BITS`` secret bits)."""
         from fedray.secure import packing
 
         per_slot = self._param("values_per_slot", 3)
         field = packing.capacity(self.moduli, self.scale) // per_slot
-        return Fields(self.degree // 2, per_slot, field, field - packing.headroom(contributions), per_slot)
+        value_bits = field - packing.headroom(contributions)
+        return Fields(self.degree // 2, per_slot, field, value_bits, packing.tag_fields(value_bits))
 
 
 class PaillierSpec(_Secure):
@@ -125,8 +126,7 @@ class PaillierSpec(_Secure):
         from fedray.secure import packing
 
         field = self.value_bits + packing.headroom(contributions)
-        return Fields(1, (self.key_bits - 2) // field, field, self.value_bits,
-                      math.ceil(TAG_BITS / (self.value_bits - 1)))
+        return Fields(1, (self.key_bits - 2) // field, field, self.value_bits, packing.tag_fields(self.value_bits))
 
 
 SecureSpec = Annotated[CKKSSpec | PaillierSpec, Field(discriminator="scheme")]

@@ -52,7 +52,7 @@ class Partial:
         self.add(update.delta, weight, steps, update.control)
         self.below_clip += update.below_clip or 0.0
         if update.sealed is not None:
-            self.sealed.add(update.sealed, (update.device_id, update.round))
+            self.sealed.add(update.sealed, update.device_id, update.round)
 
     def add(self, delta: np.ndarray, weight: float, steps: float = 1.0, control: np.ndarray | None = None) -> None:
         if weight <= 0 or steps <= 0:

@@ -73,12 +73,12 @@ class Driver:
         except BaseException:
             self.tracker.finish("FAILED")
             raise
-        self._sampler = np.random.default_rng([job.seed, 1])
+        # who takes part must stay secret under client-level DP: drawn from OS entropy, not the logged seed
+        self._sampler = np.random.default_rng() if client_level(job) else np.random.default_rng([job.seed, 1])
         self.history: list[RoundResult] = []
         self.ledger = privacy.Ledger.of(job) if client_level(job) else None  # client-level DP's spend
-        self._losses = not (self.ledger and job.privacy.mode == "distributed")  # distributed: devices send none
+        self._losses = job.privacy is None  # under DP devices keep their loss (an un-noised statistic)
         self.clip = job.privacy.clip if self.ledger else None  # client level: the clip bound devices use now
-        self._device_epsilon: dict[int, tuple[float, float]] = {}  # sample level: each device's (spent, next)
         self.stopped: str | None = None  # why the run stopped before its last round
         self._staleness = Counter()  # staleness of every accepted late or asynchronous update
         # asynchronous runs: finished tasks not yet folded, the model versions devices train from
@@ -87,6 +87,11 @@ class Driver:
         self._versions: dict[int, ray.ObjectRef] = {}
         self._edge_version: dict[int, int] = {}
         self._dispatched = 0
+
+    @property
+    def _device_epsilon(self) -> dict[int, tuple[float, float]]:
+        """Sample level: each device that has trained, (epsilon spent, after one more round)."""
+        return {} if self.pool.spend is None else self.pool.spend.view()
 
     def _empty(self) -> Partial:
         """An empty aggregate of this run: with encrypted aggregation, its plaintext coordinates and
@@ -121,7 +126,8 @@ class Driver:
         if self.ledger is not None:  # every round sampled devices and may release a model: it is accounted
             self.ledger.step()
             metrics["epsilon"] = self.ledger.epsilon()
-        self._device_epsilon.update(intake.device_epsilon)
+        if self.pool.spend is not None:  # sample level: what devices were charged, or told more
+            self.pool.spend.told(intake.device_epsilon)
         if self._device_epsilon:
             spent = [e for e, _ in self._device_epsilon.values()]
             metrics.update(device_epsilon_max=max(spent), device_epsilon_mean=float(np.mean(spent)))
@@ -133,8 +139,9 @@ class Driver:
                 metrics.update(federated, evaluation_failures=len(evaluation_failures))
         metrics["round_seconds"] = time.perf_counter() - start
         self.tracker.log_metrics(metrics, step=r)
-        result = RoundResult(r, completed, metrics, dict(sorted(intake.failures.items())),
-                             dict(sorted(evaluation_failures.items())), intake.flagged,
+        # under client-level DP the round's log must not say who took part: counts only (in metrics)
+        failures = {} if self.ledger is not None else dict(sorted(intake.failures.items()))
+        result = RoundResult(r, completed, metrics, failures, dict(sorted(evaluation_failures.items())), intake.flagged,
                              dict(sorted(intake.edge_failures.items())))
         self.history.append(result)
         return result
@@ -198,7 +205,7 @@ class Driver:
         last round join if they arrive."""
         carried = list(self.pool.pending)
         sent_at = time.time()
-        fresh = [self.pool.submit("fit", d, r, sent_at, *refs, tag=r, **options) for d in sampled]
+        fresh = [self.pool.fit(d, r, sent_at, *refs, tag=r, **options) for d in sampled]
         partial, raw = self._empty(), []  # raw kept whole for robust (non-linear) rules
         for done in self.pool.as_completed(fresh + carried, time.monotonic() + self.job.devices.round_wait_s):
             update = self._accept(done, done.task.tag, intake)
@@ -294,7 +301,7 @@ class Driver:
         while device in unavailable:
             device = int(self._sampler.integers(count))
         self._dispatched += 1
-        self.pool.submit("fit", device, self._dispatched, time.time(), self._model(),
+        self.pool.fit(device, self._dispatched, time.time(), self._model(),
                          tag=(self._dispatched, self.state.round))
         return device
 

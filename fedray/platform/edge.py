@@ -121,24 +121,24 @@ def start_tiers(job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Spli
     placed on the edge's nodes. ``size`` is what the tiers sum in plaintext; with encrypted
     aggregation ``sealing`` is the plan, the key authority and its public context."""
     tree = job.topology
-    workers = None if sealing is None else sealing[:2]
+    authority = None if sealing is None else sealing[1]
     edges = None if sealing is None else (sealing[0], sealing[2])
     if tree is None:
-        return WorkerPool(job, data, num_classes, split, sealing=workers), None
+        return WorkerPool(job, data, num_classes, split, authority=authority), None
     missing = topology.missing_placement(tree, ray.nodes())
     if missing:
         raise RuntimeError(f"topology.placement: no alive node offers {', '.join(missing)}; start edge nodes "
                            "with ray start --resources '{\"edge_0\": 1}' or --labels region=..., to match")
     if tree.assign == "colocated":
         pool = WorkerPool(job, data, num_classes, split, [(np.arange(job.devices.count), {"scheduling_strategy": "SPREAD"})],
-                          workers)
+                          authority)
         edge_of, nodes = topology.colocated(pool.nodes(), pool.worker_of, tree.edges)
         options = [{"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)} for node in nodes]
     else:
         edge_of = topology.assign(job)
         options = [topology.placement_options(tree, e) for e in range(tree.edges)]
         pool = WorkerPool(job, data, num_classes, split,
-                          [(np.flatnonzero(edge_of == e), options[e]) for e in range(tree.edges)], workers)
+                          [(np.flatnonzero(edge_of == e), options[e]) for e in range(tree.edges)], authority)
     return pool, Edges(job, size, [len(t) for t in split.train], options, edge_of.tolist(), pool, edges)
 
 
@@ -207,7 +207,7 @@ class Edges:
         for k in range(edge_rounds):
             t = (r - 1) * edge_rounds + k + 1  # the edge round devices train for
             sent_at = time.time()
-            fresh = [pool.submit("fit", d, t, sent_at, models.get(edge_of[d], refs[0]), *refs[1:], tag=t, **options)
+            fresh = [pool.fit(d, t, sent_at, models.get(edge_of[d], refs[0]), *refs[1:], tag=t, **options)
                      for d in live]
             dispatched += len(fresh)
             tasks: dict[int, list[tuple[Task, list[ray.ObjectRef]]]] = {}

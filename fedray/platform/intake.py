@@ -3,6 +3,7 @@ update passes before it is folded."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,9 @@ class Intake:
         except ValueError as e:
             self.fail(d, str(e))
             return None
+        told = (update.epsilon, update.epsilon_next)  # kept even if the update is rejected: it was sent
+        if all(type(e) is float and math.isfinite(e) and e >= 0 for e in told):
+            self.device_epsilon[d] = told
         reason = rejection_reason(update, expected_device=d, expected_round=expected_round, expected_size=size,
                                   expected_samples=train_sizes[d], expect_control=expect_control,
                                   expect_sealed=expect_sealed)
@@ -60,8 +64,6 @@ class Intake:
             return None
         self.loss_sum += update.train_loss * update.num_samples
         self.samples += update.num_samples
-        if update.epsilon is not None:
-            self.device_epsilon[d] = (update.epsilon, update.epsilon_next)
         return update
 
     def fold_arrival(self, done: Done, staleness: int, strategy: Any, partial: Partial,

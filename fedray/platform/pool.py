@@ -19,7 +19,9 @@ from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 from fedray.agents.attacks import choose_attackers
 from fedray.agents.worker import DeviceWorker
 from fedray.config import JobSpec
+from fedray.config.privacy import sample_level
 from fedray.data.partition import Split
+from fedray.platform import privacy
 
 if TYPE_CHECKING:  # intake imports this module
     from fedray.platform.intake import Intake
@@ -56,11 +58,12 @@ class WorkerPool:
     ``devices.workers`` workers (default: one per CPU of the cluster) shared out over the groups,
     at least one each; within a group, devices are spread so that every worker holds about the same
     number of training samples (``balanced_assignment``). Deployment: one worker per device.
-    ``sealing`` (encrypted aggregation: the plan and the key authority) goes to every worker.
+    Under sample-level DP the pool keeps every device's spend (``spend``) and charges it in ``fit``.
+    With encrypted aggregation the key ``authority`` (an actor) starts the workers.
     """
 
     def __init__(self, job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Split,
-                 groups: list[tuple[np.ndarray, dict[str, Any]]] | None = None, sealing: tuple | None = None) -> None:
+                 groups: list[tuple[np.ndarray, dict[str, Any]]] | None = None, authority: Any = None) -> None:
         count = job.devices.count
         groups = groups or [(np.arange(count), {})]
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -79,8 +82,10 @@ class WorkerPool:
         self._cpus_per_worker = min(1.0, cpus / num_workers)
         self._actor_class = ray.remote(DeviceWorker)
         self.attackers = (choose_attackers(count, job.attack.fraction, job.seed) if job.attack else frozenset())
-        self._args, self._sealing = (job, data, num_classes), sealing
+        self._args, self._authority = (job, data, num_classes), authority
         self._devices = job.devices
+        # sample-level DP: every device's spend, kept here, where no worker's failure can lose it
+        self.spend = privacy.DeviceLedger(job, sizes.tolist()) if sample_level(job) else None
         self._started: dict[int, ray.ObjectRef] = {}  # worker -> its node id, once it has started
         self.actors = [self._spawn(w) for w in range(num_workers)]
         # started before the first round, whose deadline should not pay for it; a worker that cannot
@@ -95,8 +100,12 @@ class WorkerPool:
         self._dropped: dict[ray.ObjectRef, Task] = {}
 
     def _spawn(self, w: int) -> Any:
-        actor = self._actor_class.options(num_cpus=self._cpus_per_worker, max_restarts=0, **self._options[w]).remote(
-            *self._args, self._shards[w], self.attackers.intersection(self._shards[w]), self._sealing)
+        options = {"num_cpus": self._cpus_per_worker, "max_restarts": 0, **self._options[w]}
+        args = (*self._args, self._shards[w], self.attackers.intersection(self._shards[w]))
+        if self._authority is None:
+            actor = self._actor_class.options(**options).remote(*args)
+        else:  # the key authority starts it, handing it its devices' tag seeds; args nested: data stays a ref
+            (actor,) = ray.get(self._authority.spawn.remote(options, [args]), timeout=START_TIMEOUT_S)
         self._started[w] = actor.node_id.remote()
         return actor
 
@@ -110,6 +119,13 @@ class WorkerPool:
         for w, node in enumerate(self.nodes(timeout=0)):
             if node in dead:
                 self._replace(w, self._generation[w])
+
+    def fit(self, device: int, round: int, *args: Any, tag: Any = None, **kwargs: Any) -> ray.ObjectRef:
+        """Have ``device`` train for ``round`` (``DeviceWorker.fit``). Under sample-level DP the
+        device is charged first in ``spend`` and given its history."""
+        if self.spend is not None:
+            kwargs["spent"] = self.spend.charge(int(device), round)
+        return self.submit("fit", device, round, *args, tag=tag, **kwargs)
 
     def submit(self, method: str, device: int, *args: Any, tag: Any = None, **kwargs: Any) -> ray.ObjectRef:
         """Call ``method(device, *args, **kwargs)`` on the device's worker; the task stays in

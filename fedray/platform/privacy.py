@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from fedray.agents.privacy import epsilon, noise, sgd_noise
+from fedray.agents.privacy import Mechanism, compose, epsilon, noise, planned_steps, sample_mechanism, sgd_noise
 from fedray.config import JobSpec
 from fedray.config.privacy import (count_noise, delta_noise_multiplier, expected_participants, min_participants,
                                    sampling_rate)
@@ -137,13 +137,45 @@ def check_model(model, x: np.ndarray, y: np.ndarray) -> None:
 
 
 def sample_plan(job: JobSpec, train_sizes: list[int]) -> list[tuple[float, float, int]]:
-    """Each device's DP-SGD (noise multiplier, batch sampling rate, planned steps per round)."""
-    local = job.devices.local
-    plans = []
-    for n in train_sizes:
-        planned = local.steps or local.epochs * -(-n // local.batch_size)
-        plans.append((*sgd_noise(job.privacy, local.batch_size, n, planned, job.rounds), planned))
-    return plans
+    """Each device's DP-SGD (noise multiplier, batch sampling rate, planned steps per training)."""
+    return [(*sgd_noise(job, n, planned_steps(job, n)), planned_steps(job, n)) for n in train_sizes]
+
+
+class DeviceLedger:
+    """Sample-level DP: every device's spend, kept by the run (not by the worker hosting the device,
+    whose death or replacement would lose it). A device is charged when it is sent the model, with
+    the mechanism it will run (``sample_mechanism``), so a device whose update is lost, late or
+    rejected has still spent; the device is given its history with the task and keeps its own
+    accountant from it. ``told`` takes what devices report: the view of a device is the larger.
+    A device's spend never goes down."""
+
+    def __init__(self, job: JobSpec, train_sizes: list[int]) -> None:
+        self._job, self._sizes = job, train_sizes
+        self._per_round = job.topology.edge_rounds if job.topology is not None else 1  # trainings per round
+        self.history: dict[int, list[Mechanism]] = {}
+        self._view: dict[int, tuple[float, float]] = {}  # device -> (spent, after one more round), cached
+
+    def charge(self, device: int, round: int) -> list[Mechanism]:
+        """Charge ``device`` for training in ``round``; its history before the charge."""
+        before = self.history.get(device, [])
+        mechanism = sample_mechanism(self._job, self._sizes[device], round, device)
+        after = compose(before, mechanism)
+        planned = (*mechanism[:2], planned_steps(self._job, self._sizes[device]) * self._per_round)
+        kind, delta = self._job.privacy.accountant, self._job.privacy.delta
+        spent, told = epsilon(kind, after, delta), self._view.get(device, (0.0, 0.0))
+        self.history[device] = after
+        self._view[device] = (max(spent, told[0]), max(epsilon(kind, compose(after, planned), delta), told[1]))
+        return before
+
+    def told(self, reported: dict[int, tuple[float, float]]) -> None:
+        """What devices reported they spent (and would after one more round): kept where larger."""
+        for d, (spent, after) in reported.items():
+            old = self._view.get(d, (0.0, 0.0))
+            self._view[d] = (max(spent, old[0]), max(after, old[1]))
+
+    def view(self) -> dict[int, tuple[float, float]]:
+        """Each device that has trained: (epsilon spent, epsilon after one more round)."""
+        return dict(self._view)
 
 
 def sample_report(job: JobSpec, train_sizes: list[int], device_epsilon: dict[int, tuple[float, float]]) -> dict:

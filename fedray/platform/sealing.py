@@ -46,18 +46,20 @@ class Sealing:
         """What the workers (plan, authority) and the edges (plan, public context) need."""
         return self.plan, self.authority, self.public
 
-    def unseal(self, partial: Partial, intake: Intake, clip: float | None, losses: bool) -> tuple[Partial, dict]:
+    def unseal(self, partial: Partial, intake: Intake, clip: float | None, statistics: bool) -> tuple[Partial, dict]:
         """Have the key authority decrypt ``partial``'s encrypted sum (``clip``: the round's DP clip
-        bound, for the range); the whole aggregate and its metrics: ``decrypt_seconds``,
-        ``clipped_fraction`` (the devices' mean fraction of values beyond the range) and, if the
-        devices send ``losses``, ``train_loss``. Raises what the authority raises when it refuses."""
+        bound, for the range); the whole aggregate and its metrics: ``decrypt_seconds`` and, if the
+        devices send ``statistics`` (not under DP), ``train_loss`` and ``clipped_fraction`` (the
+        devices' mean fraction of values beyond the range). Raises what the authority raises when
+        it refuses."""
         started = time.perf_counter()
         values = ray.get(self.authority.decrypt.remote(partial.sealed.to_bytes()), timeout=self.job.devices.timeout_s)
         total, extras = self.plan.decode(values, value_range(self.job, clip))
         full = np.empty(self.size, dtype=np.float32)
         full[self.plan.plain], full[self.plan.encrypted] = partial.weighted_sum, total
-        metrics = {"decrypt_seconds": time.perf_counter() - started, "clipped_fraction": extras["clipped"] / partial.count}
-        if losses and intake.samples:
-            metrics["train_loss"] = extras["loss"] * self.plan.sample_scale / intake.samples
+        metrics = {"decrypt_seconds": time.perf_counter() - started}
+        if statistics and intake.samples:
+            metrics.update(train_loss=extras["loss"] * self.plan.sample_scale / intake.samples,
+                           clipped_fraction=extras["clipped"] / partial.count)
         return Partial(full, partial.weight, partial.steps_weight, partial.count, partial.control_sum,
                        extras["below_clip"]), metrics

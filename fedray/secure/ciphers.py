@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from fedray.secure.packing import RECEIPT_BYTES
+
 _LENGTH = struct.Struct("<I")
 
 
@@ -77,22 +79,25 @@ class Public:
 
 class CipherSum:
     """The running sum of encrypted updates an aggregator holds, and the contributions in it:
-    ``(device, round)`` of each update added. Sums merge by adding, like a ``Partial``."""
+    ``(device, round, receipt)`` of each update added, the receipt (hex) being the device's proof
+    that it sent it (``packing.receipt``). Sums merge by adding, like a ``Partial``."""
 
     def __init__(self, public: Public, chunks: int) -> None:
         self.public, self.chunks = public, chunks
         self.items: list[Any] | None = None
-        self.contributions: list[tuple[int, int]] = []
+        self.contributions: list[tuple[int, int, str]] = []
 
-    def add(self, payload: bytes, contribution: tuple[int, int]) -> None:
-        """Add one device's encrypted update; raises ValueError if the blob does not load."""
-        self._add(self.public.load(payload, self.chunks), [contribution])
+    def add(self, payload: bytes, device: int, round: int) -> None:
+        """Add one device's sealed update (its receipt, then its ciphertexts); raises ValueError if
+        the blob does not load."""
+        receipt, blob = payload[:RECEIPT_BYTES], payload[RECEIPT_BYTES:]
+        self._add(self.public.load(blob, self.chunks), [(device, round, receipt.hex())])
 
     def merge(self, other: CipherSum) -> None:
         if other.items is not None:
             self._add(other.items, other.contributions)
 
-    def _add(self, items: list[Any], contributions: list[tuple[int, int]]) -> None:
+    def _add(self, items: list[Any], contributions: list[tuple[int, int, str]]) -> None:
         self.items = items if self.items is None else [self.public.add(t, i) for t, i in zip(self.items, items)]
         self.contributions += contributions
 
@@ -110,7 +115,8 @@ class CipherSum:
         if payload:
             try:
                 (n,) = _LENGTH.unpack_from(payload)
-                contributions = [(int(d), int(r)) for d, r in json.loads(payload[_LENGTH.size:_LENGTH.size + n])]
+                contributions = [(int(d), int(r), str(receipt))
+                                 for d, r, receipt in json.loads(payload[_LENGTH.size:_LENGTH.size + n])]
             except (struct.error, ValueError, TypeError) as e:
                 raise ValueError(f"encrypted sum has malformed contributions: {e}") from e
             total._add(public.load(payload[_LENGTH.size + n:], chunks), contributions)

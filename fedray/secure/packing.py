@@ -12,11 +12,15 @@ check that a ciphertext is the plain sum of the contributions it is claimed to b
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
+TAG_BITS = 64  # a ciphertext's tag digits span at least this many secret bits: a forger guesses with odds 2^-64
+RECEIPT_BYTES = 16
 MIN_VALUE_BITS = 8  # fewer bits per value would quantize updates too coarsely to be useful
 DOUBLE_BITS = 46  # CKKS decodes through double precision: beyond |value| ~ 2^47 rounding errors reach 0.5
 
@@ -55,6 +59,19 @@ def tags(seed: int, round: int, chunks: int, fields: int, bits: int) -> np.ndarr
     """A device's tag digits for ``round``: ``(chunks, fields)`` integers in ``[0, 2^(bits-1))``,
     drawn from its secret ``seed``."""
     return np.random.default_rng([seed, round]).integers(0, 2 ** (bits - 1), (chunks, fields), dtype=np.int64)
+
+
+def tag_fields(value_bits: int) -> int:
+    """Fields a ciphertext's tag takes: digits of ``value_bits - 1`` secret bits, ``TAG_BITS`` in all."""
+    return math.ceil(TAG_BITS / max(1, value_bits - 1))
+
+
+def receipt(seed: int, device: int, round: int) -> bytes:
+    """A device's proof that it sent an update for ``round``: an HMAC-SHA256 of the device and round
+    under its secret ``seed`` (``RECEIPT_BYTES`` bytes). It travels beside the ciphertexts, so the
+    key authority can refuse a sum that claims a contribution nobody sent."""
+    message = device.to_bytes(8, "little", signed=True) + round.to_bytes(8, "little", signed=True)
+    return hmac.new(seed.to_bytes(16, "little"), b"fedray-receipt" + message, hashlib.sha256).digest()[:RECEIPT_BYTES]
 
 
 @dataclass(frozen=True)

@@ -41,9 +41,12 @@ class SecurePlan:
     def of(cls, job, names: tuple[str, ...], sizes: list[int], train_sizes: list[int], weigh) -> SecurePlan:
         """The plan of ``job`` for parameters ``names`` of ``sizes`` entries; ``weigh(samples)`` is
         the weight in the strategy's sum of an update from ``samples`` training samples."""
+        from fedray.config.privacy import client_level, min_participants
         from fedray.config.secure import max_contributions
 
         spec = job.secure
+        # distributed DP's noise shares are sized for min_participants: the authority never decrypts fewer
+        shares = min_participants(job) if client_level(job) and job.privacy.mode == "distributed" else 0
         chosen = [any(fnmatch.fnmatchcase(name, pattern) for pattern in spec.encrypt) for name in names]
         mask = np.repeat(chosen, sizes)
         encrypted = np.flatnonzero(mask)
@@ -56,7 +59,7 @@ class SecurePlan:
                                 fields.tag_fields)
         return cls(encrypted, np.flatnonzero(~mask), tuple(n for n, c in zip(names, chosen) if c), layout,
                    fields.value_bits, max(weigh(n) for n in train_sizes), max(train_sizes), spec.scheme, spec.keys,
-                   spec.min_clients, most)
+                   max(spec.min_clients, shares), most)
 
     @property
     def limit(self) -> int:
@@ -82,17 +85,21 @@ class SecurePlan:
 
 
 class Sealer:
-    """A device worker's side of encrypted aggregation: its devices' tag seeds and the public context."""
+    """A device worker's side of encrypted aggregation: its devices' tag seeds (from the key
+    authority, which started the worker) and the public context."""
 
     def __init__(self, plan: SecurePlan, public: bytes, seeds: dict[int, int]) -> None:
         self.plan, self.seeds = plan, seeds
         self.public = public_for(plan.scheme, public, plan.layout.slots)
 
     def seal(self, device: int, round: int, delta: np.ndarray, scale: float, value_range: float,
-             extras: tuple[float, float], rng: np.random.Generator) -> tuple[np.ndarray, bytes]:
-        """``(plaintext part of delta, encrypted blob)``: the encrypted coordinates times ``scale``
+             extras: tuple[float, float], rng: np.random.Generator, count_clipped: bool = True,
+             ) -> tuple[np.ndarray, bytes]:
+        """``(plaintext part of delta, sealed blob)``: the blob is the device's receipt for ``round``
+        and then the ciphertexts: the encrypted coordinates times ``scale``
         (``(w / a) / weight_scale``) quantized over ``+-value_range``, then ``extras`` (weighted
-        loss, below-clip indicator) and the clipped fraction, tagged for ``round``. Raises
+        loss, below-clip indicator) and the clipped fraction (0 unless ``count_clipped``: under DP
+        it would be an un-noised statistic), tagged for ``round``. Raises
         ValueError for a non-finite delta or extra, which no aggregator could see to reject."""
         plan, layout = self.plan, self.plan.layout
         bad = int(np.count_nonzero(~np.isfinite(delta)))
@@ -101,10 +108,13 @@ class Sealer:
                              "does not send it")
         values, clipped = packing.quantize(delta[plan.encrypted] * np.float32(scale), value_range / plan.limit,
                                            plan.bits, rng)
-        tail, _ = packing.quantize(np.array([*extras, clipped / len(plan.encrypted)]), EXTRA_RANGE / plan.limit,
+        tail, _ = packing.quantize(np.array([*extras, count_clipped * clipped / len(plan.encrypted)]),
+                                   EXTRA_RANGE / plan.limit,
                                    plan.bits, rng)
-        tag = packing.tags(self.seeds[device], round, layout.chunks, layout.tag_fields, plan.bits)
-        return delta[plan.plain], self.public.encrypt(layout.pack(np.concatenate([values, tail]), tag))
+        seed = self.seeds[device]
+        tag = packing.tags(seed, round, layout.chunks, layout.tag_fields, plan.bits)
+        blob = self.public.encrypt(layout.pack(np.concatenate([values, tail]), tag))
+        return delta[plan.plain], packing.receipt(seed, device, round) + blob
 
 
 class SumLoader:
