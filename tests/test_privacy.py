@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import ray
 import yaml
 from mlflow import MlflowClient
 from scipy import integrate
@@ -19,7 +20,7 @@ from fedray.platform import privacy
 from fedray.platform.aggregation import Partial
 from fedray.platform.run import run_job
 
-from conftest import history, small_job
+from conftest import history, small_job, start_driver
 
 
 def test_accountants_match_opacus_published_values():
@@ -71,7 +72,8 @@ def test_ledger_affords_the_most_rounds_within_a_budget():
 
 
 def job(**privacy_section):
-    return parse_job(small_job(devices__count=40, devices__per_round=10,
+    secure = {"scheme": "ckks"} if privacy_section.get("mode") == "distributed" else None  # shares need it
+    return parse_job(small_job(devices__count=40, devices__per_round=10, secure=secure,
                                privacy={"level": "client", "clip": 0.5, "noise_multiplier": 1.2, **privacy_section}))
 
 
@@ -130,6 +132,7 @@ def test_adaptive_clip_bound_follows_the_updates_norms(tracking_uri, mode):
     exp(-lr (b - 0.5)) with the logged noised fraction b, until about half the updates fit.
     Distributed: the devices noise their indicators themselves."""
     overrides = dict(rounds=8, devices__count=6, devices__per_round=6,
+                     secure={"scheme": "ckks"} if mode == "distributed" else None,
                      privacy={"level": "client", "mode": mode, "clip": 50.0, "noise_multiplier": 0.5,
                               "adaptive_clip": {"lr": 1.0, "count_noise": 0.3}})
     summary = run(tracking_uri, **overrides)
@@ -220,6 +223,7 @@ def test_a_round_moves_the_model_by_the_calibrated_noise(tracking_uri, mode, top
     times sqrt(k / m) when k >= m devices each add a distributed share."""
     z, clip, d = 100.0, 1.0, 64 * 10 + 10
     summary = run(tracking_uri, rounds=4, topology=topology,
+                  secure={"scheme": "ckks", "min_clients": 2} if mode == "distributed" else None,
                   privacy={"level": "client", "mode": mode, "clip": clip, "noise_multiplier": z})
     client = MlflowClient(tracking_uri)
     participants = history(client, summary["run_id"], "participants")  # every round; update_norm: applied ones
@@ -374,3 +378,39 @@ def test_a_device_refuses_a_round_past_its_budget():
     worker = DeviceWorker(job, (data.x, data.y), 10, {0: (np.arange(100), np.arange(0))})
     with pytest.raises(RuntimeError, match="device 0 refuses to train: its epsilon would reach .*, over privacy.budget"):
         asyncio.run(worker.fit(0, 1, 0.0, np.zeros(650, np.float32)))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_device_spend_survives_a_killed_worker(tracking_uri):
+    """Sample level: a worker is killed between rounds 2 and 3; its devices fail round 3 (and are
+    charged for it: they were sent the model) and train again in round 4 on a new worker, from
+    their spend so far. Every device's epsilon only grows, and equals its composed rounds."""
+    from fedray.agents.privacy import epsilon
+
+    raw = small_job(rounds=4, devices__workers=2, privacy={"level": "sample", "noise_multiplier": 1.1}, **SAMPLE_DP)
+    _, plans = device_plans(raw)
+    driver = start_driver(tracking_uri, **{k: v for k, v in raw.items() if k != "name"})
+    spends = []
+
+    def record(self):  # what the devices themselves report, before the run takes the larger
+        told, self.reported = self.pool.spend.told, []
+        self.pool.spend.told = lambda values: (self.reported.append(dict(values)), told(values))[1]
+
+    for r in (1, 2, 3, 4):
+        if r == 4:
+            ray.get(driver.__ray_call__.remote(record))
+        if r == 3:
+            ray.kill(ray.get(driver.__ray_call__.remote(lambda self: self.pool.actors[0])), no_restart=True)
+        result = ray.get(driver.run_round.remote(r))
+        assert result.completed and (len(result.failures) > 0) == (r == 3)
+        spends.append(ray.get(driver.__ray_call__.remote(lambda self: self.pool.spend.view())))
+        expected = [epsilon("rdp", [(z, q, steps * r)], 1e-5) for z, q, steps in plans]
+        assert [spends[-1][d][0] for d in range(6)] == pytest.approx(expected)
+        assert result.metrics["device_epsilon_mean"] == pytest.approx(np.mean(expected))
+    killed = ray.get(driver.__ray_call__.remote(lambda self: np.flatnonzero(self.pool.worker_of == 0).tolist()))
+    told = ray.get(driver.__ray_call__.remote(lambda self: self.pool.spend.history))
+    for d in killed:  # the new worker was handed the device's history: it reports 4 rounds' spend
+        assert sum(steps for *_, steps in told[d]) == 4 * plans[d][2]
+    reported = ray.get(driver.__ray_call__.remote(lambda self: self.reported))
+    assert killed and all(reported[0][d][0] == pytest.approx(spends[-1][d][0]) for d in killed)
+    ray.get(driver.finish.remote())
