@@ -114,6 +114,7 @@ def _plan_sample_level(job: JobSpec, rounds: int) -> None:
     plans = sample_plan(job, [len(t) for t in partition.split(data.y, job.data, job.devices.count, job.seed).train])
     share = job.devices.per_round / job.devices.count
     expected = max(1, round(rounds * share))
+    edge_rounds = job.topology.edge_rounds if job.topology is not None else 1  # trainings per round
     noise = (f"noise multiplier {spec.noise_multiplier:g}" if spec.noise_multiplier else
              f"target epsilon {spec.target_epsilon:g}: noise multiplier {min(z for z, _, _ in plans):.3f}"
              f"-{max(z for z, _, _ in plans):.3f}")
@@ -123,7 +124,7 @@ def _plan_sample_level(job: JobSpec, rounds: int) -> None:
     for kind in ACCOUNTANTS:
         shares = [("in every round", rounds)] + [(f"in {expected} rounds (its expected share)", expected)] * (expected < rounds)
         for label, times in shares:
-            spent = [epsilon(kind, [(z, q, steps * times)], spec.delta) for z, q, steps in plans]
+            spent = [epsilon(kind, [(z, q, steps * times * edge_rounds)], spec.delta) for z, q, steps in plans]
             chosen = "  (the job's accountant)" if kind == spec.accountant else ""
             click.echo(f"  {kind}: device epsilon max {max(spent):.3f}, mean {np.mean(spent):.3f} if each trains "
                        f"{label}{chosen}")

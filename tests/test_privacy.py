@@ -414,3 +414,70 @@ def test_device_spend_survives_a_killed_worker(tracking_uri):
     reported = ray.get(driver.__ray_call__.remote(lambda self: self.reported))
     assert killed and all(reported[0][d][0] == pytest.approx(spends[-1][d][0]) for d in killed)
     ray.get(driver.finish.remote())
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_who_takes_part_is_secret_under_client_level_dp(tracking_uri, tmp_path):
+    """Client level: the Poisson sample is not drawn from the logged seed (two runs of one job take
+    different devices), and the round log names no device, though one always fails; nor does any
+    device send its un-noised training loss."""
+    from test_run import poisoned_digits
+
+    overrides = dict(rounds=6, privacy={"level": "client", "noise_multiplier": 1.0, "sampling_rate": 0.5},
+                     **poisoned_digits(tmp_path / "one.npz", [5]))
+    client = MlflowClient(tracking_uri)
+    runs = [run(tracking_uri, **overrides) for _ in range(2)]
+    sizes = [history(client, s["run_id"], "participants") for s in runs]
+    assert sizes[0] != sizes[1]  # the same seed, another sample (equal by chance with odds < 1e-3)
+    rounds = json.load(open(client.download_artifacts(runs[0]["run_id"], "rounds.json", str(tmp_path))))
+    assert all(r["failures"] == {} for r in rounds) and sum(r["metrics"]["failures"] for r in rounds) > 0
+    assert "train_loss" not in client.get_run(runs[0]["run_id"]).data.metrics
+
+
+def test_a_device_keeps_its_loss_under_dp():
+    """Both levels: the update a real device sends carries no training loss (an un-noised
+    statistic of its data)."""
+    from fedray.agents.worker import DeviceWorker
+    from fedray.data import datasets
+    from fedray.update import Update
+
+    for section in ({"level": "sample", "noise_multiplier": 1.0}, {"level": "client"}, None):
+        job = parse_job(small_job(privacy=section))
+        data = datasets.load(job.data, 0)
+        worker = DeviceWorker(job, (data.x, data.y), 10, {0: (np.arange(100), np.arange(0))})
+        update = Update.from_bytes(asyncio.run(worker.fit(0, 1, 0.0, np.zeros(650, np.float32))))
+        assert (update.train_loss == 0.0) == (section is not None)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_target_epsilon_counts_every_edge_round(tracking_uri):
+    """HierFAVG: each device trains in 2 edge rounds of each of 2 rounds; the noise is sized for all
+    4 trainings, so the target is reached, not passed."""
+    target = 3.0
+    summary = run(tracking_uri, rounds=2, topology={"edges": 2, "edge_rounds": 2},
+                  privacy={"level": "sample", "target_epsilon": target}, **SAMPLE_DP)
+    assert target - 0.05 < summary["device_epsilon_max"] <= target
+
+
+def test_distributed_shares_set_the_authoritys_threshold():
+    """Distributed noise shares sized for m = 5 participants: the key authority itself refuses a
+    sum of fewer, though secure.min_clients says 3."""
+    import secrets
+
+    from fedray.secure.authority import DecryptionRefused, KeyAuthority
+    from fedray.secure.ciphers import CipherSum
+    from fedray.secure.plan import SecurePlan, Sealer
+
+    spec = job(mode="distributed", min_participants=5)
+    assert spec.secure.min_clients == 3
+    plan = SecurePlan.of(spec, ("w", "b"), [640, 10], [30] * 40, lambda n: 1.0)
+    assert plan.min_clients == 5
+    keys, seeds = KeyAuthority(plan), {d: secrets.randbits(128) for d in range(5)}
+    keys._seeds.update(seeds)
+    sealer = Sealer(plan, keys.public_context(), seeds)
+    total = CipherSum(sealer.public, plan.layout.chunks)
+    rng = np.random.default_rng(0)
+    for d in range(4):
+        total.add(sealer.seal(d, 1, rng.normal(0, 0.1, 650).astype(np.float32), 1.0, 1.0, (0.0, 0.0), rng)[1], d, 1)
+    with pytest.raises(DecryptionRefused, match="updates of 4 device.*at least secure.min_clients = 5"):
+        keys.decrypt(total.to_bytes())

@@ -391,3 +391,48 @@ def test_mnist_reaches_the_same_accuracy_encrypted(tracking_uri):
     plain = run(tracking_uri, **mnist)
     sealed = run(tracking_uri, **mnist, secure={"preset": "balanced", "min_clients": 3})
     assert abs(sealed["test_accuracy"] - plain["test_accuracy"]) <= 0.002
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_the_threat_model_holds_through_the_real_actors(tracking_uri):
+    """docs/secure.md's threat model, line by line, on a run's own actors (through two edges):
+    - the driver, the edges and the devices hold public contexts that cannot decrypt;
+    - the authority offers no call that returns a seed or enrolls a device: workers get their
+      devices' seeds from the authority that starts them;
+    - a curious driver that has one device's sealed update (it asked the device's worker itself)
+      cannot get it decrypted: alone it is refused, and the refusal burns it, so the honest sum
+      over it is refused too; padding it with claims of devices that sent nothing is refused;
+    - by default a sum holds 3 devices, so one colluding device cannot subtract itself out of a
+      sum to isolate another's update."""
+    import time
+
+    driver = start_driver(tracking_uri, rounds=2, topology={"edges": 2}, secure={"preset": "balanced"})
+    assert ray.get(driver.run_round.remote(1)).completed
+    authority, plan, public, edge, worker, hosted, params = ray.get(driver.__ray_call__.remote(lambda self: (
+        self.sealing.authority, self.sealing.plan, self.sealing.public, self.edges.actors[0], self.pool.actors[0],
+        np.flatnonzero(self.pool.worker_of == 0).tolist(), self.state.params)))
+    assert not ray.get(driver.__ray_call__.remote(lambda self: self.sealing.sums.public.context.is_private()))
+    assert not ray.get(edge.__ray_call__.remote(lambda self: self._sums.public.context.is_private()))
+    assert not ray.get(worker.__ray_call__.remote(lambda self: self._sealer.public.context.is_private()))
+    offered = {m for m in authority._ray_method_signatures if not m.startswith("__")}
+    assert offered == {"public_context", "spawn", "decrypt"} and not hasattr(authority, "enroll")
+    assert len(hosted) >= 3 and plan.min_clients == 3
+
+    sealed = {d: Update.from_bytes(ray.get(worker.fit.remote(d, 99, time.time(), params))).sealed for d in hosted[:3]}
+    loader = SumLoader(plan, public)
+
+    def decrypt(contributions):
+        total = loader.empty()
+        for d, blob in contributions:
+            total.add(blob, d, 99)
+        return ray.get(authority.decrypt.remote(total.to_bytes()))
+
+    with pytest.raises(ray.exceptions.RayTaskError, match="updates of 1 device"):
+        decrypt([(hosted[0], sealed[hosted[0]])])
+    with pytest.raises(ray.exceptions.RayTaskError, match=rf"\({hosted[0]}, 99\).*decrypted or refused before"):
+        decrypt(sealed.items())
+    padded = [(hosted[1], sealed[hosted[1]])] + [(d, b"\0" * packing.RECEIPT_BYTES + sealed[hosted[1]][16:])
+                                                 for d in hosted[2:3] + [hosted[0] + 100]]
+    with pytest.raises(ray.exceptions.RayTaskError, match="no device sent"):
+        decrypt(padded)
+    ray.get(driver.finish.remote())
