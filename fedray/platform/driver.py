@@ -286,13 +286,16 @@ class Driver:
 
     def _dispatch(self, down_edges: dict[int, str], intake: Intake) -> int | None:
         """Start one idle device, drawn uniformly from those whose edge is up, training from the
-        current model; return it, or None if every device is busy or behind a down edge. With
-        encrypted aggregation a device already in this step's buffer waits for the next step: the
-        authority decrypts sums of different devices."""
+        current model; return it, or None if every device is busy, behind a down edge or (sample-level
+        DP) at its budget. With encrypted aggregation a device already in this step's buffer waits
+        for the next step: the authority decrypts sums of different devices."""
         count = self.job.devices.count
         unavailable = {t.device for t in self.pool.pending.values()}
         if self.sealing is not None:
             unavailable.update(intake.folded, (task.device for _, task in self._arrived))
+        budget = self.pool.spend is not None and self.job.privacy.budget
+        if budget:  # sample-level DP: a device at its budget never trains again
+            unavailable.update(self.pool.spend.over(budget.epsilon))
         if down_edges:
             unavailable.update(d for d in range(count) if self.edges.edge_of[d] in down_edges)
         if len(unavailable) == count:
@@ -301,8 +304,7 @@ class Driver:
         while device in unavailable:
             device = int(self._sampler.integers(count))
         self._dispatched += 1
-        self.pool.fit(device, self._dispatched, time.time(), self._model(),
-                         tag=(self._dispatched, self.state.round))
+        self.pool.fit(device, self._dispatched, time.time(), self._model(), tag=(self._dispatched, self.state.round))
         return device
 
     def _model(self) -> ray.ObjectRef:

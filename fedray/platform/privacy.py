@@ -177,6 +177,10 @@ class DeviceLedger:
         """Each device that has trained: (epsilon spent, epsilon after one more round)."""
         return dict(self._view)
 
+    def over(self, budget: float) -> set[int]:
+        """The devices one more round would take past ``budget``: they train no more."""
+        return {d for d, (_, after) in self._view.items() if after > budget}
+
 
 def sample_report(job: JobSpec, train_sizes: list[int], device_epsilon: dict[int, tuple[float, float]]) -> dict:
     """The privacy report of a sample-level run: the mechanism, the devices' noise and what they spent."""
