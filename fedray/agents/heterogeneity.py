@@ -37,3 +37,17 @@ def local_steps(planned: int, partial_work: float, rng: np.random.Generator) -> 
     if partial_work and rng.random() < partial_work:
         return int(rng.integers(1, planned + 1))
     return planned
+
+
+def planned_steps(job, samples: int) -> int:
+    """The local steps a device of ``samples`` training samples plans per training: ``local.steps``,
+    or ``local.epochs`` passes of ``ceil(samples / batch_size)`` batches."""
+    local = job.devices.local
+    return local.steps or local.epochs * -(-samples // local.batch_size)
+
+
+def round_steps(job, samples: int, round: int, device: int) -> tuple[int, int]:
+    """``(planned, taken)``: the steps ``device`` plans and takes training for ``round``, drawn from
+    the job's seed (so the run can know them before the device trains)."""
+    planned = planned_steps(job, samples)
+    return planned, local_steps(planned, job.devices.partial_work, np.random.default_rng([job.seed, round, device, 4]))

@@ -76,21 +76,14 @@ def sgd_noise(job, samples: int, planned: int) -> tuple[float, float]:
     return noise_for(spec.accountant, spec.target_epsilon, spec.delta, rate, planned * trainings(job)), rate
 
 
-def planned_steps(job, samples: int) -> int:
-    """The DP-SGD steps a device of ``samples`` training samples plans per training."""
-    local = job.devices.local
-    return local.steps or local.epochs * -(-samples // local.batch_size)
-
-
 def sample_mechanism(job, samples: int, round: int, device: int) -> Mechanism:
     """What ``device`` (of ``samples`` training samples) spends training for ``round`` under
     sample-level DP: its (noise multiplier, batch sampling rate, steps); the steps are those it
-    will take (``devices.partial_work`` draws them from the job's seed), so whoever knows the job
-    can charge them before the device trains."""
-    from fedray.agents.heterogeneity import local_steps
+    will take (``heterogeneity.round_steps``), so whoever knows the job can charge them before the
+    device trains."""
+    from fedray.agents.heterogeneity import round_steps
 
-    planned = planned_steps(job, samples)
-    steps = local_steps(planned, job.devices.partial_work, np.random.default_rng([job.seed, round, device, 4]))
+    planned, steps = round_steps(job, samples, round, device)
     return (*sgd_noise(job, samples, planned), steps)
 
 

@@ -18,7 +18,7 @@ import torch
 
 from fedray.agents import privacy
 from fedray.agents.attacks import corrupt, flip_labels
-from fedray.agents.heterogeneity import local_steps, slowdowns, training_seconds
+from fedray.agents.heterogeneity import round_steps, slowdowns, training_seconds
 from fedray.agents.training import LocalTraining, SampleDP, device_generator, effective_steps, evaluate, train
 from fedray.config import JobSpec
 from fedray.config.privacy import client_level, count_noise, delta_noise_multiplier, min_participants, sample_level
@@ -60,7 +60,6 @@ class DeviceWorker:
                                     prox_mu=job.strategy.mu if job.strategy.name == "fedprox" else 0.0)
         self._speed = job.devices.speed
         self._slowdown = slowdowns(job.devices.speed, job.devices.count, job.seed)
-        self._partial_work = job.devices.partial_work
         self._seed = job.seed
         self._controls: dict[int, np.ndarray] = {}  # SCAFFOLD: each device's control variate c_i
         dp = client_level(job)
@@ -91,8 +90,7 @@ class DeviceWorker:
         self._spec.load(self._model, start)
         own = None if server_control is None else self._controls.get(device, np.zeros_like(start))
         correction = None if own is None else torch.from_numpy(server_control - own)
-        planned = self._local.steps or self._local.epochs * -(-len(x) // self._local.batch_size)
-        steps = local_steps(planned, self._partial_work, np.random.default_rng([self._seed, round, device, 4]))
+        planned, steps = round_steps(self._job, len(x), round, device)
         local = self._local if steps == planned else replace(self._local, epochs=None, steps=steps)
         accountant = None if self._sample_dp is None else self._accountant(device, round, len(x), spent)
         dp_sgd = accountant and SampleDP(self._sample_dp.max_grad_norm, accountant.history[-1][0])

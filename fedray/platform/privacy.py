@@ -10,7 +10,8 @@ import math
 
 import numpy as np
 
-from fedray.agents.privacy import Mechanism, compose, epsilon, noise, planned_steps, sample_mechanism, sgd_noise
+from fedray.agents.heterogeneity import planned_steps
+from fedray.agents.privacy import Mechanism, compose, epsilon, noise, sample_mechanism, sgd_noise
 from fedray.config import JobSpec
 from fedray.config.privacy import (count_noise, delta_noise_multiplier, expected_participants, min_participants,
                                    sampling_rate)

@@ -109,8 +109,7 @@ class Sealer:
         values, clipped = packing.quantize(delta[plan.encrypted] * np.float32(scale), value_range / plan.limit,
                                            plan.bits, rng)
         tail, _ = packing.quantize(np.array([*extras, count_clipped * clipped / len(plan.encrypted)]),
-                                   EXTRA_RANGE / plan.limit,
-                                   plan.bits, rng)
+                                   EXTRA_RANGE / plan.limit, plan.bits, rng)
         seed = self.seeds[device]
         tag = packing.tags(seed, round, layout.chunks, layout.tag_fields, plan.bits)
         blob = self.public.encrypt(layout.pack(np.concatenate([values, tail]), tag))
