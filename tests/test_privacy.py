@@ -418,20 +418,22 @@ def test_device_spend_survives_a_killed_worker(tracking_uri):
 
 @pytest.mark.usefixtures("ray_session")
 def test_who_takes_part_is_secret_under_client_level_dp(tracking_uri, tmp_path):
-    """Client level: the Poisson sample is not drawn from the logged seed (two runs of one job take
-    different devices), and the round log names no device, though one always fails; nor does any
-    device send its un-noised training loss."""
+    """Client level: the Poisson sample is not drawn from the logged seed (the run's round sizes are
+    not those the seed's generator draws), and the round log names no device, though one always
+    fails; nor does any device send its un-noised training loss."""
     from test_run import poisoned_digits
 
-    overrides = dict(rounds=6, privacy={"level": "client", "noise_multiplier": 1.0, "sampling_rate": 0.5},
-                     **poisoned_digits(tmp_path / "one.npz", [5]))
+    summary = run(tracking_uri, rounds=6, privacy={"level": "client", "noise_multiplier": 1.0, "sampling_rate": 0.5},
+                  **poisoned_digits(tmp_path / "one.npz", [5]))
     client = MlflowClient(tracking_uri)
-    runs = [run(tracking_uri, **overrides) for _ in range(2)]
-    sizes = [history(client, s["run_id"], "participants") for s in runs]
-    assert sizes[0] != sizes[1]  # the same seed, another sample (equal by chance with odds < 1e-3)
-    rounds = json.load(open(client.download_artifacts(runs[0]["run_id"], "rounds.json", str(tmp_path))))
+    seeded = np.random.default_rng([0, 1])  # what the driver drew from before: job seed 0
+    from_seed = [len(privacy.poisson_sample(seeded, 6, 0.5)) for _ in range(6)]
+    sampled = [p + f for p, f in zip(history(client, summary["run_id"], "participants"),
+                                     history(client, summary["run_id"], "failures"))]
+    assert sampled != from_seed  # equal by chance: odds < 1e-3
+    rounds = json.load(open(client.download_artifacts(summary["run_id"], "rounds.json", str(tmp_path))))
     assert all(r["failures"] == {} for r in rounds) and sum(r["metrics"]["failures"] for r in rounds) > 0
-    assert "train_loss" not in client.get_run(runs[0]["run_id"]).data.metrics
+    assert "train_loss" not in client.get_run(summary["run_id"]).data.metrics
 
 
 def test_a_device_keeps_its_loss_under_dp():
