@@ -34,29 +34,33 @@ def _scaled(backprops: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
 
 
 def _linear(layer: nn.Linear, activations: torch.Tensor, backprops: torch.Tensor) -> tuple[Norms, Sums]:
-    """Ghost norms of a Linear layer on inputs of any rank: a sample's positions t (none, a
-    sequence, a grid ...) give the weight gradient ``sum_t g_t a_t^T``, whose squared norm is
-    ``<A A^T, G G^T>`` over the positions, or, when there are many positions, that of the
-    gradient itself; the bias gradient is ``sum_t g_t``."""
-    n = len(backprops)
-    g = backprops.reshape(n, -1, backprops.shape[-1])  # (n, positions, out)
-    a = activations.reshape(n, -1, activations.shape[-1])  # (n, positions, in)
-    positions, (out, inp) = g.shape[1], (g.shape[2], a.shape[2])
+    """Ghost norms of a Linear layer on inputs of any rank. One input row per sample: the weight
+    gradient g a^T has squared norm |g|^2 |a|^2. More positions t per sample (a sequence, a grid
+    ...): the weight gradient ``sum_t g_t a_t^T`` has squared norm ``<A A^T, G G^T>`` over the
+    positions, or, with many positions, that of the gradient itself. The bias gradient is
+    ``sum_t g_t``."""
+    weight, bias = layer.weight.requires_grad, layer.bias is not None and layer.bias.requires_grad
     norms: Norms = {}
-    if layer.weight.requires_grad:
-        if positions == 1:  # |g a^T|^2 = |g|^2 |a|^2
-            norms[layer.weight] = (g * g).sum((1, 2)) * (a * a).sum((1, 2))
-        elif positions * positions * (out + inp) <= positions * out * inp:
+    if backprops.dim() == 2:
+        g, a = backprops, activations
+        g2 = (g * g).sum(1)
+        norms = ({layer.weight: g2 * (a * a).sum(1)} if weight else {}) | ({layer.bias: g2} if bias else {})
+    else:
+        n = len(backprops)
+        g = backprops.reshape(n, -1, backprops.shape[-1])  # (n, positions, out)
+        a = activations.reshape(n, -1, activations.shape[-1])  # (n, positions, in)
+        positions, out, inp = g.shape[1], g.shape[2], a.shape[2]
+        if weight and positions * (out + inp) <= out * inp:
             norms[layer.weight] = (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
-        else:
+        elif weight:
             norms[layer.weight] = torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
-    if layer.bias is not None and layer.bias.requires_grad:
-        norms[layer.bias] = g.sum(1).pow(2).sum(1)
+        if bias:
+            norms[layer.bias] = g.sum(1).pow(2).sum(1)
 
     def sums(coef: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-        scaled = _scaled(g, coef).reshape(-1, out)
-        return {layer.weight: scaled.t() @ a.reshape(-1, inp)} | (
-            {layer.bias: scaled.sum(0)} if layer.bias is not None else {})
+        scaled = _scaled(backprops, coef).reshape(-1, backprops.shape[-1])
+        result = {layer.weight: scaled.t() @ activations.reshape(-1, activations.shape[-1])}
+        return result | ({layer.bias: scaled.sum(0)} if layer.bias is not None else {})
 
     return norms, sums
 
@@ -153,6 +157,7 @@ class PerSampleClipping:
         self.max_grad_norm = max_grad_norm
         self.layers = {m: name for name, m in model.named_modules()
                        if any(p.requires_grad for p in m.parameters(recurse=False))}
+        self.own = {m: [p for p in m.parameters(recurse=False) if p.requires_grad] for m in self.layers}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.calls: list[tuple[nn.Module, list[torch.Tensor], torch.Tensor, int]] = []
         self.normed: set[nn.Parameter] = set()  # the parameters the last backward computed norms of
@@ -179,7 +184,7 @@ class PerSampleClipping:
             if calls else []
         squared, all_sums, self.normed = torch.zeros(len(losses)), [], set()
         for (layer, inputs, output, _), grad in zip(calls, backprops):
-            own = [p for p in layer.parameters(recurse=False) if p.requires_grad]
+            own = self.own[layer]
             try:
                 norms, sums = _rule(layer, inputs, torch.zeros_like(output) if grad is None else grad)
             except Exception as e:
@@ -190,8 +195,7 @@ class PerSampleClipping:
                 names = {id(p): n for n, p in layer.named_parameters(recurse=False)}
                 raise ValueError(f"DP-SGD: layer {self.layers[layer]!r} ({type(layer).__name__}) gives no per-sample "
                                  f"norm for {', '.join(names[id(p)] for p in missing)}; its gradient would not be clipped")
-            for p in own:
-                squared += norms[p]
+            squared += sum(norms[p] for p in own)
             self.normed.update(own)
             all_sums.append((own, sums))
         coef = (self.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
