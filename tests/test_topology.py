@@ -154,12 +154,13 @@ def test_an_edge_killed_mid_round_is_recorded_and_recreated(tracking_uri, tmp_pa
 
             threading.Thread(target=kill).start()
 
-    summary = run(tracking_uri, kill_an_edge, rounds=4, topology={"edges": 2}, devices__min_completion=0.25,
+    summary = run(tracking_uri, kill_an_edge, rounds=6, topology={"edges": 2}, devices__min_completion=0.25,
                   devices__speed={"kind": "slow_fraction", "fraction": 1.0, "slowdown": 1.0, "step_seconds": 0.25})
     client = MlflowClient(tracking_uri)
     failures = history(client, summary["run_id"], "edge_failures")
-    assert failures[0] == 0 and failures[1] == 1 and failures[3] == 0
-    assert history(client, summary["run_id"], "round_failed") == [0, 0, 0, 0]
+    # the recreated edge's process imports torch: on a loaded 2-core machine it is up a few rounds later
+    assert failures[0] == 0 and failures[1] == 1 and failures[-1] == 0
+    assert history(client, summary["run_id"], "round_failed") == [0] * 6
     rounds = json.load(open(client.download_artifacts(summary["run_id"], "rounds.json", str(tmp_path))))
     (edge, reason), = rounds[1]["edge_failures"].items()
     assert "failed" in reason and "ActorDiedError" in reason

@@ -19,7 +19,8 @@ import torch
 from fedray.agents import privacy
 from fedray.agents.attacks import corrupt, flip_labels
 from fedray.agents.heterogeneity import round_steps, slowdowns, training_seconds
-from fedray.agents.training import LocalTraining, SampleDP, device_generator, effective_steps, evaluate, train
+from fedray.agents.training import (LocalTraining, SampleDP, device_generator, effective_steps, evaluate,
+                                   make_optimizer, train)
 from fedray.config import JobSpec
 from fedray.config.privacy import client_level, count_noise, delta_noise_multiplier, min_participants, sample_level
 from fedray.config.secure import value_range
@@ -58,6 +59,9 @@ class DeviceWorker:
         self._spec = ParamSpec.of(self._model)
         self._local = LocalTraining(**job.devices.local.model_dump(),
                                     prox_mu=job.strategy.mu if job.strategy.name == "fedprox" else 0.0)
+        # a torch optimizer's first construction imports torch._dynamo (seconds): pay it at start-up,
+        # which the pool waits for, rather than in the first round's deadline
+        make_optimizer(self._model, self._local)
         self._speed = job.devices.speed
         self._slowdown = slowdowns(job.devices.speed, job.devices.count, job.seed)
         self._seed = job.seed
