@@ -139,8 +139,7 @@ class Driver:
                 metrics.update(federated, evaluation_failures=len(evaluation_failures))
         metrics["round_seconds"] = time.perf_counter() - start
         self.tracker.log_metrics(metrics, step=r)
-        # under client-level DP the round's log must not say who took part: counts only (in metrics)
-        failures = {} if self.ledger is not None else dict(sorted(intake.failures.items()))
+        failures = {} if self.ledger is not None else dict(sorted(intake.failures.items()))  # client DP: counts
         result = RoundResult(r, completed, metrics, failures, dict(sorted(evaluation_failures.items())), intake.flagged,
                              dict(sorted(intake.edge_failures.items())))
         self.history.append(result)
@@ -293,9 +292,8 @@ class Driver:
         unavailable = {t.device for t in self.pool.pending.values()}
         if self.sealing is not None:
             unavailable.update(intake.folded, (task.device for _, task in self._arrived))
-        budget = self.pool.spend is not None and self.job.privacy.budget
-        if budget:  # sample-level DP: a device at its budget never trains again
-            unavailable.update(self.pool.spend.over(budget.epsilon))
+        if self.pool.spend is not None:  # sample-level DP: a device at its budget never trains again
+            unavailable.update(self.pool.spend.exhausted())
         if down_edges:
             unavailable.update(d for d in range(count) if self.edges.edge_of[d] in down_edges)
         if len(unavailable) == count:
@@ -393,7 +391,6 @@ class Driver:
             {"device_epsilon_max": max(e for e, _ in self._device_epsilon.values())} if self._device_epsilon else {}) | (
             {"stopped": self.stopped} if self.stopped else {}) | {key: sum(h.metrics.get(key, 0) for h in self.history)
              for key in ("bytes_edge_cloud", "sim_comm_seconds") if any(key in h.metrics for h in self.history)}
-
 
     def privacy_report(self) -> dict:
         """What the run's privacy rests on and what it spent, by each accountant."""

@@ -178,9 +178,11 @@ class DeviceLedger:
         """Each device that has trained: (epsilon spent, epsilon after one more round)."""
         return dict(self._view)
 
-    def over(self, budget: float) -> set[int]:
-        """The devices one more round would take past ``budget``: they train no more."""
-        return {d for d, (_, after) in self._view.items() if after > budget}
+    def exhausted(self) -> set[int]:
+        """The devices one more round would take past ``privacy.budget`` (none without one): they
+        train no more."""
+        budget = self._job.privacy.budget
+        return set() if budget is None else {d for d, (_, after) in self._view.items() if after > budget.epsilon}
 
 
 def sample_report(job: JobSpec, train_sizes: list[int], device_epsilon: dict[int, tuple[float, float]]) -> dict:
