@@ -74,13 +74,10 @@ class KeyAuthority:
         total = CipherSum.from_bytes(self._public, self.plan.layout.chunks, sealed)
         sent = [(d, r) for d, r, receipt in total.contributions
                 if d in self._seeds and hmac.compare_digest(packing.receipt(self._seeds[d], d, r).hex(), receipt)]
-        try:
-            values = _open(self.plan, self._keys, self._seeds, self._spent, total, sent)
-        except DecryptionRefused:
+        try:  # decrypted or refused, each contribution with a valid receipt is spent
+            return _open(self.plan, self._keys, self._seeds, self._spent, total, sent)
+        finally:
             self._spent.update(sent)
-            raise
-        self._spent.update(sent)
-        return values
 
 
 def _open(plan: SecurePlan, keys: Any, seeds: dict[int, int], spent: set[tuple[int, int]], total: CipherSum,
