@@ -1,10 +1,12 @@
-"""The ``fedray`` command line: ``fedray run``, ``fedray validate`` and ``fedray privacy plan``."""
+"""The ``fedray`` command line: ``fedray run``, ``validate``, ``replay`` and ``privacy plan``."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import click
@@ -27,20 +29,45 @@ def main() -> None:
     """fedray: federated training on Ray, tracked in MLflow."""
 
 
+_URI_HELP = "MLflow tracking URI [default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here]"
+
+
+def _check_store(tracking_uri: str | None, job: JobSpec) -> str:
+    """The tracking URI to use, if its store answers now (read-only: creates nothing)."""
+    from fedray.platform.store import TrackingError, check, resolve_uri
+
+    uri = resolve_uri(tracking_uri)
+    try:
+        check(uri, job.tracking.experiment)
+    except TrackingError as e:
+        raise click.ClickException(str(e)) from None
+    return uri
+
+
+def _prepare(job_file: str, job: JobSpec) -> None:
+    """Load the job's data and try its model, as the run would in its first seconds."""
+    import torch
+
+    from fedray.platform.prepare import prepare
+
+    sys.path.insert(0, os.getcwd())  # user models import from here, as on Ray's workers
+    torch.set_num_threads(1)
+    try:
+        prepare(job)
+    except JobError as e:
+        raise click.ClickException(f"{job_file}: {e}") from None
+
+
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help=_SET_HELP)
-def validate(job_file: str, overrides: tuple[str, ...]) -> None:
-    """Check JOB_FILE without running it (including that a user model class imports)."""
+@click.option("--tracking-uri", default=None, help=_URI_HELP)
+def validate(job_file: str, overrides: tuple[str, ...], tracking_uri: str | None) -> None:
+    """Check JOB_FILE without running it: its fields, its data, its model on a real batch and the
+    tracking store. Creates nothing."""
     job = _load(job_file, overrides)
-    if job.model.class_ is not None:
-        from fedray.models.zoo import import_object
-
-        sys.path.insert(0, os.getcwd())  # as on Ray's workers, which run from this directory
-        try:
-            import_object(job.model.class_)
-        except ValueError as e:
-            raise click.ClickException(f"{job_file}: model.class: {e}") from None
+    _check_store(tracking_uri, job)
+    _prepare(job_file, job)
     click.echo(f"{job_file}: valid job {job.name!r}: {job.rounds} rounds, {job.devices.per_round} of "
                f"{job.devices.count} devices per round, dataset {job.data.dataset}")
 
@@ -48,23 +75,80 @@ def validate(job_file: str, overrides: tuple[str, ...]) -> None:
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help=_SET_HELP)
-@click.option("--tracking-uri", default=None,
-              help="MLflow tracking URI [default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here]")
-def run(job_file: str, overrides: tuple[str, ...], tracking_uri: str | None) -> None:
-    """Run JOB_FILE on the local machine, or on the Ray cluster in RAY_ADDRESS."""
+@click.option("--tracking-uri", default=None, help=_URI_HELP)
+@click.option("--runs-dir", default="fedray-runs", envvar="FEDRAY_RUNS_DIR", show_default=True,
+              type=click.Path(file_okay=False), help="where each run keeps its journal (records MLflow has not "
+                                                     "taken yet) and its error log")
+def run(job_file: str, overrides: tuple[str, ...], tracking_uri: str | None, runs_dir: str) -> None:
+    """Run JOB_FILE on the local machine, or on the Ray cluster in RAY_ADDRESS. SIGTERM and Ctrl-C
+    end it as KILLED, keeping the rounds done."""
     job = _load(job_file, overrides)
-    from fedray.platform.run import RunError, run_job  # Ray and torch load only when a job runs
+    uri = _check_store(tracking_uri, job)  # before the data loads or Ray starts
+    _prepare(job_file, job)
+    from fedray.platform.run import Interrupted, RunError, connect, run_job  # Ray loads only when a job runs
+    from fedray.platform.store import TrackingError
 
     started = time.monotonic()
     progress = _Progress(job.rounds, started)
     try:
-        summary = run_job(job, Path(job_file).read_text(), tracking_uri, on_round=progress)
+        connect()
+        signal.signal(signal.SIGTERM, _stop)  # after Ray's start: Ray's own handler would dump a native trace
+        summary = run_job(job, Path(job_file).read_text(), uri, on_round=progress, runs_dir=Path(runs_dir))
     except RunError as e:
+        progress.close()
+        raise click.ClickException(_failure(e, uri, Path(runs_dir))) from None
+    except Interrupted as e:
+        progress.close()
+        click.echo(f"Stopped by {e.signal} after {e.rounds} rounds: MLflow run {e.run_id} ended KILLED with them"
+                   + _unlogged(e.unlogged, Path(runs_dir) / e.run_id), err=True)
+        sys.exit(143 if e.signal == "SIGTERM" else 130)
+    except KeyboardInterrupt as e:
+        click.echo(f"Stopped by {e or 'SIGINT'} before the run started: nothing was recorded", err=True)
+        sys.exit(143 if str(e) == "SIGTERM" else 130)
+    except TrackingError as e:
         raise click.ClickException(str(e)) from None
-    except KeyboardInterrupt:
-        raise click.ClickException("interrupted; the MLflow run was ended as KILLED") from None
     progress.close()
     _print_summary(job, summary, time.monotonic() - started)
+    if summary["unlogged"]:
+        click.echo(f"Warning: MLflow at {uri} did not take everything" + _unlogged(summary["unlogged"],
+                                                                                  Path(summary["journal"])), err=True)
+
+
+def _stop(signum: int, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _unlogged(count: int, journal: Path) -> str:
+    return (f"; {count} records it could not take are kept in {journal}: send them with `fedray replay {journal}`"
+            if count else "")
+
+
+def _failure(error, uri: str, runs_dir: Path) -> str:
+    """The error line of a failed run, where its MLflow run is, and where its full log is."""
+    message = f"{error}\n  MLflow run {error.run_id} ended FAILED at {uri}, with the rounds done"
+    message += _unlogged(error.unlogged, error.journal)
+    if error.__cause__ is not None:
+        log = runs_dir.resolve() / error.run_id / "error.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(traceback.format_exception(error.__cause__)))
+        message += f"\n  full log: {log}"
+    return message
+
+
+@main.command()
+@click.argument("journal", type=click.Path(exists=True, file_okay=False))
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="seconds to keep trying a store in trouble")
+def replay(journal: str, wait_s: float) -> None:
+    """Send to MLflow what a run's JOURNAL (a directory under fedray-runs) still holds."""
+    from fedray.platform.tracking import replay as send
+
+    if not (Path(journal) / "run.json").exists():
+        raise click.ClickException(f"{journal} is not a run's journal (it has no run.json)")
+    run_id, left = send(journal, wait_s)
+    if left:
+        raise click.ClickException(f"run {run_id}: {left} records are still unsent; they stay in {journal}")
+    click.echo(f"run {run_id}: everything sent to MLflow")
 
 
 @main.group()
@@ -152,7 +236,8 @@ class _Progress:
                 f"{time.monotonic() - self.started:6.1f}s"
                 + ("" if result.completed else f"  round failed: {int(m['participants'])} answered")
                 + (f"  {int(m['failures'])} failures" if m.get("failures") else "")
-                + (f"  edges failed or down: {sorted(result.edge_failures)}" if result.edge_failures else ""))
+                + (f"  edges failed or down: {sorted(result.edge_failures)}" if result.edge_failures else "")
+                + (f"  {result.tracking}" if result.tracking else ""))
         click.echo(f"\r{line}\x1b[K" if self.tty else line, nl=not self.tty, err=True)
 
     def close(self) -> None:

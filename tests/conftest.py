@@ -64,8 +64,12 @@ def start_driver(tracking_uri: str, **overrides):
     from fedray.config import parse_job
     from fedray.platform.driver import Driver
 
+    from fedray.platform.tracking import start_run
+
     raw = small_job(**overrides)
-    driver = ray.remote(Driver).options(num_cpus=0).remote(parse_job(raw), tracking_uri, yaml.safe_dump(raw))
+    job = parse_job(raw)
+    run_dir = start_run(tracking_uri, job.tracking.experiment, job.name, Path(tracking_uri[len("sqlite:///"):]).parent)
+    driver = ray.remote(Driver).options(num_cpus=0).remote(job, str(run_dir), yaml.safe_dump(raw))
     _drivers.append(driver)
     return driver
 

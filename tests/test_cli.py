@@ -29,27 +29,30 @@ def test_run_prints_progress_and_summary(tmp_path, tracking_uri):
     assert run.info.status == "FINISHED" and run.data.params["rounds"] == "3"
 
 
-def test_run_failure_names_the_cause_and_keeps_the_run(tmp_path, tracking_uri):
+def test_run_refuses_bad_data_before_creating_anything(tmp_path, tracking_uri):
     job = write_job(tmp_path, data={"dataset": "npz", "path": str(tmp_path / "missing.npz")})
     result = CliRunner().invoke(main, ["run", job, "--tracking-uri", tracking_uri])
     assert result.exit_code == 1
-    assert "data.path: cannot read" in result.output and "missing.npz" in result.output
-    assert "Traceback" not in result.output
+    assert f"data.path: {tmp_path / 'missing.npz'} does not exist" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "mlflow.db").exists()
 
 
 def test_validate_checks_the_user_model_imports(tmp_path):
     job = write_job(tmp_path, model={"class": "no_such_module:Net"})
     result = CliRunner().invoke(main, ["validate", job])
     assert result.exit_code == 1 and "model.class: cannot import module 'no_such_module'" in result.output
-    ok = CliRunner().invoke(main, ["validate", write_job(tmp_path, model={"class": "user_models:SlowLogReg"})])
+    ok = CliRunner().invoke(main, ["validate", write_job(tmp_path, model={
+        "class": "user_models:SlowLogReg", "kwargs": {"features": 64, "classes": 10, "sleep_s": 0}})])
     assert ok.exit_code == 0, ok.output
 
 
 def test_validate_imports_user_models_from_the_working_directory(tmp_path, monkeypatch):
-    (tmp_path / "mynets.py").write_text("import torch\nclass Net(torch.nn.Linear):\n    pass\n")
+    (tmp_path / "mynets.py").write_text("import torch\nclass Net(torch.nn.Linear):\n"
+                                        "    def forward(self, x):\n        return super().forward(x.flatten(1))\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
-    result = CliRunner().invoke(main, ["validate", write_job(tmp_path, model={"class": "mynets:Net"})])
+    job = write_job(tmp_path, model={"class": "mynets:Net", "kwargs": {"in_features": 64, "out_features": 10}})
+    result = CliRunner().invoke(main, ["validate", job])
     assert result.exit_code == 0, result.output
 
 

@@ -141,14 +141,17 @@ def test_finish_twice_ends_the_run_once(tracking_uri):
     assert [r.info.run_id for r in runs] == [first["run_id"]]  # no stray run in another experiment
 
 
-def test_failed_run_keeps_what_was_logged(tracking_uri, tmp_path):
+def test_failed_setup_ends_the_run_failed_with_the_cause(tracking_uri, tmp_path):
     missing = tmp_path / "gone.npz"
     np.savez(missing, x=np.ones((40, 3)), y=np.arange(40) % 2)
     raw = small_job(rounds=3, data={"dataset": "npz", "path": str(missing)})
-    with pytest.raises(RunError, match="data.path: cannot read .*gone.npz"):
+    with pytest.raises(RunError, match=f"failed: data.path: {missing} does not exist$") as error:
         # the data file disappears after the run started: the driver's setup fails
         missing.unlink()
-        run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri)
+        run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri, runs_dir=tmp_path / "runs")
+    run = MlflowClient(tracking_uri).get_run(error.value.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["fedray.error"] == f"data.path: {missing} does not exist"
+    assert error.value.unlogged == 0 and not (tmp_path / "runs").exists()  # all sent: the journal is gone
 
 
 def test_deployment_mode_runs_one_actor_per_device(tracking_uri):

@@ -1,14 +1,25 @@
-"""What every job section shares: forbidden extras, frozen values, no NaN or infinity."""
+"""What every job section shares: forbidden extras, frozen values, strict types, no NaN or infinity."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty or blank")
+    return text
+
+
+NotBlank = AfterValidator(_not_blank)
+# sections are strict (true is not 1, 1 is not true), and strict tuples refuse lists: YAML has only lists
+AsTuple = BeforeValidator(lambda value: tuple(value) if isinstance(value, list) else value)
 
 
 class JobError(ValueError):
@@ -16,4 +27,4 @@ class JobError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False, strict=True)

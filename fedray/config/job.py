@@ -6,13 +6,14 @@ silently falling back to a default. All checks run before Ray starts.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from fedray.config.base import Fraction, JobError, PositiveFloat, PositiveInt, Section
+from fedray.config.base import AsTuple, Fraction, JobError, NotBlank, PositiveFloat, PositiveInt, Section
 from fedray.config import privacy, secure, topology
 from fedray.config.privacy import PrivacySpec
 from fedray.config.secure import SecureSpec
@@ -53,7 +54,7 @@ class SyntheticData(Section):
     """Seeded Gaussian class clusters: ``samples`` points of ``shape`` in ``classes`` classes."""
 
     samples: PositiveInt = 10_000
-    shape: tuple[PositiveInt, ...] = (32,)
+    shape: Annotated[tuple[PositiveInt, ...], AsTuple] = (32,)
     classes: Annotated[int, Field(ge=2)] = 10
     noise: PositiveFloat = 1.0
 
@@ -208,13 +209,15 @@ class EvaluationSpec(Section):
 
 
 class TrackingSpec(Section):
-    experiment: str = "fedray"
+    experiment: Annotated[str, Field(max_length=500), NotBlank] = "fedray"  # MLflow's limit
     log_model: bool = True
+    wait_s: PositiveFloat = Field(60.0, description="how long the end of a run waits for a tracking store in trouble; "
+                                                    "what it has not taken by then stays in the run's journal")
 
 
 class JobSpec(Section):
-    name: str
-    seed: Annotated[int, Field(ge=0)] = 0
+    name: Annotated[str, Field(max_length=250), NotBlank]  # the MLflow run's name
+    seed: Annotated[int, Field(ge=0, lt=2**64)] = 0  # torch's generators take 64 bits
     rounds: PositiveInt
     data: DataSpec
     model: ModelSpec
@@ -291,6 +294,31 @@ class JobSpec(Section):
         return out
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last silently)
+    and reading ``1e-5`` as a number, as YAML 1.2 does (PyYAML's 1.1 rules need ``1.0e-5``)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                    list("-+.0123456789"))
+
+
+def _first_line(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(error, 'problem', None) or error}{where}"
+
+
 def parse_job(raw: Any, overrides: list[str] = ()) -> JobSpec:
     """Validate a job mapping after applying ``key.path=value`` overrides (values parsed as YAML)."""
     if not isinstance(raw, dict):
@@ -305,7 +333,10 @@ def parse_job(raw: Any, overrides: list[str] = ()) -> JobSpec:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise JobError(f"override {item!r}: {'.'.join(parents[:i + 1])} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.load(value, _StrictLoader)
+        except yaml.YAMLError as e:
+            raise JobError(f"override {item!r}: the value is not YAML ({_first_line(e)})") from None
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as e:
@@ -316,15 +347,22 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobSpec:
     """Read and validate a job YAML file. Raises JobError naming the file and each bad field."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_bytes().decode("utf-8"), _StrictLoader)
     except OSError as e:
         raise JobError(f"cannot read job file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise JobError(f"{path} is not UTF-8 text: byte {e.object[e.start]:#04x} at offset {e.start}") from None
     except yaml.YAMLError as e:
-        raise JobError(f"{path} is not valid YAML: {e}") from None
+        raise JobError(f"{path} is not valid YAML: {_first_line(e)}") from None
     try:
         return parse_job(raw, overrides)
     except JobError as e:
         raise JobError(f"{path}: {e}") from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 _TAGGED = frozenset({"strategy", "partition", "speed", "placement", "privacy", "secure"})
@@ -338,6 +376,8 @@ def format_errors(error: ValidationError) -> str:
         parts = [p for i, p in enumerate(err["loc"]) if i == 0 or err["loc"][i - 1] not in _TAGGED]
         loc = ".".join(str(p) for p in parts) or "job"
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"].endswith("_type"):
+            msg += f", got {_short(err['input'])}"
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         lines.append(f"{loc}: {msg}")

@@ -14,7 +14,7 @@ from typing import Annotated, Literal, NamedTuple
 
 from pydantic import Field, model_validator
 
-from fedray.config.base import PositiveFloat, PositiveInt, Section
+from fedray.config.base import AsTuple, PositiveFloat, PositiveInt, Section
 from fedray.config.strategy import ROBUST_STRATEGIES
 
 # the largest total coefficient modulus (bits) for 128-bit classical security, by polynomial
@@ -49,7 +49,7 @@ class _Secure(Section):
     min_clients: Annotated[int, Field(ge=2)] = Field(3, description="the fewest devices a decrypted sum holds: "
                                                                      "3 keeps one device colluding with an "
                                                                      "aggregator from isolating another's update")
-    encrypt: tuple[str, ...] = Field(("*",), min_length=1, description="parameter-name patterns (fnmatch) to "
+    encrypt: Annotated[tuple[str, ...], AsTuple] = Field(("*",), min_length=1, description="parameter-name patterns (fnmatch) to "
                                                                         "encrypt; the rest is summed in plaintext")
 
 
@@ -61,7 +61,7 @@ class CKKSSpec(_Secure):
     scheme: Literal["ckks"]
     preset: Literal["fast", "balanced", "precise"] = "balanced"
     poly_modulus_degree: Literal[2048, 4096, 8192, 16384, 32768] | None = None
-    coeff_mod_bit_sizes: tuple[Annotated[int, Field(ge=20, le=60)], ...] | None = None
+    coeff_mod_bit_sizes: Annotated[tuple[Annotated[int, Field(ge=20, le=60)], ...], AsTuple] | None = None
     scale_bits: Annotated[int, Field(ge=1, le=59)] | None = None
     values_per_slot: PositiveInt | None = None
 

@@ -5,7 +5,9 @@ Features come back as float32 of shape ``(n, *input_shape)``, labels as int64 in
 
 from __future__ import annotations
 
+import csv
 import gzip
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +44,7 @@ def load(spec: DataSpec, seed: int) -> Dataset:
         x = (d.data - d.data.mean(0)) / d.data.std(0)  # public, dataset-wide standardization
         return _make(x, d.target)
     if spec.dataset == "mnist":
-        x, y = _mnist_idx(Path(spec.path)) if spec.path else _mnist_5k()
+        x, y = _mnist_idx(_existing(Path(spec.path), "directory")) if spec.path else _mnist_5k()
         return _make(x[:, None] / 255.0, y)
     if spec.dataset == "synthetic":
         return synthetic(spec.synthetic.samples, spec.synthetic.shape, spec.synthetic.classes,
@@ -62,19 +64,42 @@ def synthetic(samples: int, shape: tuple[int, ...], classes: int, noise: float, 
 
 
 def _make(x: np.ndarray, y: np.ndarray) -> Dataset:
-    y = np.asarray(y)
+    """Check features and labels and make a Dataset. Raises ValueError saying what is wrong."""
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype.kind not in "biuf" or x.ndim < 2:
+        raise ValueError(f"features must be a numeric array of shape (samples, ...), got {x.dtype} {x.shape}")
+    if not len(x):
+        raise ValueError("it holds no samples")
     if y.ndim != 1 or len(y) != len(x):
         raise ValueError(f"labels must be one per sample, got shape {y.shape} for {len(x)} samples")
-    if not np.issubdtype(y.dtype, np.integer):
-        if not np.all(np.mod(y, 1) == 0):
-            raise ValueError("labels must be integers")
+    if y.dtype.kind not in "biuf":
+        raise ValueError(f"labels must be integers, got {y.dtype}")
+    bad = np.flatnonzero(~np.isfinite(y) | (np.mod(y, 1) != 0)) if y.dtype.kind == "f" else []
+    if len(bad):
+        raise ValueError(f"labels must be integers, got {y[bad[0]]!r} at sample {bad[0]}")
     y = y.astype(np.int64)
     if y.min() < 0:
-        raise ValueError(f"labels must be >= 0, found {y.min()}")
+        raise ValueError(f"labels must be class indices 0, 1, ..., got {y.min()} at sample {int(np.argmin(y))}")
+    classes = int(y.max()) + 1
+    if classes < 2:
+        raise ValueError("labels hold a single class, 0; a classifier needs at least 2")
+    if classes > max(len(y), 1000):  # an id or a measurement, not a class index
+        raise ValueError(f"labels must be class indices 0 to C-1, got largest label {classes - 1} for {len(y)} "
+                         "samples")
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise ValueError("features contain NaN or infinite values")
-    return Dataset(x, y, int(y.max()) + 1)
+    finite = np.isfinite(x).reshape(len(x), -1).all(1)
+    if not finite.all():
+        raise ValueError(f"features of {int((~finite).sum())} samples are NaN, infinite or beyond float32 "
+                         f"(first: sample {int(np.argmin(finite))})")
+    return Dataset(x, y, classes)
+
+
+def _existing(path: Path, kind: str) -> Path:
+    if not path.exists():
+        raise ValueError(f"data.path: {path} does not exist")
+    if path.is_dir() != (kind == "directory"):
+        raise ValueError(f"data.path: {path} is {'not ' * (kind == 'directory')}a directory; it must be {kind}")
+    return path
 
 
 def _mnist_5k() -> tuple[np.ndarray, np.ndarray]:
@@ -109,25 +134,40 @@ def _read_idx(directory: Path, name: str) -> np.ndarray:
 
 
 def _npz(path: Path) -> Dataset:
+    _existing(path, "a .npz file")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = {"x", "y"} - set(f.files)
             if missing:
-                raise ValueError(f"{path} lacks arrays {sorted(missing)}; it must hold 'x' and 'y'")
-            return _make(f["x"], f["y"])
-    except OSError as e:
-        raise ValueError(f"data.path: cannot read {path}: {e}") from e
+                raise ValueError(f"it lacks arrays {sorted(missing)}; it must hold 'x' and 'y' (it holds {f.files})")
+            x, y = f["x"], f["y"]
+    except ValueError as e:
+        raise ValueError(f"data.path {path}: {e}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"data.path: cannot read {path} as .npz: {e}") from None
+    return _checked(path, x, y)
 
 
 def _csv(path: Path, label_column: str) -> Dataset:
+    _existing(path, "a .csv file")
     try:
-        with open(path) as f:
-            header = f.readline().strip().split(",")
+        with open(path, newline="") as f:
+            header = [name.strip() for name in next(csv.reader(f), [])]
         table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"data.path: cannot read {path} as a numeric CSV with a header row: {e}") from e
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"data.path: cannot read {path} as a numeric CSV with a header row: {e}") from None
     if label_column not in header:
-        raise ValueError(f"data.label_column {label_column!r} is not a column of {path} (columns: {header})")
+        raise ValueError(f"data.label_column {label_column!r} is not a column of {path} (columns: {header[:10]})")
+    if not table.size:
+        raise ValueError(f"data.path {path}: no data rows after the header")
+    if table.shape[1] != len(header):
+        raise ValueError(f"data.path {path}: the header names {len(header)} columns, the rows hold {table.shape[1]}")
     col = header.index(label_column)
-    return _make(np.delete(table, col, axis=1), table[:, col])
+    return _checked(path, np.delete(table, col, axis=1), table[:, col])
 
+
+def _checked(path: Path, x: np.ndarray, y: np.ndarray) -> Dataset:
+    try:
+        return _make(x, y)
+    except ValueError as e:
+        raise ValueError(f"data.path {path}: {e}") from None

@@ -113,3 +113,33 @@ def build_model(name: str | None, class_path: str | None, kwargs: dict, input_sh
         raise ValueError(f"{class_path} has floating-point buffers {buffers[:3]} (e.g. BatchNorm running "
                          "statistics), which fedray does not federate yet; use GroupNorm or LayerNorm")
     return model
+
+
+def check_output(model: nn.Module, x: torch.Tensor, num_classes: int) -> None:
+    """Refuse a model with no trainable parameters, or one that does not map the real batch ``x``
+    to ``(len(x), num_classes)`` logits. Raises ValueError naming the layer whose forward failed."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("it has no trainable parameters")
+    entered: list[nn.Module] = []  # the layers whose forward has begun and not ended: the last one failed
+    names = {module: name for name, module in model.named_modules()}
+
+    def done(*_) -> None:
+        entered.pop()
+
+    handles = [m.register_forward_pre_hook(lambda m, _: entered.append(m)) for m in names] + [
+        m.register_forward_hook(done) for m in names]
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as e:  # noqa: BLE001 - the user's forward, reported with the layer
+        layer = entered[-1] if entered else model
+        where = f"layer {names[layer]!r} ({type(layer).__name__})" if names.get(layer) else type(model).__name__
+        raise ValueError(f"{where} failed on a batch of input shape {tuple(x.shape)}: {type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0]}") from None
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(x), num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"it maps a batch of input shape {tuple(x.shape)} to {got}; it must give "
+                         f"({len(x)}, {num_classes}) logits, one per class of the data")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
@@ -14,17 +14,16 @@ import torch
 
 from fedray.agents.training import evaluate
 from fedray.config import JobSpec
-from fedray.data import datasets, partition
 from fedray.models.params import ParamSpec
-from fedray.models.zoo import build_model
-from fedray.config.privacy import client_level, min_participants, sample_level, sampling_rate
+from fedray.config.privacy import client_level, min_participants, sampling_rate
 from fedray.platform import edge, plots, privacy, strategies, topology
 from fedray.platform.aggregation import Partial, quorum
 from fedray.platform.intake import Intake
-from fedray.platform.pool import Done, Task
+from fedray.platform.pool import Task
+from fedray.platform.prepare import prepare
 from fedray.platform.sealing import Sealing
 from fedray.platform.strategies import AsyncStrategy
-from fedray.platform.tracking import MlflowTracker
+from fedray.platform.tracking import Tracker
 from fedray.update import Update
 
 
@@ -40,26 +39,23 @@ class RoundResult:
     evaluation_failures: dict[int, str] = field(default_factory=dict)
     flagged: list[int] = field(default_factory=list)  # devices a robust rule flagged as suspect
     edge_failures: dict[int, str] = field(default_factory=dict)
+    tracking: str = ""  # records not yet in MLflow, and why
 
 
 class Driver:
-    def __init__(self, job: JobSpec, tracking_uri: str, job_yaml: str) -> None:
+    def __init__(self, job: JobSpec, run_dir: str, job_yaml: str) -> None:
+        """Set up the run whose MLflow run and journal ``run_dir`` holds (``tracking.start_run``)."""
         torch.set_num_threads(1)
         self.job = job
-        dataset = datasets.load(job.data, job.seed)
-        split = partition.split(dataset.y, job.data, job.devices.count, job.seed)
+        dataset, split, self.model = prepare(job)
         self._test_x = torch.from_numpy(dataset.x[split.holdout])
         self._test_y = torch.from_numpy(dataset.y[split.holdout])
         self._example = dataset.x[:2].copy()  # input example for the logged model's signature
         self._train_sizes = [len(t) for t in split.train]
-        self.model = build_model(job.model.name, job.model.class_, job.model.kwargs, dataset.input_shape,
-                                 dataset.num_classes, job.seed)
         self.spec = ParamSpec.of(self.model)
-        if sample_level(job) is not None:
-            privacy.check_model(self.model, dataset.x[:4], dataset.y[:4])
         self.strategy = strategies.for_job(job)
         self.state = self.strategy.init(self.spec.flatten(self.model))
-        self.tracker = MlflowTracker(tracking_uri, job.tracking.experiment, job.name)
+        self.tracker = Tracker(run_dir)
         try:
             self.tracker.log_params(job.flat())
             self.tracker.log_text(job_yaml, "job.yaml")
@@ -71,7 +67,7 @@ class Driver:
             self.pool, self.edges = edge.start_tiers(job, ray.put((dataset.x, dataset.y)), dataset.num_classes,
                                                      split, size, self.sealing and self.sealing.tiers)
         except BaseException:
-            self.tracker.finish("FAILED")
+            self.tracker.close(job.tracking.wait_s)  # the caller ends the run, from the journal
             raise
         # who takes part must stay secret under client-level DP: drawn from OS entropy, not the logged seed
         self._sampler = np.random.default_rng() if client_level(job) else np.random.default_rng([job.seed, 1])
@@ -87,6 +83,7 @@ class Driver:
         self._versions: dict[int, ray.ObjectRef] = {}
         self._edge_version: dict[int, int] = {}
         self._dispatched = 0
+        self._unlogged = 0
 
     @property
     def _device_epsilon(self) -> dict[int, tuple[float, float]]:
@@ -140,13 +137,11 @@ class Driver:
         metrics["round_seconds"] = time.perf_counter() - start
         self.tracker.log_metrics(metrics, step=r)
         failures = {} if self.ledger is not None else dict(sorted(intake.failures.items()))  # client DP: counts
+        waiting = f"{self.tracker.backlog} records wait for MLflow: {self.tracker.trouble}" if self.tracker.trouble else ""
         result = RoundResult(r, completed, metrics, failures, dict(sorted(evaluation_failures.items())), intake.flagged,
-                             dict(sorted(intake.edge_failures.items())))
+                             dict(sorted(intake.edge_failures.items())), waiting)
         self.history.append(result)
         return result
-
-    def _accept(self, done: Done, expected_round: int, intake: Intake) -> Update | None:
-        return intake.accept(done, expected_round, **self._check)
 
     def _sync_round(self, r: int, intake: Intake) -> tuple[bool, dict[str, float], np.ndarray]:
         devices = self.job.devices
@@ -207,7 +202,7 @@ class Driver:
         fresh = [self.pool.fit(d, r, sent_at, *refs, tag=r, **options) for d in sampled]
         partial, raw = self._empty(), []  # raw kept whole for robust (non-linear) rules
         for done in self.pool.as_completed(fresh + carried, time.monotonic() + self.job.devices.round_wait_s):
-            update = self._accept(done, done.task.tag, intake)
+            update = intake.accept(done, done.task.tag, **self._check)
             if update is None:
                 continue
             if done.task.tag < r:
@@ -347,11 +342,14 @@ class Driver:
         """The MLflow run id (answered once setup is done)."""
         return self.tracker.run_id
 
-    def finish(self, status: str = "FINISHED") -> dict:
-        """Log the round log, the plot and (if FINISHED) the final model, end the MLflow run with
-        ``status`` (FAILED if logging fails), and return a summary. Once the run has ended, only
-        returns the summary."""
+    def finish(self, status: str = "FINISHED", error: str | None = None) -> dict:
+        """Log the round log, the plots and (if FINISHED) the final model, end the MLflow run with
+        ``status`` (FAILED if logging fails; tag ``fedray.error`` says why), wait up to
+        ``tracking.wait_s`` for the store to take it all and return a summary. Once the run has
+        ended, only returns the summary."""
         if not self.tracker.ended:
+            if error is not None:
+                self.tracker.set_tag("fedray.error", error)
             self.pool.drop(list(self.pool.pending))  # asynchronous runs leave devices training
             end_status = status
             try:
@@ -359,15 +357,11 @@ class Driver:
                     self.tracker.log_text(json.dumps(dict(sorted(self._staleness.items()))), "staleness.json")
                 if self.pool.attackers:
                     self.tracker.log_text(json.dumps(sorted(self.pool.attackers)), "attackers.json")
-                if self.history:
-                    self.tracker.log_text(json.dumps([asdict(h) for h in self.history], indent=1), "rounds.json")
-                    self.tracker.log_figure(plots.accuracy_loss_figure(self.history), "accuracy_loss.png")
+                plots.log_history(self.tracker, self.history, self.job.privacy is not None)
                 if self.stopped:
                     self.tracker.set_tag("fedray.stopped", self.stopped)
                 if self.job.privacy is not None:
                     self.tracker.log_text(json.dumps(self.privacy_report(), indent=1), "privacy_report.json")
-                    if self.history:
-                        self.tracker.log_figure(plots.privacy_figure(self.history), "privacy.png")
                 if self.job.tracking.log_model and status == "FINISHED":
                     self.spec.load(self.model, self.state.params)
                     self.tracker.log_model(self.model, self._example)
@@ -375,11 +369,13 @@ class Driver:
                 end_status = "FAILED"
                 raise
             finally:
-                self.tracker.finish(end_status)
+                self._unlogged = self.tracker.finish(end_status, self.job.tracking.wait_s)
         last = self.history[-1].metrics if self.history else {}
         return {
             "run_id": self.tracker.run_id,
             "tracking_uri": self.tracker.uri,
+            "unlogged": self._unlogged,  # records left in the journal, for ``fedray replay``
+            "journal": str(self.tracker.directory),
             "rounds": len(self.history),
             "completed_rounds": sum(h.completed for h in self.history),
             "test_accuracy": last.get("test_accuracy"),

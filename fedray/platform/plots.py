@@ -1,12 +1,23 @@
-"""The figures a run logs, from its ``RoundResult`` history. Matplotlib is imported when a figure is
-made, and without pyplot: no global figure state, no GUI backend."""
+"""The round log and figures a run logs, from its ``RoundResult`` history. Matplotlib is imported
+when a figure is made, and without pyplot: no global figure state, no GUI backend."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+
+def log_history(tracker, history: list, privacy: bool) -> None:
+    """Log the per-round log (rounds.json) and the figures of the rounds run so far."""
+    if history:
+        tracker.log_text(json.dumps([asdict(h) for h in history], indent=1), "rounds.json")
+        tracker.log_figure(accuracy_loss_figure(history), "accuracy_loss.png")
+        if privacy:
+            tracker.log_figure(privacy_figure(history), "privacy.png")
 
 
 def privacy_figure(history: list) -> Figure:

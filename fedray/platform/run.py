@@ -1,94 +1,156 @@
-"""Run a job: connect to Ray, start the Driver actor on this node, drive its rounds, finish."""
+"""Run a job: connect to Ray, create its MLflow run, start the Driver actor on this node, drive its
+rounds, finish. However the run ends, its MLflow run ends with the right status and keeps every
+round already done."""
 
 from __future__ import annotations
 
 import os
+import re
 import warnings
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import ray
 from ray._private import ray_constants
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from fedray.config import JobSpec
+from fedray.config import JobError, JobSpec
 from fedray.platform.driver import Driver, RoundResult
-from fedray.platform.tracking import is_relative_local, resolve_uri, terminate
+from fedray.platform.plots import log_history
+from fedray.platform.store import cause, is_relative_local, resolve_uri
+from fedray.platform.tracking import Tracker, start_run
+
+RUNS_DIR = Path("fedray-runs")  # each run's journal (and error log), under the working directory
+_KILL_WAIT_S = 10.0  # how long a stopped run waits for the tracking store: a scheduler kills soon after
 
 
 class RunError(RuntimeError):
-    """The run stopped: the driver or a round failed. The message names the root cause."""
+    """The run stopped: its driver or every round failed. The message names the root cause;
+    ``run_id`` the MLflow run (ended FAILED), ``unlogged`` the records left in ``journal``."""
+
+    def __init__(self, message: str, run_id: str, unlogged: int, journal: Path) -> None:
+        super().__init__(message)
+        self.run_id, self.unlogged, self.journal = run_id, unlogged, journal
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped (Ctrl-C or SIGTERM) and its MLflow run ended KILLED."""
+
+    def __init__(self, signal: str, run_id: str | None = None, rounds: int = 0, unlogged: int = 0) -> None:
+        super().__init__(signal)
+        self.signal, self.run_id, self.rounds, self.unlogged = signal, run_id, rounds, unlogged
 
 
 def connect() -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (as ``ray job submit`` sets it), else start an
-    embedded local Ray bound to loopback."""
+    embedded local Ray bound to loopback. Actors' output goes to Ray's log files, not the console."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=False)
         return
     # Ray swaps 127.0.0.1 for the machine's address and listens on all interfaces unless it runs in
     # its single-machine mode (the default on macOS and Windows). Ray reads this flag at import, so
     # set it for the processes it starts and for this one.
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
 
 
 def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,
-            on_round: Callable[[RoundResult], None] | None = None) -> dict:
+            on_round: Callable[[RoundResult], None] | None = None, runs_dir: Path = RUNS_DIR) -> dict:
     """Run ``job`` to completion and return the Driver's summary. ``tracking_uri`` as given by the
-    user (None: ``MLFLOW_TRACKING_URI`` or MLflow's default). The MLflow run ends FINISHED, or FAILED
-    (keeping every round already logged) if a round raises; Ray errors become ``RunError``."""
+    user (None: ``MLFLOW_TRACKING_URI`` or MLflow's default). The MLflow run ends FINISHED; FAILED
+    (keeping every round already logged) if the driver fails or no round completed, raising
+    ``RunError``; KILLED on KeyboardInterrupt, raising ``Interrupted``."""
     connect()
     if ray.get_runtime_context().runtime_env.get("working_dir") and is_relative_local(
             tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         warnings.warn("this Ray job logs MLflow runs to a relative path inside its temporary working "
                       "directory, which Ray deletes; use --tracking-uri with a tracking server or an "
                       "absolute path", stacklevel=2)
-    uri = resolve_uri(tracking_uri)
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    driver = ray.remote(Driver).options(num_cpus=0, scheduling_strategy=here, max_restarts=0).remote(
-        job, uri, job_yaml)
-    # a round waits at most timeout_s for training and again for federated evaluation
-    round_timeout = 2 * job.devices.timeout_s + 600
-    run_id = None
+    run_dir = start_run(resolve_uri(tracking_uri), job.tracking.experiment, job.name, runs_dir.resolve())
+    history: list[RoundResult] = []
+    driver = None
     try:
-        run_id = ray.get(driver.run_id.remote(), timeout=600)  # the driver's setup is done
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        driver = ray.remote(Driver).options(num_cpus=0, scheduling_strategy=here, max_restarts=0).remote(
+            job, str(run_dir), job_yaml)
+        ray.get(driver.run_id.remote(), timeout=600)  # the driver's setup is done
+        round_timeout = 2 * job.devices.timeout_s + 600  # training, then federated evaluation
         for r in range(1, job.rounds + 1):
             if ray.get(driver.stop_reason.remote(r), timeout=600):  # the privacy budget is spent
                 break
-            result = ray.get(driver.run_round.remote(r), timeout=round_timeout)
+            history.append(ray.get(driver.run_round.remote(r), timeout=round_timeout))
             if on_round is not None:
-                on_round(result)
-        return ray.get(driver.finish.remote("FINISHED"), timeout=600)
-    except BaseException as e:
-        _end_run(driver, uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        if isinstance(e, RayError):
-            raise RunError(f"job {job.name!r} failed: {_root_cause(e)}\n"
-                           f"Rounds already run stay logged in MLflow at {uri}") from e
+                on_round(history[-1])
+        if any(h.completed for h in history):
+            return ray.get(driver.finish.remote("FINISHED"), timeout=job.tracking.wait_s + 600)
+        stopped = ray.get(driver.stop_reason.remote(len(history) + 1), timeout=600)
+        error = f"no round completed: {_why_nothing_trained(history, stopped)}"
+        summary = ray.get(driver.finish.remote("FAILED", error), timeout=job.tracking.wait_s + 600)
+        raise RunError(f"job {job.name!r}: {error}", summary["run_id"], summary["unlogged"], run_dir)
+    except RunError:
         raise
+    except KeyboardInterrupt as e:
+        unlogged = _end_without_driver(driver, run_dir, "KILLED", None, history, job)
+        raise Interrupted(str(e) or "SIGINT", run_dir.name, len(history), unlogged) from None
+    except BaseException as e:
+        error = _root_cause(e)
+        unlogged = _end_without_driver(driver, run_dir, "FAILED", error, history, job)
+        raise RunError(f"job {job.name!r} failed: {error}", run_dir.name, unlogged, run_dir) from e
     finally:
-        ray.kill(driver)  # its workers share its fate
+        if driver is not None:
+            ray.kill(driver)  # its workers share its fate
 
 
-def _end_run(driver, uri: str, run_id: str | None, status: str) -> None:
-    """End the MLflow run with what was logged so far: through the driver if it answers (it
-    flushes its pending metrics), else directly. On Ctrl-C the driver is not waited for."""
-    if status != "KILLED":
-        try:
-            ray.get(driver.finish.remote(status), timeout=120)
-            return
-        except RayError:  # the driver is gone or stuck; a driver whose setup failed ended its run
+def _end_without_driver(driver, run_dir: Path, status: str, error: str | None, history: list[RoundResult],
+                        job: JobSpec) -> int:
+    """Stop the driver and end its MLflow run from here, from its journal and the rounds it
+    returned: its unsent records, the round log and plots, ``error`` and ``status``. Returns the
+    records still unsent."""
+    if driver is not None:
+        ray.kill(driver)
+        try:  # wait until it is gone: one process at a time writes the journal
+            ray.get(driver.run_id.remote(), timeout=_KILL_WAIT_S)
+        except (RayError, GetTimeoutError):
             pass
-    ray.kill(driver)
-    if run_id is not None:
-        terminate(uri, run_id, status)
+    if not (run_dir / "run.json").exists():  # the driver had sent everything, and ended the run
+        return 0
+    tracker = Tracker(run_dir)
+    if error is not None:
+        tracker.set_tag("fedray.error", error)
+    log_history(tracker, history, job.privacy is not None)
+    return tracker.finish(status, _KILL_WAIT_S if status == "KILLED" else job.tracking.wait_s)
 
 
-def _root_cause(error: RayError) -> str:
+def _why_nothing_trained(history: list[RoundResult], stopped: str | None) -> str:
+    if not history:
+        return stopped or "no round ran"
+    reasons = Counter(reason for h in history for reason in h.failures.values())
+    if not reasons:
+        told = ("device failures are not named under client-level DP" if any(h.metrics.get("failures")
+                for h in history) else "too few valid updates")
+        return f"{len(history)} rounds failed ({told})"
+    common = "; ".join(f"{n}x {reason}" for reason, n in reasons.most_common(3))
+    return f"{len(history)} rounds failed; device failures: {common}"
+
+
+def _root_cause(error: BaseException) -> str:
+    """One line: what went wrong, without Ray's tracebacks."""
     if isinstance(error, RayTaskError):
-        return f"{type(error.cause).__name__}: {error.cause}"
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(error).__name__
+        first = (str(error.cause).splitlines() or [""])[0]
+        return first if isinstance(error.cause, JobError) else f"{type(error.cause).__name__}: {first}"
+    text = str(error)
+    if isinstance(error, RayError) and ("OutOfMemoryError" in text or "out of memory" in text.lower()):
+        memory = next((line.strip() for line in text.splitlines() if "Memory on the node" in line), "")
+        return f"Ray killed the driver: out of memory. {memory}".strip()
+    if isinstance(error, RayError):  # e.g. the driver's setup raised: its exception is the last line
+        lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(" ")]
+        last = re.fullmatch(r"(?:[\w.]+\.)?(\w+): (.*)", lines[-1]) if lines else None
+        if last is None:
+            return lines[-1] if lines else type(error).__name__
+        return last[2] if last[1] == "JobError" else f"{last[1]}: {last[2]}"
+    return f"{type(error).__name__}: {cause(error)}"

@@ -18,7 +18,7 @@ from fedray.models.params import ParamSpec
 from fedray.platform.aggregation import Partial
 from fedray.platform.intake import Intake
 from fedray.platform.pool import START_TIMEOUT_S
-from fedray.platform.tracking import MlflowTracker
+from fedray.platform.tracking import Tracker
 from fedray.secure.authority import KeyAuthority
 from fedray.secure.plan import SecurePlan, SumLoader
 
@@ -27,7 +27,7 @@ class Sealing:
     """Makes the plan, starts the key authority on this node (the driver's) and records the split
     in the run (``secure.json``, tag ``fedray.secure``). ``weigh`` is the strategy's."""
 
-    def __init__(self, job: JobSpec, spec: ParamSpec, train_sizes: list[int], weigh, tracker: MlflowTracker) -> None:
+    def __init__(self, job: JobSpec, spec: ParamSpec, train_sizes: list[int], weigh, tracker: Tracker) -> None:
         self.job, self.size = job, spec.size
         self.plan = SecurePlan.of(job, spec.names, [math.prod(s) for s in spec.shapes], train_sizes,
                                   lambda samples: weigh(samples, 1)[0])

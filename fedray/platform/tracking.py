@@ -1,113 +1,225 @@
-"""MLflow tracking for one run. Only the driver uses it; MLflow is imported lazily."""
+"""The records of one MLflow run, never lost to tracking trouble.
+
+Every record (params, a round's metrics, tags, artifacts, the model, the run's end) is first
+appended to the run's journal, a local directory, and then sent to MLflow in order by a background
+thread that retries while the store is locked, slow or down. A process that dies leaves the
+unsent records in the journal; ``Tracker`` reopened on it (or ``fedray replay``) sends them.
+When everything is sent the journal is removed. MLflow is imported lazily.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
+import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedray.platform.store import cause, experiment_id
 
-def resolve_uri(uri: str | None) -> str:
-    """The tracking URI to use: ``uri``, else ``MLFLOW_TRACKING_URI``, else MLflow's default
-    (``sqlite:///mlflow.db`` in the working directory). Local sqlite paths are made absolute so
-    that processes with another working directory (Ray actors) write to the same file."""
-    import mlflow
-
-    if uri is None:
-        uri = mlflow.get_tracking_uri()
-    path = _sqlite_path(uri)
-    return f"sqlite:///{path.resolve()}" if path is not None else uri
+_BATCH_METRICS = 1000  # MLflow's most metrics per log_batch
+_BATCH_PARAMS = 100
+_REFUSED = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"})  # the record is bad: retrying won't help
 
 
-def is_relative_local(uri: str | None) -> bool:
-    """Whether ``uri`` names a relative local path, i.e. one inside the working directory."""
-    if uri is None:
-        return True
-    path = _sqlite_path(uri)
-    if path is not None:
-        return not path.is_absolute()
-    return "://" not in uri and not os.path.isabs(uri)
+def start_run(uri: str, experiment: str, run_name: str, runs_dir: Path) -> Path:
+    """Create a RUNNING MLflow run (the store must answer now) and its journal directory
+    ``runs_dir/<run id>``; return the directory."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    run_id = client.create_run(experiment_id(client, experiment, uri), run_name=run_name).info.run_id
+    directory = runs_dir / run_id
+    (directory / "files").mkdir(parents=True)
+    (directory / "run.json").write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}))
+    return directory
 
 
-def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+class Tracker:
+    """Appends records to the journal in ``directory`` and sends them from a background thread.
+    Only one Tracker may hold a journal at a time."""
 
+    def __init__(self, directory: str | Path) -> None:
+        import mlflow  # noqa: F401  - before the thread, which must not import under a lock
+        from mlflow import MlflowClient
+        from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
 
-class MlflowTracker:
-    """One MLflow run: params, per-round metrics (logged asynchronously), artifacts, the model."""
+        os.environ.setdefault(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, "0")  # this thread retries, without blocking
+        os.environ.setdefault(MLFLOW_HTTP_REQUEST_TIMEOUT.name, "30")
+        self.directory = Path(directory)
+        meta = json.loads((self.directory / "run.json").read_text())
+        self.uri, self.run_id = meta["tracking_uri"], meta["run_id"]
+        self._client = MlflowClient(self.uri)
+        self._journal = self.directory / "journal.jsonl"
+        self._records = _read_journal(self._journal)
+        self._sent = min(int(_read(self.directory / "sent") or 0), len(self._records))
+        self.refused: list[str] = []  # records the store rejected as invalid (kept in the journal)
+        self.trouble: str | None = None  # the store's last error while records wait
+        self._wake, self._lock = threading.Event(), threading.Lock()
+        self._stop = False
+        self.ended = any(r["op"] == "end" for r in self._records)
+        self._thread = threading.Thread(target=self._send_loop, name="fedray-tracking", daemon=True)
+        self._thread.start()
 
-    def __init__(self, uri: str, experiment: str, run_name: str) -> None:
-        import mlflow
-
-        self._mlflow = mlflow
-        self.uri = uri
-        mlflow.set_tracking_uri(uri)
-        self.run_id = mlflow.start_run(experiment_id=_experiment_id(experiment, uri), run_name=run_name).info.run_id
-        self.ended = False
+    @property
+    def backlog(self) -> int:
+        """Records not yet in MLflow."""
+        return len(self._records) - self._sent
 
     def log_params(self, params: dict[str, str]) -> None:
-        self._mlflow.log_params(params)
+        self._append({"op": "params", "params": params})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._mlflow.log_metrics(metrics, step=step, synchronous=False)
+        self._append({"op": "metrics", "metrics": {k: float(v) for k, v in metrics.items()}, "step": step,
+                      "timestamp": int(time.time() * 1000)})
 
     def set_tag(self, key: str, value: str) -> None:
-        self._mlflow.set_tag(key, value)
+        self._append({"op": "tag", "key": key, "value": value})
 
     def log_text(self, text: str, path: str) -> None:
-        self._mlflow.log_text(text, path)
+        self._file(path, text.encode())
 
     def log_figure(self, figure: Any, path: str) -> None:
-        self._mlflow.log_figure(figure, path)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format=Path(path).suffix[1:])
+        self._file(path, buffer.getvalue())
 
     def log_model(self, model: Any, example: np.ndarray) -> None:
+        """Save ``model`` as an MLflow PyTorch model (signature from ``example``) in the journal and
+        log it as the run's ``model`` artifact: ``runs:/<run id>/model`` loads it."""
         import mlflow.pytorch
         import torch
         from mlflow.models import infer_signature
 
         with torch.no_grad():
             output = model(torch.from_numpy(example)).numpy()
-        mlflow.pytorch.log_model(model, name="model", input_example=example,
-                                 signature=infer_signature(example, output),
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        local = self.directory / "files" / str(len(self._records)) / "model"
+        mlflow.pytorch.save_model(model, local, input_example=example, signature=infer_signature(example, output),
+                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        self._append({"op": "artifacts", "local": f"{local.parent.name}/model", "path": "model"})
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """Flush pending metrics and end the run with ``status`` (FINISHED, FAILED or KILLED).
-        Later calls do nothing."""
-        if self.ended:
+    def finish(self, status: str = "FINISHED", wait_s: float = 60.0) -> int:
+        """End the run with ``status`` (FINISHED, FAILED or KILLED), then ``close``. A second
+        call only closes."""
+        if not self.ended:
+            self.ended = True
+            self._append({"op": "end", "status": status, "timestamp": int(time.time() * 1000)})
+        return self.close(wait_s)
+
+    def close(self, wait_s: float) -> int:
+        """Wait up to ``wait_s`` for the store to take every record, then stop sending. Returns how
+        many records are still unsent (kept in the journal for whoever opens it next, or
+        ``replay``). The journal of an ended run is removed once all of it is sent."""
+        deadline = time.monotonic() + wait_s
+        while self.backlog and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._lock:
+            self._stop = True
+        self._wake.set()
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self.ended and not self.backlog and not self.refused:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the runs directory, if no other run left anything there
+                self.directory.parent.rmdir()
+        return self.backlog
+
+    def _file(self, path: str, data: bytes) -> None:
+        local = self.directory / "files" / str(len(self._records)) / Path(path).name  # logged under its name
+        local.parent.mkdir()
+        local.write_bytes(data)
+        self._append({"op": "artifact", "local": f"{local.parent.name}/{local.name}",
+                      "path": str(Path(path).parent).strip(".")})
+
+    def _append(self, record: dict) -> None:
+        with self._lock:
+            if self._stop:
+                raise RuntimeError(f"the tracker of run {self.run_id} is closed")
+            with open(self._journal, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self._records.append(record)
+        self._wake.set()
+
+    def _send_loop(self) -> None:
+        """Send records in order; on a store error wait (0.5 s, doubling to 8 s) and try again."""
+        pause = 0.5
+        while not self._stop:
+            if not self.backlog:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            try:
+                self._send_next()
+                pause, self.trouble = 0.5, None
+            except Exception as e:  # noqa: BLE001 - the store's trouble; the records wait in the journal
+                if getattr(e, "error_code", None) in _REFUSED:
+                    self.refused.append(f"{self._records[self._sent]['op']}: {cause(e)}")
+                    self._advance(1)
+                    continue
+                self.trouble = cause(e)
+                self._wake.wait(pause)
+                pause = min(2 * pause, 8.0)
+
+    def _send_next(self) -> None:
+        """Send the next record, or the next run of metrics records in one batch."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        first = self._records[self._sent]
+        run, client, op = self.run_id, self._client, first["op"]
+        if op == "metrics":
+            batch, count = [], 0
+            for record in self._records[self._sent:len(self._records)]:
+                if record["op"] != "metrics" or count and len(batch) + len(record["metrics"]) > _BATCH_METRICS:
+                    break
+                batch += [Metric(k, v, record["timestamp"], record["step"]) for k, v in record["metrics"].items()]
+                count += 1
+            client.log_batch(run, metrics=batch)
+            self._advance(count)
             return
-        self.ended = True
-        try:
-            self._mlflow.flush_async_logging()
-        finally:
-            self._mlflow.end_run(status)
+        if op == "params":
+            items = [Param(k, v) for k, v in first["params"].items()]
+            for i in range(0, len(items), _BATCH_PARAMS):
+                client.log_batch(run, params=items[i:i + _BATCH_PARAMS])
+        elif op == "tag":
+            client.log_batch(run, tags=[RunTag(first["key"], first["value"])])
+        elif op == "artifact":
+            client.log_artifact(run, str(self.directory / "files" / first["local"]), first["path"] or None)
+        elif op == "artifacts":
+            client.log_artifacts(run, str(self.directory / "files" / first["local"]), first["path"])
+        elif op == "end":
+            client.set_terminated(run, first["status"], first["timestamp"])
+        self._advance(1)
+
+    def _advance(self, count: int) -> None:
+        self._sent += count
+        marker = self.directory / "sent"
+        temporary = marker.with_suffix(".tmp")
+        temporary.write_text(str(self._sent))
+        os.replace(temporary, marker)  # atomic: a record is at worst sent twice, and sending is idempotent
 
 
-def _experiment_id(name: str, uri: str) -> str:
-    """The id of experiment ``name``, created if missing. A local sqlite store keeps artifacts
-    beside the database, not in the working directory."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    db = _sqlite_path(uri)
-    try:
-        return mlflow.create_experiment(name, artifact_location=(db.parent / "mlartifacts").as_uri() if db else None)
-    except MlflowException:  # another run created it meanwhile
-        exp = mlflow.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+def replay(directory: str | Path, wait_s: float = 60.0) -> tuple[str, int]:
+    """Send what a run's journal still holds; return (run id, records still unsent). A run whose
+    process died before ending it is ended FAILED."""
+    tracker = Tracker(directory)
+    return tracker.run_id, tracker.finish("FAILED", wait_s)
 
 
-def terminate(uri: str, run_id: str, status: str) -> None:
-    """End run ``run_id`` with ``status`` if it is still running: for when its driver is gone."""
-    from mlflow import MlflowClient
+def _read_journal(path: Path) -> list[dict]:
+    """The journal's records; a last line cut short by a dying process is dropped from the file."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete = data[:data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        path.write_bytes(complete)
+    return [json.loads(line) for line in complete.decode().splitlines()]
 
-    client = MlflowClient(uri)
-    if client.get_run(run_id).info.status == "RUNNING":
-        client.set_terminated(run_id, status)
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.exists() else None
