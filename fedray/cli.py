@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 import traceback
@@ -85,14 +84,14 @@ def run(job_file: str, overrides: tuple[str, ...], tracking_uri: str | None, run
     job = _load(job_file, overrides)
     uri = _check_store(tracking_uri, job)  # before the data loads or Ray starts
     _prepare(job_file, job)
-    from fedray.platform.run import Interrupted, RunError, connect, run_job  # Ray loads only when a job runs
+    from fedray.platform.run import STOP, Interrupted, RunError, connect, run_job  # Ray loads only when a job runs
     from fedray.platform.store import TrackingError
 
     started = time.monotonic()
     progress = _Progress(job.rounds, started)
     try:
         connect()
-        signal.signal(signal.SIGTERM, _stop)  # after Ray's start: Ray's own handler would dump a native trace
+        STOP.install()  # after Ray's start, whose SIGTERM handler would dump a native stack trace
         summary = run_job(job, Path(job_file).read_text(), uri, on_round=progress, runs_dir=Path(runs_dir))
     except RunError as e:
         progress.close()
@@ -103,7 +102,7 @@ def run(job_file: str, overrides: tuple[str, ...], tracking_uri: str | None, run
                    + _unlogged(e.unlogged, Path(runs_dir) / e.run_id), err=True)
         sys.exit(143 if e.signal == "SIGTERM" else 130)
     except KeyboardInterrupt as e:
-        click.echo(f"Stopped by {e or 'SIGINT'} before the run started: nothing was recorded", err=True)
+        click.echo(f"Stopped by {str(e) or 'SIGINT'} before the run started: nothing was recorded", err=True)
         sys.exit(143 if str(e) == "SIGTERM" else 130)
     except TrackingError as e:
         raise click.ClickException(str(e)) from None
@@ -112,10 +111,6 @@ def run(job_file: str, overrides: tuple[str, ...], tracking_uri: str | None, run
     if summary["unlogged"]:
         click.echo(f"Warning: MLflow at {uri} did not take everything" + _unlogged(summary["unlogged"],
                                                                                   Path(summary["journal"])), err=True)
-
-
-def _stop(signum: int, frame) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _unlogged(count: int, journal: Path) -> str:

@@ -4,8 +4,10 @@ round already done."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -43,6 +45,41 @@ class Interrupted(KeyboardInterrupt):
         self.signal, self.run_id, self.rounds, self.unlogged = signal, run_id, rounds, unlogged
 
 
+class StopSignals:
+    """SIGINT and SIGTERM as ``KeyboardInterrupt(signal name)``, held back while a run is being
+    created or ended, so that a run is never left RUNNING by a stop request (``install`` them)."""
+
+    def __init__(self) -> None:
+        self.holding, self.held = False, None
+
+    def install(self) -> None:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, self._on)
+
+    def _on(self, number: int, frame) -> None:
+        name = signal.Signals(number).name
+        if not self.holding:
+            raise KeyboardInterrupt(name)
+        self.held = self.held or name
+
+    @contextlib.contextmanager
+    def hold(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+
+    def release(self) -> None:
+        """Raise the stop request that came while held, if any."""
+        held, self.held = self.held, None
+        if held:
+            raise KeyboardInterrupt(held)
+
+
+STOP = StopSignals()
+
+
 def connect() -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (as ``ray job submit`` sets it), else start an
     embedded local Ray bound to loopback. Actors' output goes to Ray's log files, not the console."""
@@ -71,10 +108,12 @@ def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,
         warnings.warn("this Ray job logs MLflow runs to a relative path inside its temporary working "
                       "directory, which Ray deletes; use --tracking-uri with a tracking server or an "
                       "absolute path", stacklevel=2)
-    run_dir = start_run(resolve_uri(tracking_uri), job.tracking.experiment, job.name, runs_dir.resolve())
+    with STOP.hold():
+        run_dir = start_run(resolve_uri(tracking_uri), job.tracking.experiment, job.name, runs_dir.resolve())
     history: list[RoundResult] = []
     driver = None
     try:
+        STOP.release()
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         driver = ray.remote(Driver).options(num_cpus=0, scheduling_strategy=here, max_restarts=0).remote(
             job, str(run_dir), job_yaml)
@@ -95,11 +134,13 @@ def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,
     except RunError:
         raise
     except KeyboardInterrupt as e:
-        unlogged = _end_without_driver(driver, run_dir, "KILLED", None, history, job)
+        with STOP.hold():  # a second stop request does not cut the run's end short
+            unlogged = _end_without_driver(driver, run_dir, "KILLED", None, history, job)
         raise Interrupted(str(e) or "SIGINT", run_dir.name, len(history), unlogged) from None
     except BaseException as e:
         error = _root_cause(e)
-        unlogged = _end_without_driver(driver, run_dir, "FAILED", error, history, job)
+        with STOP.hold():
+            unlogged = _end_without_driver(driver, run_dir, "FAILED", error, history, job)
         raise RunError(f"job {job.name!r} failed: {error}", run_dir.name, unlogged, run_dir) from e
     finally:
         if driver is not None:

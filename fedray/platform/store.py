@@ -9,7 +9,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-CHECK_TIMEOUT_S = 10  # a first check's wait for an answer: a store that needs longer is reported
+CHECK_TIMEOUT_S = 5  # a first check's wait for an answer: a store that needs longer is reported
 
 
 class TrackingError(RuntimeError):

@@ -60,7 +60,8 @@ class Tracker:
         self._records = _read_journal(self._journal)
         self._sent = min(int(_read(self.directory / "sent") or 0), len(self._records))
         self.refused: list[str] = []  # records the store rejected as invalid (kept in the journal)
-        self.trouble: str | None = None  # the store's last error while records wait
+        self._trouble: str | None = None  # the store's last error while records wait
+        self._attempt: float | None = None  # when the send in progress began
         self._wake, self._lock = threading.Event(), threading.Lock()
         self._stop = False
         self.ended = any(r["op"] == "end" for r in self._records)
@@ -71,6 +72,14 @@ class Tracker:
     def backlog(self) -> int:
         """Records not yet in MLflow."""
         return len(self._records) - self._sent
+
+    @property
+    def trouble(self) -> str | None:
+        """Why records wait, if the store failed or has been answering a send for 5 s."""
+        started = self._attempt
+        if self._trouble is None and started is not None and time.monotonic() - started > 5:
+            return f"no answer for {time.monotonic() - started:.0f}s"
+        return self._trouble
 
     def log_params(self, params: dict[str, str]) -> None:
         self._append({"op": "params", "params": params})
@@ -153,15 +162,18 @@ class Tracker:
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
+            self._attempt = time.monotonic()
             try:
                 self._send_next()
-                pause, self.trouble = 0.5, None
+                pause, self._trouble = 0.5, None
             except Exception as e:  # noqa: BLE001 - the store's trouble; the records wait in the journal
                 if getattr(e, "error_code", None) in _REFUSED:
                     self.refused.append(f"{self._records[self._sent]['op']}: {cause(e)}")
                     self._advance(1)
                     continue
-                self.trouble = cause(e)
+                self._trouble = cause(e)
+            finally:
+                self._attempt = None
                 self._wake.wait(pause)
                 pause = min(2 * pause, 8.0)
 

@@ -1,0 +1,199 @@
+"""Tracking trouble and stopping, through the real `fedray` CLI in its own process (with its own
+Ray) and a real MLflow store: an SQLite file that another process locks, a local `mlflow server`
+stopped and restarted mid-run, SIGTERM and Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import history, small_job
+
+BIN = Path(sys.executable).parent  # the environment running the tests holds `fedray` and `mlflow`
+ROUND_S = 0.1  # a full-speed device's simulated time per local step: about 0.6 s per round
+
+
+def write_job(tmp_path: Path, rounds: int, **tracking) -> Path:
+    raw = small_job(rounds=rounds, tracking={"experiment": "tests", "log_model": True, **tracking})
+    raw["devices"]["speed"] = {"kind": "slow_fraction", "fraction": 1.0, "slowdown": 1.0, "step_seconds": ROUND_S}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+class Cli:
+    """A `fedray` command in its own process; its output (stdout and stderr) read as it comes."""
+
+    def __init__(self, *args: str, cwd: Path) -> None:
+        self.process = subprocess.Popen([str(BIN / "fedray"), *args], cwd=cwd, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(re.search(pattern, line) for line in self.lines):
+            try:
+                line = self._queue.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"no {pattern!r} within {timeout}s:\n{self.output}")
+            assert line is not None, f"exited before {pattern!r}:\n{self.output}"
+            self.lines.append(line)
+
+    def finish(self, timeout: float = 300) -> tuple[int, str]:
+        code = self.process.wait(timeout)
+        while (line := self._queue.get(timeout=10)) is not None:
+            self.lines.append(line)
+        return code, self.output
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def run_id(output: str) -> str:
+    return re.search(r"MLflow run\s+([0-9a-f]{32})", output)[1]
+
+
+def assert_complete(client: MlflowClient, run: str, rounds: int, status: str = "FINISHED") -> None:
+    info = client.get_run(run)
+    assert info.info.status == status
+    assert [m.step for m in sorted(client.get_metric_history(run, "test_accuracy"), key=lambda m: m.step)] == \
+        list(range(1, rounds + 1))
+    assert {"rounds.json", "accuracy_loss.png", "job.yaml", "model"} <= {a.path for a in client.list_artifacts(run)}
+
+
+def lock(db: Path) -> sqlite3.Connection:
+    """Hold an exclusive lock on ``db``, as another process writing to it for long would."""
+    connection = sqlite3.connect(db, isolation_level=None)
+    connection.execute("BEGIN EXCLUSIVE")
+    return connection
+
+
+def test_a_locked_database_delays_records_and_loses_none(tmp_path):
+    """Locked past MLflow's 20 s busy timeout, from round 3 to after training ends: the rounds go
+    on, the records wait and are all logged once the lock goes."""
+    db = tmp_path / "mlflow.db"
+    cli = Cli("run", str(write_job(tmp_path, rounds=30)), "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)
+    cli.wait_for(r"round\s+3/30")
+    holder, locked = lock(db), time.monotonic()
+    cli.wait_for(r"records wait for MLflow: no answer for", timeout=60)
+    cli.wait_for(r"round 30/30")  # training went on
+    time.sleep(max(0.0, locked + 25 - time.monotonic()))  # MLflow gives up after 20 s: fedray retries
+    holder.rollback()
+    holder.close()
+    code, output = cli.finish()
+    assert code == 0 and "30/30 rounds completed" in output and "Traceback" not in output
+    assert_complete(MlflowClient(f"sqlite:///{db}"), run_id(output), 30)
+    assert not (tmp_path / "fedray-runs").exists()  # everything sent: no journal left
+
+
+def test_a_store_down_at_the_end_leaves_a_journal_that_replay_sends(tmp_path):
+    db = tmp_path / "mlflow.db"
+    cli = Cli("run", str(write_job(tmp_path, rounds=8, wait_s=2)), "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)
+    cli.wait_for(r"round\s+2/8")
+    holder = lock(db)
+    code, output = cli.finish()
+    holder.rollback()
+    holder.close()
+    assert code == 0 and "8/8 rounds completed" in output and "Traceback" not in output
+    journal = tmp_path / "fedray-runs" / run_id(output)
+    assert f"records it could not take are kept in {journal}: send them with `fedray replay {journal}`" in output
+    client = MlflowClient(f"sqlite:///{db}")
+    assert client.get_run(run_id(output)).info.status == "RUNNING"
+    code, output = Cli("replay", str(journal), cwd=tmp_path).finish()
+    assert code == 0 and "everything sent" in output, output
+    assert_complete(client, journal.name, 8)
+    assert not journal.exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server(tmp_path: Path, port: int) -> subprocess.Popen:
+    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 's.db'}",
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return server
+        except OSError:
+            time.sleep(0.3)
+    os.killpg(server.pid, signal.SIGKILL)
+    pytest.fail("mlflow server did not start")
+
+
+def test_a_restarted_tracking_server_loses_nothing(tmp_path):
+    port = _free_port()
+    server = _server(tmp_path, port)
+    uri = f"http://127.0.0.1:{port}"
+    cli = Cli("run", str(write_job(tmp_path, rounds=30)), "--tracking-uri", uri, cwd=tmp_path)
+    try:
+        cli.wait_for(r"round\s+3/30")
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+        cli.wait_for(r"records wait for MLflow: connection refused", timeout=60)
+        server = _server(tmp_path, port)
+        code, output = cli.finish()
+        assert code == 0 and "30/30 rounds completed" in output and "Traceback" not in output
+        assert_complete(MlflowClient(uri), run_id(output), 30)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+
+
+def test_sigterm_ends_the_run_killed_with_its_rounds(tmp_path):
+    db = tmp_path / "mlflow.db"
+    cli = Cli("run", str(write_job(tmp_path, rounds=30)), "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)
+    cli.wait_for(r"round\s+3/30")
+    cli.process.send_signal(signal.SIGTERM)  # as `kill` and `timeout` send it
+    code, output = cli.finish()
+    assert code == 143, output
+    done = int(re.search(r"Stopped by SIGTERM after (\d+) rounds: MLflow run [0-9a-f]{32} ended KILLED", output)[1])
+    assert done >= 3 and "Traceback" not in output and "SIGTERM received" not in output  # no native dump
+    run = re.search(r"MLflow run ([0-9a-f]{32})", output)[1]
+    client = MlflowClient(f"sqlite:///{db}")
+    assert client.get_run(run).info.status == "KILLED"
+    assert history(client, run, "test_accuracy") and len(history(client, run, "test_accuracy")) == done
+    assert {"rounds.json", "accuracy_loss.png"} <= {a.path for a in client.list_artifacts(run)}
+    assert "model" not in {a.path for a in client.list_artifacts(run)}
+
+
+def test_ctrl_c_during_setup_leaves_no_run_running(tmp_path):
+    db = tmp_path / "mlflow.db"
+    cli = Cli("run", str(write_job(tmp_path, rounds=30)), "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)
+    cli.wait_for(r"Updating database tables")  # MLflow has made the database: the run is being created
+    time.sleep(0.5)  # the driver is starting
+    cli.process.send_signal(signal.SIGINT)
+    code, output = cli.finish()
+    assert code == 130 and "Traceback" not in output, output
+    said = re.search(r"Stopped by SIGINT (?:before the run started|after 0 rounds: MLflow run ([0-9a-f]{32}) ended "
+                     r"KILLED)", output)
+    assert said, output
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()]) if db.exists() else []
+    assert [r.info.status for r in runs] == (["KILLED"] if said[1] else [])
