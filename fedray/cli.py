@@ -11,7 +11,9 @@ from pathlib import Path
 import click
 
 from fedray.config import JobError, JobSpec, load_job
+from fedray.config.job import MAX_ROUNDS
 
+PRV_MAX_STEPS = 1000  # the prv accountant's memory grows with its compositions: about 0.5 GB here
 _SET_HELP = "Override a job field, e.g. --set rounds=50 --set strategy.server_lr=0.5 (repeatable)."
 
 
@@ -154,7 +156,8 @@ def privacy() -> None:
 @privacy.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help=_SET_HELP)
-@click.option("--rounds", type=click.IntRange(min=1), default=None, help="rounds to account [default: the job's]")
+@click.option("--rounds", type=click.IntRange(min=1, max=MAX_ROUNDS), default=None,
+              help="rounds to account [default: the job's]")
 def plan(job_file: str, overrides: tuple[str, ...], rounds: int | None) -> None:
     """Print the epsilon JOB_FILE spends after its rounds, by each accountant, and the rounds its
     budget affords. Sample level: per device, if it trains in every round or in its expected share."""
@@ -172,13 +175,26 @@ def plan(job_file: str, overrides: tuple[str, ...], rounds: int | None) -> None:
                f"{spec.noise_multiplier:g}, Poisson sampling rate {ledger.rate:g}, delta {spec.delta:g}")
     for kind in ACCOUNTANTS:
         chosen = "  (the job's accountant)" if kind == spec.accountant else ""
+        if _too_long(kind, rounds):
+            continue
         click.echo(f"  {kind}: epsilon {Ledger.of(job, kind).epsilon(rounds):.3f} after {rounds} rounds{chosen}")
     if spec.budget is not None:
-        affordable = ledger.affordable(spec.budget.epsilon)
+        limit = PRV_MAX_STEPS if spec.accountant == "prv" else MAX_ROUNDS
+        affordable = ledger.affordable(spec.budget.epsilon, limit)
         verdict = (f"the run stops before round {affordable + 1} of {job.rounds}" if affordable < job.rounds
                    else "the whole run fits")
-        click.echo(f"  budget epsilon {spec.budget.epsilon:g}: {affordable} rounds affordable ({spec.accountant}); "
-                   f"{verdict}")
+        click.echo(f"  budget epsilon {spec.budget.epsilon:g}: {'at least ' * (affordable == limit)}{affordable} rounds "
+                   f"affordable ({spec.accountant}); {verdict}")
+
+
+def _too_long(kind: str, steps: int) -> bool:
+    """Whether ``kind`` is prv and ``steps`` too many for it (said so): its grid, and memory, grow
+    with them."""
+    if kind == "prv" and steps > PRV_MAX_STEPS:
+        click.echo(f"  prv: not computed for more than {PRV_MAX_STEPS} compositions (its memory grows with them); "
+                   "the rdp bound holds")
+        return True
+    return False
 
 
 def _plan_sample_level(job: JobSpec, rounds: int) -> None:
@@ -203,7 +219,11 @@ def _plan_sample_level(job: JobSpec, rounds: int) -> None:
     for kind in ACCOUNTANTS:
         shares = [("in every round", rounds)] + [(f"in {expected} rounds (its expected share)", expected)] * (expected < rounds)
         for label, times in shares:
-            spent = [epsilon(kind, [(z, q, steps * times * edge_rounds)], spec.delta) for z, q, steps in plans]
+            if _too_long(kind, max(steps for _, _, steps in plans) * times * edge_rounds):
+                break
+            distinct = {(z, q, steps * times * edge_rounds) for z, q, steps in plans}  # devices alike, computed once
+            by_plan = {p: epsilon(kind, [p], spec.delta) for p in distinct}
+            spent = [by_plan[z, q, steps * times * edge_rounds] for z, q, steps in plans]
             chosen = "  (the job's accountant)" if kind == spec.accountant else ""
             click.echo(f"  {kind}: device epsilon max {max(spent):.3f}, mean {np.mean(spent):.3f} if each trains "
                        f"{label}{chosen}")

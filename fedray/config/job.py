@@ -21,6 +21,9 @@ from fedray.config.strategy import ASYNC_STRATEGIES, FedAvg, StrategySpec
 from fedray.config.topology import NetworkSpec, TopologySpec
 
 
+MAX_ROUNDS = 1_000_000
+
+
 class IIDPartition(Section):
     kind: Literal["iid"]
 
@@ -218,7 +221,7 @@ class TrackingSpec(Section):
 class JobSpec(Section):
     name: Annotated[str, Field(max_length=250), NotBlank]  # the MLflow run's name
     seed: Annotated[int, Field(ge=0, lt=2**64)] = 0  # torch's generators take 64 bits
-    rounds: PositiveInt
+    rounds: Annotated[int, Field(gt=0, le=MAX_ROUNDS)]
     data: DataSpec
     model: ModelSpec
     devices: DevicesSpec = DevicesSpec()

@@ -14,12 +14,16 @@ from fedray.config.base import PositiveFloat, PositiveInt, Section
 from fedray.config.strategy import ASYNC_STRATEGIES, ROBUST_STRATEGIES
 
 
+# below 0.3 a guarantee is void (epsilon in the hundreds) and the prv accountant's grid explodes
+NoiseMultiplier = Annotated[float, Field(ge=0.3, le=1000)]
+
+
 class Budget(Section):
     epsilon: PositiveFloat = Field(description="stop the run before the round that would spend more")
 
 
 class _Accounting(Section):
-    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    delta: Annotated[float, Field(ge=1e-12, lt=0.1)] = 1e-5  # above 0.1 it protects no one
     accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant for the logged epsilon")
     budget: Budget | None = None
 
@@ -49,7 +53,7 @@ class ClientLevel(_Accounting):
     level: Literal["client"]
     mode: Literal["central", "distributed"] = "central"
     clip: PositiveFloat = 1.0
-    noise_multiplier: PositiveFloat = 1.0
+    noise_multiplier: NoiseMultiplier = 1.0
     sampling_rate: Annotated[float, Field(gt=0, le=1)] | None = None
     min_participants: PositiveInt | None = Field(None, description="distributed: the fewest valid updates a round "
                                                                    "applies; default ceil(min_completion x q N)")
@@ -67,7 +71,7 @@ class SampleLevel(_Accounting):
 
     level: Literal["sample"]
     max_grad_norm: PositiveFloat = 1.0
-    noise_multiplier: PositiveFloat | None = None
+    noise_multiplier: NoiseMultiplier | None = None
     target_epsilon: PositiveFloat | None = None
 
     @model_validator(mode="after")

@@ -76,7 +76,7 @@ def _make(x: np.ndarray, y: np.ndarray) -> Dataset:
         raise ValueError(f"labels must be integers, got {y.dtype}")
     bad = np.flatnonzero(~np.isfinite(y) | (np.mod(y, 1) != 0)) if y.dtype.kind == "f" else []
     if len(bad):
-        raise ValueError(f"labels must be integers, got {y[bad[0]]!r} at sample {bad[0]}")
+        raise ValueError(f"labels must be integers, got {y[bad[0]].item()!r} at sample {bad[0]}")
     y = y.astype(np.int64)
     if y.min() < 0:
         raise ValueError(f"labels must be class indices 0, 1, ..., got {y.min()} at sample {int(np.argmin(y))}")
@@ -135,6 +135,8 @@ def _read_idx(directory: Path, name: str) -> np.ndarray:
 
 def _npz(path: Path) -> Dataset:
     _existing(path, "a .npz file")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"data.path: cannot read {path} as .npz: it is not a zip archive (np.savez writes one)")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = {"x", "y"} - set(f.files)

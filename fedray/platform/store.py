@@ -105,7 +105,7 @@ def _answers_within(uri: str, experiment: str) -> None:
     finally:
         for name, value in saved.items():
             os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
-    if asking.is_alive():
+    if asking.is_alive() or (failure and "timed out" in cause(failure[0])):
         raise TrackingError(f"tracking store {uri} did not answer within {CHECK_TIMEOUT_S}s")
     if failure:
         raise TrackingError(f"tracking store {uri}: {cause(failure[0])}")
