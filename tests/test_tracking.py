@@ -197,3 +197,21 @@ def test_ctrl_c_during_setup_leaves_no_run_running(tmp_path):
     client = MlflowClient(f"sqlite:///{db}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()]) if db.exists() else []
     assert [r.info.status for r in runs] == (["KILLED"] if said[1] else [])
+
+
+def test_a_failed_run_says_one_line_and_where_the_full_log_is(tmp_path):
+    raw = small_job(model={"class": "user_models:NeedsLocalFile"})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+    db = tmp_path / "mlflow.db"
+    code, output = Cli("run", "job.yaml", "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path).finish()
+    ours = [line for line in output.splitlines() if "Ray instance" not in line and "Token authentication" not in line
+            and "mlflow.store.db" not in line]
+    run = re.search(r"MLflow run ([0-9a-f]{32}) ended FAILED", output)[1]
+    log = tmp_path / "fedray-runs" / run / "error.log"
+    assert code == 1 and ours == [
+        "Error: job 'test' failed: FileNotFoundError: weights.pt: no such file on this node",
+        f"  MLflow run {run} ended FAILED at sqlite:///{db}, with the rounds done",
+        f"  full log: {log}"], output
+    assert "Traceback" in log.read_text() and "weights.pt" in log.read_text()
+    info = MlflowClient(f"sqlite:///{db}").get_run(run)
+    assert info.info.status == "FAILED" and "weights.pt" in info.data.tags["fedray.error"]

@@ -29,3 +29,19 @@ class BatchStatsNet(nn.Module):
 
     def forward(self, x):
         return self.layers(x)
+
+
+class NeedsLocalFile(nn.Module):
+    """Logistic regression that cannot be built inside Ray: as a model that reads a file only the
+    submitting machine has. Validation (before Ray starts) passes; the run's driver fails."""
+
+    def __init__(self, features: int = 64, classes: int = 10):
+        import ray
+
+        if ray.is_initialized():
+            raise FileNotFoundError("weights.pt: no such file on this node")
+        super().__init__()
+        self.linear = nn.Linear(features, classes)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
