@@ -116,7 +116,7 @@ def test_partition_fields_are_checked_per_kind():
      "outside what privacy.level sample accounts"),
     ({"privacy": {"level": "sample", "target_epsilon": 3}, "strategy": {"name": "fedbuff"}},
      "may train any number of times"),
-    ({"privacy": {"level": "client", "delta": 0}}, "privacy.delta: Input should be greater than 0"),
+    ({"privacy": {"level": "client", "delta": 0}}, "privacy.delta: Input should be greater than or equal to 1e-12"),
     ({"privacy": {"level": "client", "accountant": "gdp"}}, "privacy.accountant: Input should be 'rdp' or 'prv'"),
     ({"privacy": {"level": "client", "budget": {"epsilon": -1}}}, "privacy.budget.epsilon: Input should be greater"),
     ({"privacy": {"level": "client", "clip_norm": 1}}, "privacy.clip_norm: unknown field"),

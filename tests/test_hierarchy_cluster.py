@@ -17,6 +17,7 @@ from ray.cluster_utils import Cluster
 from fedray.config import parse_job
 from fedray.platform.driver import Driver
 from fedray.platform.run import connect, run_job
+from fedray.platform.tracking import start_run
 
 from conftest import history, small_job
 
@@ -43,12 +44,13 @@ def job(**overrides):
     return small_job(devices__per_round=6, **overrides)
 
 
-def test_edges_and_their_devices_run_on_their_nodes_and_equal_flat(cluster, tracking_uri):
+def test_edges_and_their_devices_run_on_their_nodes_and_equal_flat(cluster, tracking_uri, tmp_path):
     _, edge_nodes = cluster
     here = ray.get_runtime_context().get_node_id()
     raw = job(rounds=3, topology={"edges": 2, "placement": {"kind": "resource"}})
+    run_dir = start_run(tracking_uri, "tests", "edges", tmp_path / "runs")
     driver = ray.remote(Driver).options(num_cpus=0, resources={"node:__internal_head__": 0.001}).remote(
-        parse_job(raw), tracking_uri, yaml.safe_dump(raw))
+        parse_job(raw), str(run_dir), yaml.safe_dump(raw))
     placement = ray.get(driver.placement.remote())
     assert placement["edges"] == edge_nodes
     for device, edge in enumerate(placement["edge_of"]):
