@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fedray.platform.store import cause, experiment_id
+from fedray.platform.store import TrackingError, cause, experiment_id
 
 _BATCH_METRICS = 1000  # MLflow's most metrics per log_batch
 _BATCH_PARAMS = 100
@@ -29,12 +29,15 @@ _REFUSED = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"})  # 
 
 
 def start_run(uri: str, experiment: str, run_name: str, runs_dir: Path) -> Path:
-    """Create a RUNNING MLflow run (the store must answer now) and its journal directory
-    ``runs_dir/<run id>``; return the directory."""
+    """Create a RUNNING MLflow run (the store must answer now, else TrackingError) and its journal
+    directory ``runs_dir/<run id>``; return the directory."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    run_id = client.create_run(experiment_id(client, experiment, uri), run_name=run_name).info.run_id
+    try:
+        run_id = client.create_run(experiment_id(client, experiment, uri), run_name=run_name).info.run_id
+    except Exception as e:  # noqa: BLE001 - the store failed since it was checked
+        raise TrackingError(f"tracking store {uri}: cannot create the run: {cause(e)}") from None
     directory = runs_dir / run_id
     (directory / "files").mkdir(parents=True)
     (directory / "run.json").write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}))
