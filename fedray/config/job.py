@@ -387,4 +387,4 @@ def format_errors(error: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         lines.append(f"{loc}: {msg}")
-    return "invalid job:\n  " + "\n  ".join(lines)
+    return f"invalid job: {lines[0]}" if len(lines) == 1 else "invalid job:\n  " + "\n  ".join(lines)
