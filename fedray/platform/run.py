@@ -134,13 +134,15 @@ def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,
     except RunError:
         raise
     except KeyboardInterrupt as e:
-        with STOP.hold():  # a second stop request does not cut the run's end short
+        with STOP.hold():  # a second stop request does not cut the run's end short, and is dropped
             unlogged = _end_without_driver(driver, run_dir, "KILLED", None, history, job)
+        STOP.held = None
         raise Interrupted(str(e) or "SIGINT", run_dir.name, len(history), unlogged) from None
     except BaseException as e:
         error = _root_cause(e)
         with STOP.hold():
             unlogged = _end_without_driver(driver, run_dir, "FAILED", error, history, job)
+        STOP.held = None
         raise RunError(f"job {job.name!r} failed: {error}", run_dir.name, unlogged, run_dir) from e
     finally:
         if driver is not None:

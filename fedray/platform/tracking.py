@@ -49,7 +49,6 @@ class Tracker:
     Only one Tracker may hold a journal at a time."""
 
     def __init__(self, directory: str | Path) -> None:
-        import mlflow  # noqa: F401  - before the thread, which must not import under a lock
         from mlflow import MlflowClient
         from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
 
@@ -127,7 +126,8 @@ class Tracker:
     def close(self, wait_s: float) -> int:
         """Wait up to ``wait_s`` for the store to take every record, then stop sending. Returns how
         many records are still unsent (kept in the journal for whoever opens it next, or
-        ``replay``). The journal of an ended run is removed once all of it is sent."""
+        ``replay``). The journal of an ended run is removed once all of it is sent (an error log
+        beside it stays)."""
         deadline = time.monotonic() + wait_s
         while self.backlog and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -136,9 +136,12 @@ class Tracker:
         self._wake.set()
         self._thread.join(max(0.0, deadline - time.monotonic()))
         if self.ended and not self.backlog and not self.refused:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            with contextlib.suppress(OSError):  # the runs directory, if no other run left anything there
-                self.directory.parent.rmdir()
+            shutil.rmtree(self.directory / "files", ignore_errors=True)
+            for name in ("journal.jsonl", "sent", "run.json"):
+                (self.directory / name).unlink(missing_ok=True)
+            for empty in (self.directory, self.directory.parent):  # unless something else is kept there
+                with contextlib.suppress(OSError):
+                    empty.rmdir()
         return self.backlog
 
     def _file(self, path: str, data: bytes) -> None:
