@@ -368,6 +368,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else f"{text[:37]}..."
 
 
+_BOUNDS = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "lt", "less_than_equal": "le"}
 _TAGGED = frozenset({"strategy", "partition", "speed", "placement", "privacy", "secure"})
 
 
@@ -379,8 +380,7 @@ def format_errors(error: ValidationError) -> str:
         parts = [p for i, p in enumerate(err["loc"]) if i == 0 or err["loc"][i - 1] not in _TAGGED]
         loc = ".".join(str(p) for p in parts) or "job"
         msg = err["msg"].removeprefix("Value error, ")
-        bound = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "lt", "less_than_equal": "le"}
-        if err["type"] in bound and isinstance(limit := err["ctx"][bound[err["type"]]], float):
+        if err["type"] in _BOUNDS and isinstance(limit := err["ctx"][_BOUNDS[err["type"]]], float):
             msg = f"{msg.rsplit(' ', 1)[0]} {limit:g}"  # 1e-12, not 0.000000000001
         if err["type"].endswith("_type"):
             msg += f", got {_short(err['input'])}"

@@ -31,7 +31,8 @@ class Dataset:
 
 
 def load(spec: DataSpec, seed: int) -> Dataset:
-    """Load the dataset a job names. Raises ValueError naming the file or field when it cannot."""
+    """Load the dataset a job names. Raises ValueError, starting with the field (``data.path``,
+    ``data.label_column``) and naming the file, when it cannot."""
     if spec.dataset == "digits":
         from sklearn.datasets import load_digits
 
@@ -44,8 +45,11 @@ def load(spec: DataSpec, seed: int) -> Dataset:
         x = (d.data - d.data.mean(0)) / d.data.std(0)  # public, dataset-wide standardization
         return _make(x, d.target)
     if spec.dataset == "mnist":
-        x, y = _mnist_idx(_existing(Path(spec.path), "directory")) if spec.path else _mnist_5k()
-        return _make(x[:, None] / 255.0, y)
+        if spec.path is None:
+            x, y = _mnist_5k()
+            return _make(x[:, None] / 255.0, y)
+        x, y = _mnist_idx(_existing(Path(spec.path), "directory"))
+        return _checked(Path(spec.path), x[:, None] / 255.0, y)
     if spec.dataset == "synthetic":
         return synthetic(spec.synthetic.samples, spec.synthetic.shape, spec.synthetic.classes,
                          spec.synthetic.noise, seed)
@@ -126,7 +130,7 @@ def _read_idx(directory: Path, name: str) -> np.ndarray:
         if path.exists():
             data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
             if data[:2] != b"\0\0" or data[2] != 0x08:
-                raise ValueError(f"{path} is not an unsigned-byte IDX file")
+                raise ValueError(f"data.path: {path} is not an unsigned-byte IDX file")
             dims = data[3]
             shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
             return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)

@@ -83,7 +83,6 @@ class Driver:
         self._versions: dict[int, ray.ObjectRef] = {}
         self._edge_version: dict[int, int] = {}
         self._dispatched = 0
-        self._unlogged = 0
 
     @property
     def _device_epsilon(self) -> dict[int, tuple[float, float]]:
@@ -369,12 +368,12 @@ class Driver:
                 end_status = "FAILED"
                 raise
             finally:
-                self._unlogged = self.tracker.finish(end_status, self.job.tracking.wait_s)
+                self.tracker.finish(end_status, self.job.tracking.wait_s)
         last = self.history[-1].metrics if self.history else {}
         return {
             "run_id": self.tracker.run_id,
             "tracking_uri": self.tracker.uri,
-            "unlogged": self._unlogged,  # records left in the journal, for ``fedray replay``
+            "unlogged": self.tracker.backlog,  # records left in the journal, for ``fedray replay``
             "journal": str(self.tracker.directory),
             "rounds": len(self.history),
             "completed_rounds": sum(h.completed for h in self.history),

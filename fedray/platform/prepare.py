@@ -29,7 +29,7 @@ def prepare(job: JobSpec) -> Prepared:
     try:
         dataset = datasets.load(job.data, job.seed)
     except ValueError as e:
-        raise JobError(f"data: {e}" if not str(e).startswith("data") else str(e)) from None
+        raise JobError(str(e)) from None  # it names the field and the file
     try:
         split = partition.split(dataset.y, job.data, job.devices.count, job.seed)
     except ValueError as e:
