@@ -54,10 +54,10 @@ def test_devices_with_partial_work_report_the_steps_they_took():
     job, data, classes, shards = worker_inputs(devices__partial_work=0.9, devices__local={"steps": 8})
     worker = DeviceWorker(job, data, classes, shards)
     params = np.zeros(64 * 10 + 10, np.float32)
-    steps = [Update.from_bytes(asyncio.run(worker.fit(d, r, time.time(), params))).local_steps for r in range(1, 6) for d in range(6)]
+    steps = [Update.from_bytes(asyncio.run(worker.fit(d, r, time.time(), params))[0]).local_steps for r in range(1, 6) for d in range(6)]
     assert all(1 <= s <= 8 for s in steps) and min(steps) < 8 and len(set(steps)) > 3
     # the same device and round always does the same work
-    assert Update.from_bytes(asyncio.run(worker.fit(2, 3, time.time(), params))).local_steps == steps[2 * 6 + 2]
+    assert Update.from_bytes(asyncio.run(worker.fit(2, 3, time.time(), params))[0]).local_steps == steps[2 * 6 + 2]
 
 
 @pytest.mark.usefixtures("ray_session")

@@ -55,7 +55,8 @@ def test_edges_and_their_devices_run_on_their_nodes_and_equal_flat(cluster, trac
     assert placement["edges"] == edge_nodes
     for device, edge in enumerate(placement["edge_of"]):
         assert edge == device % 2  # round robin
-        assert placement["workers"][placement["worker_of"][device]] == edge_nodes[edge]
+        workers = placement["group_workers"][placement["group_of"][device]]
+        assert {placement["workers"][w] for w in workers} == {edge_nodes[edge]}
     tree = [ray.get(driver.run_round.remote(r)).metrics for r in (1, 2, 3)]
     ray.get(driver.finish.remote())
     ray.kill(driver)  # and its workers, which hold the worker nodes' CPUs

@@ -72,17 +72,15 @@ def test_dead_worker_is_a_failure_and_is_replaced(tracking_uri):
     worker = ray.get(driver.__ray_call__.remote(lambda self: self.pool.actors[0]))
     ray.kill(worker, no_restart=True)
     second = ray.get(driver.run_round.remote(2))
-    on_worker_0 = ray.get(driver.__ray_call__.remote(lambda self: set(np.flatnonzero(self.pool.worker_of == 0))))
-    assert set(second.failures) == on_worker_0 and 0 < len(on_worker_0) < 4
-    assert all("worker 0 failed" in reason for reason in second.failures.values())
-    assert second.metrics["participants"] == 4 - len(on_worker_0) == 2  # equal shards: 2 per worker
-    assert second.completed  # 2 of 4 >= min_completion 0.5
+    # the device sent to the dead worker fails; the others train on the live worker and the new one
+    assert len(second.failures) == 1 and all("worker 0 failed" in r for r in second.failures.values())
+    assert second.metrics["participants"] == 3 and second.completed
     third = ray.get(driver.run_round.remote(3))
     assert third.completed and not third.failures and third.metrics["participants"] == 4
     summary = ray.get(driver.finish.remote())
-    assert summary["failures"] == 2
+    assert summary["failures"] == 1
     client = MlflowClient(tracking_uri)
-    assert history(client, summary["run_id"], "failures") == [0, 2, 0]
+    assert history(client, summary["run_id"], "failures") == [0, 1, 0]
 
 
 def poisoned_digits(path, poisoned_classes):
@@ -125,7 +123,9 @@ def test_hung_devices_time_out_and_round_fails(tracking_uri):
     before = ray.get(driver.evaluate.remote())
     result = ray.get(driver.run_round.remote(1))
     assert not result.completed and len(result.failures) == 4
-    assert all("no answer within 1s" in r for r in result.failures.values())
+    # one device per worker started, and hung it; the other two waited for a free worker
+    reasons = sorted(result.failures.values())
+    assert reasons == ["no answer within 1s (devices.timeout_s)"] * 2 + ["no worker was free within the round's 1s"] * 2
     assert ray.get(driver.evaluate.remote()) == before
     ray.get(driver.finish.remote("FAILED"))
 
@@ -159,8 +159,8 @@ def test_deployment_mode_runs_one_actor_per_device(tracking_uri):
                                                                                        "beta": 2.0}},
                           devices={"count": 3, "per_round": 3, "mode": "deployment",
                                    "local": {"epochs": 1, "optimizer": "adam", "lr": 0.01}})
-    actors, worker_of = ray.get(driver.__ray_call__.remote(lambda self: (len(self.pool.actors), self.pool.worker_of)))
-    assert actors == 3 and sorted(worker_of.tolist()) == [0, 1, 2]
+    actors, groups = ray.get(driver.__ray_call__.remote(lambda self: (len(self.pool.actors), self.pool.group_workers)))
+    assert actors == 3 and groups == [[0], [1], [2]]
     result = ray.get(driver.run_round.remote(1))
     assert result.completed and result.metrics["participants"] == 3
     ray.get(driver.finish.remote())

@@ -410,7 +410,7 @@ def test_the_threat_model_holds_through_the_real_actors(tracking_uri):
     assert ray.get(driver.run_round.remote(1)).completed
     authority, plan, public, edge, worker, hosted, params = ray.get(driver.__ray_call__.remote(lambda self: (
         self.sealing.authority, self.sealing.plan, self.sealing.public, self.edges.actors[0], self.pool.actors[0],
-        np.flatnonzero(self.pool.worker_of == 0).tolist(), self.state.params)))
+        np.flatnonzero(self.pool.group_of == self.pool.group_of[0]).tolist(), self.state.params)))
     assert not ray.get(driver.__ray_call__.remote(lambda self: self.sealing.sums.public.context.is_private()))
     assert not ray.get(edge.__ray_call__.remote(lambda self: self._sums.public.context.is_private()))
     assert not ray.get(worker.__ray_call__.remote(lambda self: self._sealer.public.context.is_private()))
@@ -418,7 +418,7 @@ def test_the_threat_model_holds_through_the_real_actors(tracking_uri):
     assert offered == {"public_context", "spawn", "decrypt"} and not hasattr(authority, "enroll")
     assert len(hosted) >= 3 and plan.min_clients == 3
 
-    sealed = {d: Update.from_bytes(ray.get(worker.fit.remote(d, 99, time.time(), params))).sealed for d in hosted[:3]}
+    sealed = {d: Update.from_bytes(ray.get(worker.fit.remote(d, 99, time.time(), params))[0]).sealed for d in hosted[:3]}
     loader = SumLoader(plan, public)
 
     def decrypt(contributions):

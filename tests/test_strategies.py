@@ -140,16 +140,6 @@ def test_fednova_removes_objective_inconsistency():
     assert nova < 0.1 * avg and nova < 0.2
 
 
-def test_balanced_assignment_spreads_samples():
-    from fedray.platform.pool import balanced_assignment
-
-    sizes = [100, 1, 1, 1, 50, 50, 3]
-    worker_of = balanced_assignment(sizes, 2)
-    loads = [sum(s for s, w in zip(sizes, worker_of) if w == k) for k in range(2)]
-    assert sorted(loads) == [103, 103]
-    assert sorted(balanced_assignment([5, 5, 5], 3).tolist()) == [0, 1, 2]
-
-
 @pytest.mark.parametrize("fraction, k, needed", [(0.28, 25, 7), (0.14, 50, 7), (0.56, 25, 14), (0.5, 4, 2),
                                                  (0.5, 5, 3), (1.0, 10, 10), (0.01, 10, 1)])
 def test_quorum(fraction, k, needed):

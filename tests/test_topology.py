@@ -48,12 +48,12 @@ def test_assignment_round_robin_attribute_and_colocated():
     job = parse_job(small_job(topology={"edges": 3, "assign": "attribute", "attribute": "city"},
                               devices__attributes={"city": ["rome", "oslo", "rome", "lima", "oslo", "lima"]}))
     np.testing.assert_array_equal(topology.assign(job), [2, 1, 2, 0, 1, 0])  # lima, oslo, rome
-    # workers 0 and 2 on node a, worker 1 on node b; devices on workers [0, 1, 2, 1]
-    edge_of, nodes = topology.colocated(["a", "b", "a"], np.array([0, 1, 2, 1]), 2)
-    np.testing.assert_array_equal(edge_of, [0, 1, 0, 1])
+    # workers 0 and 2 on node a, worker 1 on node b
+    edge_of_worker, nodes = topology.colocated(["a", "b", "a"], 2)
+    np.testing.assert_array_equal(edge_of_worker, [0, 1, 0])
     assert nodes == ["a", "b"]
     with pytest.raises(RuntimeError, match="needs device workers on at least 3 nodes, but they run on 2"):
-        topology.colocated(["a", "b", "a"], np.array([0, 1, 2]), 3)
+        topology.colocated(["a", "b", "a"], 3)
 
 
 def test_placement_options_and_missing_nodes():

@@ -1,8 +1,9 @@
 """DeviceWorker: the actor that hosts devices and trains them on their own data.
 
-A plain class; the platform applies ``ray.remote`` where it creates workers. In simulation mode one
-worker hosts many virtual devices (device state stays in its memory between rounds); in deployment
-mode it hosts exactly one device.
+A plain class; the platform applies ``ray.remote`` where it creates workers. In simulation mode a
+worker can train any device of its group: each task brings the device's state record
+(``DeviceState``) and the worker returns the new one beside the update; nothing about a device stays
+in the worker. In deployment mode a worker is one real device, which keeps its own record.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from fedray.agents import privacy
 from fedray.agents.attacks import corrupt, flip_labels
 from fedray.agents.heterogeneity import round_steps, slowdowns, training_seconds
+from fedray.agents.state import DeviceState
 from fedray.agents.training import (LocalTraining, SampleDP, device_generator, effective_steps, evaluate,
                                    make_optimizer, train)
 from fedray.config import JobSpec
@@ -32,8 +34,10 @@ from fedray.update import Update
 
 
 class DeviceWorker:
-    """Hosts ``shards``: ``{device_id: (train_indices, test_indices)}`` into ``data = (x, y)``.
-    Devices in ``attackers`` carry out the job's attack. With encrypted aggregation, ``sealing`` is
+    """Trains the devices of ``shards``: ``{device_id: (train_indices, test_indices)}`` into
+    ``data = (x, y)``, each sliced once, when the device first trains here. Devices in
+    ``attackers`` carry out the job's attack. ``keeps_state``: deployment mode, where the device's
+    record stays here (``state``, ``restore``) instead of travelling with its tasks. With encrypted aggregation, ``sealing`` is
     the job's ``SecurePlan``, the public context and the devices' secret tag seeds: the key
     authority starts such a worker (``KeyAuthority.spawn``), and no seed ever leaves it otherwise.
 
@@ -44,16 +48,13 @@ class DeviceWorker:
 
     def __init__(self, job: JobSpec, data: tuple[np.ndarray, np.ndarray], num_classes: int,
                  shards: dict[int, tuple[np.ndarray, np.ndarray]], attackers: frozenset[int] = frozenset(),
-                 sealing: tuple[SecurePlan, bytes, dict[int, int]] | None = None) -> None:
+                 sealing: tuple[SecurePlan, bytes, dict[int, int]] | None = None, keeps_state: bool = False) -> None:
         torch.set_num_threads(1)
         x, y = data
-        self._train = {d: (torch.from_numpy(x[tr]), torch.from_numpy(y[tr])) for d, (tr, _) in shards.items()}
+        self._data, self._shards, self._num_classes = data, shards, num_classes
+        self._sliced: dict[int, tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {}
         self._attack, self._attackers = job.attack, attackers
-        if job.attack is not None and job.attack.kind == "label_flip":
-            for d in attackers:
-                features, labels = self._train[d]
-                self._train[d] = (features, flip_labels(labels, num_classes))
-        self._test = {d: (torch.from_numpy(x[te]), torch.from_numpy(y[te])) for d, (_, te) in shards.items()}
+        self._held: dict[int, DeviceState] | None = {} if keeps_state else None
         self._model = build_model(job.model.name, job.model.class_, job.model.kwargs, x.shape[1:],
                                   num_classes, job.seed)
         self._spec = ParamSpec.of(self._model)
@@ -65,7 +66,6 @@ class DeviceWorker:
         self._speed = job.devices.speed
         self._slowdown = slowdowns(job.devices.speed, job.devices.count, job.seed)
         self._seed = job.seed
-        self._controls: dict[int, np.ndarray] = {}  # SCAFFOLD: each device's control variate c_i
         dp = client_level(job)
         self._dp = dp
         if dp is not None:  # distributed: this device's noise shares are sized for m participants
@@ -77,11 +77,22 @@ class DeviceWorker:
         self._job, self._weigh = job, strategies.for_job(job).weigh
         self._sealer = None if sealing is None else Sealer(*sealing)
 
+    def _device_data(self, device: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """``device``'s (train, test) tensors, sliced on first use (an attacker's labels flipped)."""
+        if device not in self._sliced:
+            (x, y), (train, test) = self._data, self._shards[device]
+            features, labels = torch.from_numpy(x[train]), torch.from_numpy(y[train])
+            if device in self._attackers and self._attack.kind == "label_flip":
+                labels = flip_labels(labels, self._num_classes)
+            self._sliced[device] = (features, labels), (torch.from_numpy(x[test]), torch.from_numpy(y[test]))
+        return self._sliced[device]
+
     async def fit(self, device: int, round: int, sent_at: float, global_params: np.ndarray,
-                  server_control: np.ndarray | None = None, clip: float | None = None,
-                  spent: list | None = None) -> bytes:
-        """Train ``device`` from ``global_params`` (with SCAFFOLD, correcting its gradients by
-        ``server_control - c_i``) and return its serialized Update. ``round`` is the synchronous
+                  server_control: np.ndarray | None = None, state: DeviceState | None = None,
+                  clip: float | None = None, spent: list | None = None) -> tuple[bytes, DeviceState | None]:
+        """Train ``device`` from ``global_params`` and its ``state`` record (with SCAFFOLD,
+        correcting its gradients by ``server_control - c_i``); return its serialized Update and its
+        new record (None in deployment mode, where the device keeps it). ``round`` is the synchronous
         round, or the dispatch number of an asynchronous run: it seeds the device's randomness.
         ``sent_at`` (``time.time()``) is when the device was sent the model: a device with a speed
         answers no sooner than its training time after that, however long it waited here. ``clip``
@@ -90,9 +101,12 @@ class DeviceWorker:
         device refuses a round that would take it past the budget."""
         started = time.perf_counter()
         start = np.array(global_params, dtype=np.float32)  # writable copy
-        x, y = self._train[device]
+        (x, y), _ = self._device_data(device)
+        if self._held is not None:
+            state = self._held.get(device)
+        state = state or DeviceState()
         self._spec.load(self._model, start)
-        own = None if server_control is None else self._controls.get(device, np.zeros_like(start))
+        own = None if server_control is None else (state.control if state.control is not None else np.zeros_like(start))
         correction = None if own is None else torch.from_numpy(server_control - own)
         planned, steps = round_steps(self._job, len(x), round, device)
         local = self._local if steps == planned else replace(self._local, epochs=None, steps=steps)
@@ -100,11 +114,12 @@ class DeviceWorker:
         dp_sgd = accountant and SampleDP(self._sample_dp.max_grad_norm, accountant.history[-1][0])
         steps, loss = train(self._model, x, y, local, device_generator(self._seed, round, device), correction, dp_sgd)
         delta = self._spec.flatten(self._model) - start
-        control = None
+        control, changes = None, {}
         if own is not None:  # SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K lr), K in plain SGD steps
             scale = effective_steps(steps, self._local.momentum) * self._local.lr
-            self._controls[device] = own - server_control - delta / np.float32(scale)
-            control = self._controls[device] - own
+            changes["control"] = own - server_control - delta / np.float32(scale)
+            control = changes["control"] - own
+        state = state.advanced(**changes)
         if device in self._attackers:
             delta = corrupt(delta, self._attack, np.random.default_rng([self._seed, round, device, 3]))
         indicator = None
@@ -126,7 +141,9 @@ class DeviceWorker:
         if self._speed is not None:
             seconds = training_seconds(self._speed, self._slowdown[device], steps, time.perf_counter() - started)
             await asyncio.sleep(sent_at + seconds - time.time())
-        return payload
+        if self._held is not None:
+            self._held[device], state = state, None
+        return payload, state
 
     def _seal(self, device: int, round: int, samples: int, steps: int, delta: np.ndarray, loss: float,
               indicator: float | None, clip: float | None) -> tuple[np.ndarray, bytes, float, None]:
@@ -160,9 +177,26 @@ class DeviceWorker:
 
         return ray.get_runtime_context().get_node_id()
 
+    def state(self, device: int) -> DeviceState:
+        """Deployment mode: the record ``device`` keeps (for a checkpoint)."""
+        return self._held.get(device, DeviceState())
+
+    def restore(self, records: dict[int, DeviceState]) -> None:
+        """Deployment mode: records from a checkpoint, for the devices to keep."""
+        self._held.update(records)
+
     async def evaluate(self, device: int, global_params: np.ndarray) -> tuple[int, float, int]:
         """Evaluate ``global_params`` on ``device``'s local test split: ``(samples, summed loss, correct)``."""
-        x, y = self._test[device]
+        _, (x, y) = self._device_data(device)
+        return self._evaluate(global_params, x, y)
+
+    async def evaluate_samples(self, indices: np.ndarray, global_params: np.ndarray) -> tuple[int, float, int]:
+        """Evaluate ``global_params`` on the samples ``indices`` of the data (a share of the server's
+        held-out set): ``(samples, summed loss, correct)``."""
+        x, y = self._data
+        return self._evaluate(global_params, torch.from_numpy(x[indices]), torch.from_numpy(y[indices]))
+
+    def _evaluate(self, global_params: np.ndarray, x: torch.Tensor, y: torch.Tensor) -> tuple[int, float, int]:
         if not len(x):
             return 0, 0.0, 0
         self._spec.load(self._model, np.array(global_params, dtype=np.float32))

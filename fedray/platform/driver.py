@@ -27,6 +27,9 @@ from fedray.platform.tracking import Tracker
 from fedray.update import Update
 
 
+EVALUATION_SHARE = 256  # held-out samples per evaluation task (a multiple of evaluate's batch of 128)
+
+
 @dataclass
 class RoundResult:
     """What happened in one round (for async strategies: one server step); ``metrics`` are the
@@ -48,8 +51,7 @@ class Driver:
         torch.set_num_threads(1)
         self.job = job
         dataset, split, self.model = prepare(job)
-        self._test_x = torch.from_numpy(dataset.x[split.holdout])
-        self._test_y = torch.from_numpy(dataset.y[split.holdout])
+        self._holdout, self._test = split.holdout, (dataset.x, dataset.y)  # evaluated by the workers
         self._example = dataset.x[:2].copy()  # input example for the logged model's signature
         self._train_sizes = [len(t) for t in split.train]
         self.spec = ParamSpec.of(self.model)
@@ -95,10 +97,10 @@ class Driver:
         return Partial.zeros(self._check["size"], self.sealing and self.sealing.sums)
 
     def placement(self) -> dict[str, list]:
-        """Where things run: the node of every edge and worker (None if not up), and every
-        device's worker and edge."""
+        """Where things run: the node of every edge and worker (None if not up), the workers of
+        each group, every device's group and edge."""
         return {"edges": self.edges.nodes() if self.edges else [], "workers": self.pool.nodes(),
-                "worker_of": self.pool.worker_of.tolist(),
+                "group_workers": self.pool.group_workers, "group_of": self.pool.group_of.tolist(),
                 "edge_of": self.edges.edge_of if self.edges else []}
 
     def run_round(self, r: int) -> RoundResult:
@@ -127,12 +129,14 @@ class Driver:
         if self._device_epsilon:
             spent = [e for e, _ in self._device_epsilon.values()]
             metrics.update(device_epsilon_max=max(spent), device_epsilon_mean=float(np.mean(spent)))
+        self.pool.take_records(intake.accepted)
         evaluation_failures: dict[int, str] = {}
         if r % self.job.evaluation.every == 0 or r == self.job.rounds:
-            metrics.update(self.evaluate())
+            federated = sampled if self.job.evaluation.federated else np.array([], dtype=np.int64)
+            evaluation, evaluation_failures = self._evaluate(federated)
+            metrics.update(evaluation)
             if self.job.evaluation.federated:
-                federated, evaluation_failures = self._federated_evaluate(sampled)
-                metrics.update(federated, evaluation_failures=len(evaluation_failures))
+                metrics["evaluation_failures"] = len(evaluation_failures)
         metrics["round_seconds"] = time.perf_counter() - start
         self.tracker.log_metrics(metrics, step=r)
         failures = {} if self.ledger is not None else dict(sorted(intake.failures.items()))  # client DP: counts
@@ -198,7 +202,7 @@ class Driver:
         last round join if they arrive."""
         carried = list(self.pool.pending)
         sent_at = time.time()
-        fresh = [self.pool.fit(d, r, sent_at, *refs, tag=r, **options) for d in sampled]
+        fresh = self.pool.fit_all(sampled, r, sent_at, *refs, tag=r, **options)
         partial, raw = self._empty(), []  # raw kept whole for robust (non-linear) rules
         for done in self.pool.as_completed(fresh + carried, time.monotonic() + self.job.devices.round_wait_s):
             update = intake.accept(done, done.task.tag, **self._check)
@@ -312,30 +316,44 @@ class Driver:
 
     def evaluate(self) -> dict[str, float]:
         """Accuracy and mean loss of the global model on the server's held-out test set."""
-        if not len(self._test_y):
-            return {}
-        self.spec.load(self.model, self.state.params)
-        loss, correct = evaluate(self.model, self._test_x, self._test_y)
-        return {"test_accuracy": correct / len(self._test_y), "test_loss": loss / len(self._test_y)}
+        return self._evaluate(np.array([], dtype=np.int64))[0]
 
-    def _federated_evaluate(self, sampled: np.ndarray) -> tuple[dict[str, float], dict[int, str]]:
-        """Sample-weighted accuracy and loss of the global model on the test splits of the round's
-        sampled devices (asynchronous: of the devices whose updates made this step), and
-        ``{device: reason}`` for the devices that could not evaluate."""
-        params_ref = ray.put(self.state.params)
-        refs = [self.pool.submit("evaluate", d, params_ref) for d in sampled]
-        per_device, failures = [], {}
-        for done in self.pool.as_completed(refs, time.monotonic() + self.job.devices.timeout_s):
-            if done.failure is None:
+    def _evaluate(self, devices: np.ndarray) -> tuple[dict[str, float], dict[int, str]]:
+        """The global model's accuracy and mean loss on the server's held-out set, a share per
+        worker (a share whose worker fails is evaluated here), and, sample-weighted, on the test
+        splits of ``devices`` (federated evaluation); ``{device: reason}`` for the devices that
+        could not evaluate."""
+        params = ray.put(self.state.params)
+        # shares of a fixed size: the sums, and so the metrics, do not depend on the number of workers
+        parts = [self._holdout[i:i + EVALUATION_SHARE] for i in range(0, len(self._holdout), EVALUATION_SHARE)]
+        shares = self.pool.evaluate_samples(parts, params)
+        refs = [self.pool.submit("evaluate", d, params) for d in devices]
+        held, per_device, failures = {}, [], {}
+        for done in self.pool.as_completed(shares + refs, time.monotonic() + self.job.devices.timeout_s):
+            if done.task.device < 0:
+                held[done.task.tag] = done.value
+            elif done.failure is None:
                 per_device.append(done.value)
             else:
                 failures[done.task.device] = done.failure
-        failures.update({done.task.device: done.failure for done in self.pool.expire(self.job.devices.timeout_s, refs)})
+        expired = self.pool.expire(self.job.devices.timeout_s, shares + refs)
+        failures.update({done.task.device: done.failure for done in expired if done.task.device >= 0})
+        metrics = {}
+        if parts:
+            totals = [held.get(i) or self._evaluate_here(share) for i, share in enumerate(parts)]
+            n = len(self._holdout)
+            metrics = {"test_accuracy": sum(c for _, _, c in totals) / n, "test_loss": sum(l for _, l, _ in totals) / n}
         samples = sum(n for n, _, _ in per_device)
-        if not samples:
-            return {}, failures
-        return {"federated_test_accuracy": sum(c for _, _, c in per_device) / samples,
-                "federated_test_loss": sum(loss for _, loss, _ in per_device) / samples}, failures
+        if samples:
+            metrics.update(federated_test_accuracy=sum(c for _, _, c in per_device) / samples,
+                           federated_test_loss=sum(loss for _, loss, _ in per_device) / samples)
+        return metrics, failures
+
+    def _evaluate_here(self, indices: np.ndarray) -> tuple[int, float, int]:
+        x, y = self._test
+        self.spec.load(self.model, self.state.params)
+        loss, correct = evaluate(self.model, torch.from_numpy(x[indices]), torch.from_numpy(y[indices]))
+        return len(indices), loss, correct
 
     def run_id(self) -> str:
         """The MLflow run id (answered once setup is done)."""

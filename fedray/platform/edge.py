@@ -132,7 +132,9 @@ def start_tiers(job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Spli
     if tree.assign == "colocated":
         pool = WorkerPool(job, data, num_classes, split, [(np.arange(job.devices.count), {"scheduling_strategy": "SPREAD"})],
                           authority)
-        edge_of, nodes = topology.colocated(pool.nodes(), pool.worker_of, tree.edges)
+        edge_of_worker, nodes = topology.colocated(pool.nodes(), tree.edges)
+        edge_of = np.arange(job.devices.count) % tree.edges
+        pool.regroup(edge_of, [np.flatnonzero(edge_of_worker == e).tolist() for e in range(tree.edges)])
         options = [{"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)} for node in nodes]
     else:
         edge_of = topology.assign(job)

@@ -28,6 +28,7 @@ class Intake:
     staleness: list[int] = field(default_factory=list)
     flagged: list[int] = field(default_factory=list)
     edge_failures: dict[int, str] = field(default_factory=dict)  # edges that failed or were down, with why
+    accepted: list[int] = field(default_factory=list)  # the devices whose updates passed the check
     folded: list[int] = field(default_factory=list)  # asynchronous: the devices whose updates were folded
     stale_dropped: int = 0  # asynchronous: valid updates staler than strategy.max_staleness
     device_epsilon: dict[int, tuple[float, float]] = field(default_factory=dict)  # sample-level DP: spent, next
@@ -64,6 +65,7 @@ class Intake:
             return None
         self.loss_sum += update.train_loss * update.num_samples
         self.samples += update.num_samples
+        self.accepted.append(d)
         return update
 
     def fold_arrival(self, done: Done, staleness: int, strategy: Any, partial: Partial,
@@ -87,6 +89,7 @@ class Intake:
         self.samples += other.samples
         self.staleness += other.staleness
         self.flagged += other.flagged
+        self.accepted += other.accepted
         self.folded += other.folded
         self.stale_dropped += other.stale_dropped
         self.device_epsilon.update(other.device_epsilon)

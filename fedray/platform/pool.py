@@ -8,6 +8,7 @@ the run.
 from __future__ import annotations
 
 import time
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,11 +18,14 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
 from fedray.agents.attacks import choose_attackers
+from fedray.agents.heterogeneity import planned_steps
+from fedray.agents.state import DeviceState
 from fedray.agents.worker import DeviceWorker
 from fedray.config import JobSpec
 from fedray.config.privacy import sample_level
 from fedray.data.partition import Split
 from fedray.platform import privacy
+from fedray.platform.records import DeviceRecords
 
 if TYPE_CHECKING:  # intake imports this module
     from fedray.platform.intake import Intake
@@ -38,6 +42,7 @@ class Task:
     worker: int
     generation: int
     submitted: float
+    record: ray.ObjectRef | None = None  # a fit's new device record (simulation)
 
 
 @dataclass(frozen=True)
@@ -51,33 +56,42 @@ class Done:
 
 
 class WorkerPool:
-    """Creates the workers once and routes each device to its sticky worker.
+    """Creates the workers once and sends each device task to a worker of the device's group.
 
     ``groups`` splits the devices into groups with worker options of their own (an edge's devices
-    and the node resources or labels that place them); default one group of all devices. Simulation:
-    ``devices.workers`` workers (default: one per CPU of the cluster) shared out over the groups,
-    at least one each; within a group, devices are spread so that every worker holds about the same
-    number of training samples (``balanced_assignment``). Deployment: one worker per device.
-    Under sample-level DP the pool keeps every device's spend (``spend``) and charges it in ``fit``.
-    With encrypted aggregation the key ``authority`` (an actor) starts the workers.
+    and the node resources or labels that place them); default one group of all devices.
+    Simulation: ``devices.workers`` workers (default: one per CPU of the cluster) shared out over
+    the groups, at least one each; any worker of a group trains any of its devices, and the
+    device's state record (``DeviceState``, kept in ``records``) travels with the task. Deployment:
+    one worker per device, which keeps the device's record itself. Under sample-level DP the pool
+    keeps every device's spend (``spend``) and charges it in ``fit``. With encrypted aggregation
+    the key ``authority`` (an actor) starts the workers.
     """
 
     def __init__(self, job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Split,
                  groups: list[tuple[np.ndarray, dict[str, Any]]] | None = None, authority: Any = None) -> None:
         count = job.devices.count
+        self.deployment = job.devices.mode == "deployment"
         groups = groups or [(np.arange(count), {})]
+        if self.deployment:  # a device's worker is the device
+            groups = [(np.array([d]), options) for devices, options in groups for d in devices]
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         per_group = max(1, (job.devices.workers or cpus) // len(groups))
-        sizes = np.array([len(t) for t in split.train])
-        self.worker_of = np.empty(count, dtype=np.int64)
+        sizes = [len(t) for t in split.train]
+        self.group_of = np.empty(count, dtype=np.int64)
+        self.group_workers: list[list[int]] = []
         self._options: list[dict[str, Any]] = []
-        for devices, options in groups:
-            n = len(devices) if job.devices.mode == "deployment" else min(per_group, len(devices))
-            self.worker_of[devices] = len(self._options) + balanced_assignment(sizes[devices].tolist(), n)
+        for g, (devices, options) in enumerate(groups):
+            n = min(per_group, len(devices))
+            self.group_of[devices] = g
+            self.group_workers.append(list(range(len(self._options), len(self._options) + n)))
             self._options += [options] * n
         num_workers = len(self._options)
-        self._shards = [{int(d): (split.train[d], split.test[d]) for d in np.flatnonzero(self.worker_of == w)}
-                        for w in range(num_workers)]
+        self._split = split
+        # expected work of a device's training: its planned steps (the largest go first)
+        self._work = np.array([planned_steps(job, n) for n in sizes], dtype=np.float64)
+        # devices with a speed spend most of a task waiting: a worker takes them all at once
+        self._slots = 1 if job.devices.speed is None else count
         # more workers than CPUs share them rather than waiting for a free one
         self._cpus_per_worker = min(1.0, cpus / num_workers)
         self._actor_class = ray.remote(DeviceWorker)
@@ -85,7 +99,8 @@ class WorkerPool:
         self._args, self._authority = (job, data, num_classes), authority
         self._devices = job.devices
         # sample-level DP: every device's spend, kept here, where no worker's failure can lose it
-        self.spend = privacy.DeviceLedger(job, sizes.tolist()) if sample_level(job) else None
+        self.spend = privacy.DeviceLedger(job, sizes) if sample_level(job) else None
+        self.records = DeviceRecords()
         self._started: dict[int, ray.ObjectRef] = {}  # worker -> its node id, once it has started
         self.actors = [self._spawn(w) for w in range(num_workers)]
         # started before the first round, whose deadline should not pay for it; a worker that cannot
@@ -98,16 +113,28 @@ class WorkerPool:
         self._generation = [0] * num_workers
         self.pending: dict[ray.ObjectRef, Task] = {}
         self._dropped: dict[ray.ObjectRef, Task] = {}
+        self._queue: deque[tuple[int, tuple, dict, Any]] = deque()  # fits waiting for a free worker
+        self._fresh: list[ray.ObjectRef] = []  # the refs of the queued batch's started fits
+        self._returned: dict[int, ray.ObjectRef] = {}  # device -> record its last returned task made
 
     def _spawn(self, w: int) -> Any:
         options = {"num_cpus": self._cpus_per_worker, "max_restarts": 0, **self._options[w]}
-        args = (*self._args, self._shards[w], self.attackers.intersection(self._shards[w]))
+        group = next(g for g, workers in enumerate(self.group_workers) if w in workers)
+        devices = np.flatnonzero(self.group_of == group)
+        shards = {int(d): (self._split.train[d], self._split.test[d]) for d in devices}
+        args = (*self._args, shards, self.attackers.intersection(shards))
+        keeps = {"keeps_state": self.deployment}
         if self._authority is None:
-            actor = self._actor_class.options(**options).remote(*args)
+            actor = self._actor_class.options(**options).remote(*args, **keeps)
         else:  # the key authority starts it, handing it its devices' tag seeds; args nested: data stays a ref
-            (actor,) = ray.get(self._authority.spawn.remote(options, [args]), timeout=START_TIMEOUT_S)
+            (actor,) = ray.get(self._authority.spawn.remote(options, [args], keeps), timeout=START_TIMEOUT_S)
         self._started[w] = actor.node_id.remote()
         return actor
+
+    def regroup(self, group_of: np.ndarray, group_workers: list[list[int]]) -> None:
+        """New groups (e.g. one per edge once edges are placed by their workers' nodes): device d
+        trains on the workers ``group_workers[group_of[d]]``, which must hold its data already."""
+        self.group_of, self.group_workers = np.asarray(group_of), group_workers
 
     def nodes(self, timeout: float = 60) -> list[str | None]:
         """The node each worker runs on now, None for one not up within ``timeout`` seconds."""
@@ -121,19 +148,91 @@ class WorkerPool:
                 self._replace(w, self._generation[w])
 
     def fit(self, device: int, round: int, *args: Any, tag: Any = None, **kwargs: Any) -> ray.ObjectRef:
-        """Have ``device`` train for ``round`` (``DeviceWorker.fit``). Under sample-level DP the
-        device is charged first in ``spend`` and given its history."""
-        if self.spend is not None:
-            kwargs["spent"] = self.spend.charge(int(device), round)
-        return self.submit("fit", device, round, *args, tag=tag, **kwargs)
+        """Have ``device`` train for ``round`` (``DeviceWorker.fit``) now, on the worker of its
+        group with the least expected work pending."""
+        return self._start(device, (round, *args), kwargs, tag, self._least_loaded(device))
+
+    def fit_all(self, devices: np.ndarray, round: int, *args: Any, tag: Any = None, **kwargs: Any
+                ) -> list[ray.ObjectRef]:
+        """Have ``devices`` train for ``round``, largest expected work first, each on the next
+        worker of its group that is free. Returns the refs of the tasks started so far, a list
+        that ``as_completed`` extends as the rest start; ``settle`` fails those never started."""
+        order = sorted((int(d) for d in devices), key=lambda d: -self._work[d])
+        self._queue = deque((d, (round, *args), kwargs, tag) for d in order)
+        self._fresh = []
+        self._feed()
+        return self._fresh
+
+    def _feed(self) -> list[ray.ObjectRef]:
+        """Start the queued fits whose group has a free worker, in queue order; their refs."""
+        busy = Counter(task.worker for task in self.pending.values())
+        started, waiting = [], deque()
+        for d, args, kwargs, tag in self._queue:
+            free = [w for w in self.group_workers[self.group_of[d]] if busy[w] < self._slots]
+            if not free:
+                waiting.append((d, args, kwargs, tag))
+                continue
+            w = min(free, key=lambda w: busy[w])
+            busy[w] += 1
+            started.append(self._start(d, args, kwargs, tag, w))
+        self._queue = waiting
+        self._fresh += started
+        return started
+
+    def _least_loaded(self, device: int) -> int:
+        load = Counter()
+        for task in self.pending.values():
+            load[task.worker] += self._work[task.device]
+        return min(self.group_workers[self.group_of[device]], key=lambda w: load[w])
+
+    def _start(self, device: int, args: tuple, kwargs: dict, tag: Any, w: int) -> ray.ObjectRef:
+        if self.spend is not None:  # sample-level DP: charged when sent the model, given its history
+            kwargs = kwargs | {"spent": self.spend.charge(device, args[0])}
+        if not self.deployment:
+            kwargs = kwargs | {"state": self.records.ref(device)}
+        ref, record = self.actors[w].fit.options(num_returns=2).remote(device, *args, **kwargs)
+        self.pending[ref] = Task(device, tag, w, self._generation[w], time.monotonic(), record)
+        return ref
 
     def submit(self, method: str, device: int, *args: Any, tag: Any = None, **kwargs: Any) -> ray.ObjectRef:
-        """Call ``method(device, *args, **kwargs)`` on the device's worker; the task stays in
-        ``pending`` until ``wait``, ``drop`` or ``expire`` hands it back."""
-        w = int(self.worker_of[device])
+        """Call ``method(device, *args, **kwargs)`` on a worker of the device's group; the task
+        stays in ``pending`` until ``wait``, ``drop`` or ``expire`` hands it back."""
+        w = self._least_loaded(device)
         ref = getattr(self.actors[w], method).remote(int(device), *args, **kwargs)
         self.pending[ref] = Task(int(device), tag, w, self._generation[w], time.monotonic())
         return ref
+
+    def evaluate_samples(self, shares: list[np.ndarray], params: ray.ObjectRef) -> list[ray.ObjectRef]:
+        """Evaluate ``params`` on ``shares`` (index arrays into the data: the server's held-out
+        set), spread over the workers: pending tasks of device -1, tagged with the share's index."""
+        refs = []
+        for i, share in enumerate(shares):
+            w = i % len(self.actors)
+            refs.append(self.actors[w].evaluate_samples.remote(share, params))
+            self.pending[refs[-1]] = Task(-1, i, w, self._generation[w], time.monotonic())
+        return refs
+
+    def take_records(self, accepted: list[int]) -> None:
+        """After a round: the records of the ``accepted`` devices' returned tasks become theirs."""
+        for d in accepted:
+            if d in self._returned:
+                self.records.commit(d, self._returned[d])
+        self._returned.clear()
+
+    def device_records(self, devices: list[int]) -> dict[int, DeviceState]:
+        """The records of ``devices`` (deployment: asked of the devices)."""
+        if not self.deployment:
+            return self.records.values(devices)
+        refs = {d: self.actors[self.group_workers[self.group_of[d]][0]].state.remote(d) for d in devices}
+        return {d: ray.get(ref, timeout=START_TIMEOUT_S) for d, ref in refs.items()}
+
+    def restore_records(self, records: dict[int, DeviceState]) -> None:
+        """Records from a checkpoint (deployment: handed to the devices)."""
+        if not self.deployment:
+            self.records.load(records)
+            return
+        ray.get([self.actors[self.group_workers[self.group_of[d]][0]].restore.remote({d: r})
+                 for d, r in records.items()], timeout=START_TIMEOUT_S)
 
     def wait(self, refs: list[ray.ObjectRef], timeout: float) -> list[Done]:
         """Wait at most ``timeout`` seconds for one of ``refs`` (pending tasks) to finish; return
@@ -156,14 +255,21 @@ class WorkerPool:
         return self.resolve(ref, self.pending.pop(ref))
 
     def returned(self, task: Task, worker_lost: bool) -> None:
-        """A task whose result was fetched (here, or by an edge): replace its worker if it died."""
+        """A task whose result was fetched (here, or by an edge): keep the record it made, for
+        ``take_records``; replace its worker if it died."""
+        if task.record is not None:
+            self._returned[task.device] = task.record
         if worker_lost:
             self._replace(task.worker, task.generation)
 
     def as_completed(self, refs: list[ray.ObjectRef], until: float) -> Iterator[Done]:
-        """Yield the tasks of ``refs`` as they finish, until all have or ``time.monotonic()``
-        reaches ``until``."""
-        while any(ref in self.pending for ref in refs) and (left := until - time.monotonic()) > 0:
+        """Yield the tasks of ``refs``, and of the queued fits as they start, as they finish,
+        until all have or ``time.monotonic()`` reaches ``until``."""
+        refs = list(refs)
+        while (left := until - time.monotonic()) > 0:
+            refs += self._feed()
+            if not any(ref in self.pending for ref in refs):
+                return
             yield from self.wait(refs, left)
 
     def expire(self, timeout: float, refs: list[ray.ObjectRef] | None = None) -> list[Done]:
@@ -192,6 +298,9 @@ class WorkerPool:
         devices = self._devices
         for done in self.expire(devices.timeout_s):
             intake.fail(done.task.device, done.failure)
+        for d, *_ in self._queue:  # every worker was busy until the deadline
+            intake.fail(d, f"no worker was free within the round's {devices.round_wait_s:g}s")
+        unstarted, self._queue = len(self._queue), deque()
         if devices.deadline_s is None:
             return None
         late = [ref for ref in fresh if ref in self.pending]
@@ -199,7 +308,7 @@ class WorkerPool:
         for task in self.drop(carried + (late if devices.late == "drop" else [])):
             missed = "the round deadline" if task.tag == tag else f"the deadlines of rounds {task.tag} and {tag}"
             intake.fail(task.device, f"missed {missed} ({devices.deadline_s:g}s, devices.deadline_s)")
-        return len(late)
+        return len(late) + unstarted
 
     def drop(self, refs: list[ray.ObjectRef]) -> list[Task]:
         """Cancel pending tasks whose results are no longer wanted and return them. ``expire``
@@ -251,18 +360,6 @@ def outcome(ref: ray.ObjectRef, task: Task) -> Done:
     except RayError as e:  # the worker died or was killed
         return Done(task, failure=f"worker {task.worker} failed: {type(e).__name__}: {first_line(e)}",
                     worker_lost=True)
-
-
-def balanced_assignment(sizes: list[int], num_workers: int) -> np.ndarray:
-    """Worker index per device: largest devices first, each to the worker with the fewest samples so
-    far (LPT). Every device is equally likely to be sampled, so this balances the expected work."""
-    load = np.zeros(num_workers, dtype=np.int64)
-    worker_of = np.empty(len(sizes), dtype=np.int64)
-    for d in np.argsort(sizes, kind="stable")[::-1]:
-        w = int(np.argmin(load))
-        worker_of[d] = w
-        load[w] += sizes[d]
-    return worker_of
 
 
 def first_line(error: Exception) -> str:

@@ -23,17 +23,16 @@ def assign(job: JobSpec) -> np.ndarray:
     raise ValueError(f"assignment {topology.assign!r} depends on where workers run; use colocated()")
 
 
-def colocated(node_of_worker: list[str], worker_of: np.ndarray, edges: int) -> tuple[np.ndarray, list[str]]:
+def colocated(node_of_worker: list[str], edges: int) -> tuple[np.ndarray, list[str]]:
     """``colocated`` assignment: the nodes hosting workers, in order of first worker, go to edges
-    round robin; a device reports to its worker's node's edge. Returns the edge of every device and
-    the node each edge runs on (its first)."""
+    round robin. Returns the edge of every worker and the node each edge runs on (its first).
+    (Devices go to edges round robin and train on their edge's workers.)"""
     nodes = list(dict.fromkeys(node_of_worker))
     if len(nodes) < edges:
         raise RuntimeError(f"topology.assign 'colocated' with {edges} edges needs device workers on at least "
                            f"{edges} nodes, but they run on {len(nodes)}; lower topology.edges or add nodes")
     edge_of_node = {node: i % edges for i, node in enumerate(nodes)}
-    edge_of_worker = np.array([edge_of_node[n] for n in node_of_worker])
-    return edge_of_worker[worker_of], nodes[:edges]
+    return np.array([edge_of_node[n] for n in node_of_worker]), nodes[:edges]
 
 
 def placement_options(topology: TopologySpec, edge: int) -> dict[str, Any]:

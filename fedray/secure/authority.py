@@ -51,10 +51,10 @@ class KeyAuthority:
         and adds, and cannot decrypt."""
         return self._public_bytes
 
-    def spawn(self, options: dict[str, Any], args: list) -> list:
+    def spawn(self, options: dict[str, Any], args: list, keywords: dict[str, Any] | None = None) -> list:
         """Start a device worker actor (``ray.remote(DeviceWorker).options(**options)``) with the
-        constructor arguments ``args[0]`` (job, data, classes, shards, attackers) and its devices'
-        tag seeds, drawn when a device is first provisioned: a replaced worker gets its devices'
+        constructor arguments ``args[0]`` (job, data, classes, shards, attackers), ``keywords`` and
+        its devices' tag seeds, drawn when a device is first provisioned: a replaced worker gets its devices'
         seeds again, so their updates already summed still verify. Returns ``[handle]``."""
         import ray
 
@@ -63,7 +63,8 @@ class KeyAuthority:
         job, data, num_classes, shards, attackers = args[0]
         seeds = {int(d): self._seeds.setdefault(int(d), secrets.randbits(128)) for d in shards}
         sealing = (self.plan, self._public_bytes, seeds)
-        return [ray.remote(DeviceWorker).options(**options).remote(job, data, num_classes, shards, attackers, sealing)]
+        return [ray.remote(DeviceWorker).options(**options).remote(job, data, num_classes, shards, attackers, sealing,
+                                                                   **(keywords or {}))]
 
     def decrypt(self, sealed: bytes) -> np.ndarray:
         """The integer field sums (int64, ``plan.layout.length``) of an encrypted sum given as
