@@ -1,4 +1,4 @@
-"""The ``fedray`` command line: ``fedray run``, ``validate``, ``replay`` and ``privacy plan``."""
+"""The ``fedray`` command line: ``fedray run``, ``resume``, ``validate``, ``replay`` and ``privacy plan``."""
 
 from __future__ import annotations
 
@@ -86,6 +86,65 @@ def run(job_file: str, overrides: tuple[str, ...], tracking_uri: str | None, run
     job = _load(job_file, overrides)
     uri = _check_store(tracking_uri, job)  # before the data loads or Ray starts
     _prepare(job_file, job)
+    _execute(job, Path(job_file).read_text(), uri, Path(runs_dir))
+
+
+_RUNS_DIR_HELP = "where each run keeps its journal (records MLflow has not taken yet) and its error log"
+
+
+@main.command()
+@click.argument("target")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: the run's own]")
+@click.option("--runs-dir", default="fedray-runs", envvar="FEDRAY_RUNS_DIR", show_default=True,
+              type=click.Path(file_okay=False), help=_RUNS_DIR_HELP)
+def resume(target: str, tracking_uri: str | None, runs_dir: str) -> None:
+    """Continue a run from its last checkpoint, in the same MLflow run. TARGET is the run's
+    checkpoint folder (<checkpoint.path>/<run id>, a path or URI) or its MLflow run id."""
+    import json
+
+    from fedray.config import parse_job
+    from fedray.platform.checkpoint import CheckpointError, CheckpointStore
+
+    location = _checkpoint_location(target, tracking_uri)
+    try:
+        state, _ = CheckpointStore(location).load()
+        job = parse_job(json.loads(state["job"]))
+    except (CheckpointError, JobError, KeyError, ValueError) as e:
+        raise click.ClickException(f"cannot resume from {location}: {e}") from None
+    uri = _check_store(tracking_uri or state["tracking_uri"], job)
+    _prepare(location, job)
+    click.echo(f"Resuming run {state['run_id']} ({job.name!r}) after round {state['round']} of {job.rounds}, "
+               f"from {location}", err=True)
+    _execute(job, state["job"], uri, Path(runs_dir), (state["run_id"], location))
+
+
+def _checkpoint_location(target: str, tracking_uri: str | None) -> str:
+    """A checkpoint folder given as a path or URI, or found for a run id: under the default
+    checkpoint path here, else where the run's logged ``checkpoint.path`` says."""
+    if "://" in target or Path(target).exists():
+        return target
+    from fedray.config.job import CheckpointSpec
+    from fedray.platform.checkpoint import CheckpointStore
+    from fedray.platform.store import resolve_uri
+
+    default = CheckpointStore.of_run(CheckpointSpec().path, target)
+    if default.exists():
+        return default.location
+    from mlflow import MlflowClient
+
+    uri = resolve_uri(tracking_uri)
+    try:
+        params = MlflowClient(uri).get_run(target).data.params
+    except Exception:  # noqa: BLE001 - no such run, or no such store
+        raise click.ClickException(f"{target} is neither a checkpoint folder nor the id of a run at {uri}") from None
+    path = params.get("checkpoint.path")
+    if path is None or path == "None":
+        raise click.ClickException(f"run {target} has no checkpoints: its job has no checkpoint section")
+    return CheckpointStore.of_run(path, target).location
+
+
+def _execute(job: JobSpec, job_yaml: str, uri: str, runs_dir: Path, resume: tuple[str, str] | None = None) -> None:
+    """Run (or, with ``resume``, continue) ``job``, printing its progress and summary."""
     from fedray.platform.run import STOP, Interrupted, RunError, connect, run_job  # Ray loads only when a job runs
     from fedray.platform.store import TrackingError
 
@@ -94,14 +153,14 @@ def run(job_file: str, overrides: tuple[str, ...], tracking_uri: str | None, run
     try:
         connect()
         STOP.install()  # after Ray's start, whose SIGTERM handler would dump a native stack trace
-        summary = run_job(job, Path(job_file).read_text(), uri, on_round=progress, runs_dir=Path(runs_dir))
+        summary = run_job(job, job_yaml, uri, on_round=progress, runs_dir=runs_dir, resume=resume)
     except RunError as e:
         progress.close()
-        raise click.ClickException(_failure(e, uri, Path(runs_dir))) from None
+        raise click.ClickException(_failure(e, uri, runs_dir)) from None
     except Interrupted as e:
         progress.close()
         click.echo(f"Stopped by {e.signal} after {e.rounds} rounds: MLflow run {e.run_id} ended KILLED with them"
-                   + _unlogged(e.unlogged, Path(runs_dir) / e.run_id), err=True)
+                   + _unlogged(e.unlogged, runs_dir / e.run_id), err=True)
         sys.exit(143 if e.signal == "SIGTERM" else 130)
     except KeyboardInterrupt as e:
         click.echo(f"Stopped by {str(e) or 'SIGINT'} before the run started: nothing was recorded", err=True)

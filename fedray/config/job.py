@@ -218,6 +218,13 @@ class TrackingSpec(Section):
                                                     "what it has not taken by then stays in the run's journal")
 
 
+class CheckpointSpec(Section):
+    path: Annotated[str, NotBlank] = Field("fedray-checkpoints", description=(
+        "where checkpoints go, in a folder per run: a local directory (relative to the working directory) or "
+        "a URI pyarrow.fs or fsspec understands (s3://bucket/runs)"))
+    every: Annotated[int, Field(gt=0)] = Field(1, description="checkpoint after every this many rounds (and the last)")
+
+
 class JobSpec(Section):
     name: Annotated[str, Field(max_length=250), NotBlank]  # the MLflow run's name
     seed: Annotated[int, Field(ge=0, lt=2**64)] = 0  # torch's generators take 64 bits
@@ -228,6 +235,7 @@ class JobSpec(Section):
     strategy: StrategySpec = FedAvg()
     evaluation: EvaluationSpec = EvaluationSpec()
     tracking: TrackingSpec = TrackingSpec()
+    checkpoint: CheckpointSpec | None = None
     attack: AttackSpec | None = None
     topology: TopologySpec | None = None
     network: NetworkSpec | None = None

@@ -16,7 +16,8 @@ from fedray.agents.training import evaluate
 from fedray.config import JobSpec
 from fedray.models.params import ParamSpec
 from fedray.config.privacy import client_level, min_participants, sampling_rate
-from fedray.platform import edge, plots, privacy, strategies, topology
+from fedray.platform import edge, plots, privacy, snapshot, strategies, topology
+from fedray.platform.checkpoint import CheckpointStore
 from fedray.platform.aggregation import Partial, quorum
 from fedray.platform.intake import Intake
 from fedray.platform.pool import Task
@@ -46,11 +47,13 @@ class RoundResult:
 
 
 class Driver:
-    def __init__(self, job: JobSpec, run_dir: str, job_yaml: str) -> None:
-        """Set up the run whose MLflow run and journal ``run_dir`` holds (``tracking.start_run``)."""
+    def __init__(self, job: JobSpec, run_dir: str, job_yaml: str, resume: str | None = None) -> None:
+        """Set up the run whose MLflow run and journal ``run_dir`` holds (``tracking.start_run``);
+        with ``resume`` (a checkpoint location), continue it from that checkpoint."""
         torch.set_num_threads(1)
         self.job = job
         dataset, split, self.model = prepare(job)
+        self.data_digest = snapshot.data_digest(dataset.x, dataset.y) if job.checkpoint else None
         self._holdout, self._test = split.holdout, (dataset.x, dataset.y)  # evaluated by the workers
         self._example = dataset.x[:2].copy()  # input example for the logged model's signature
         self._train_sizes = [len(t) for t in split.train]
@@ -58,9 +61,12 @@ class Driver:
         self.strategy = strategies.for_job(job)
         self.state = self.strategy.init(self.spec.flatten(self.model))
         self.tracker = Tracker(run_dir)
+        self.checkpoints = (CheckpointStore(resume) if resume else
+                            job.checkpoint and CheckpointStore.of_run(job.checkpoint.path, self.tracker.run_id))
         try:
-            self.tracker.log_params(job.flat())
-            self.tracker.log_text(job_yaml, "job.yaml")
+            if not resume:
+                self.tracker.log_params(job.flat())
+                self.tracker.log_text(job_yaml, "job.yaml")
             self.sealing = (Sealing(job, self.spec, self._train_sizes, self.strategy.weigh, self.tracker)
                             if job.secure else None)
             size = self.spec.size if self.sealing is None else len(self.sealing.plan.plain)  # summed in plaintext
@@ -72,19 +78,33 @@ class Driver:
             self.tracker.close(job.tracking.wait_s)  # the caller ends the run, from the journal
             raise
         # who takes part must stay secret under client-level DP: drawn from OS entropy, not the logged seed
-        self._sampler = np.random.default_rng() if client_level(job) else np.random.default_rng([job.seed, 1])
+        self.sampler = np.random.default_rng() if client_level(job) else np.random.default_rng([job.seed, 1])
         self.history: list[RoundResult] = []
         self.ledger = privacy.Ledger.of(job) if client_level(job) else None  # client-level DP's spend
         self._losses = job.privacy is None  # under DP devices keep their loss (an un-noised statistic)
         self.clip = job.privacy.clip if self.ledger else None  # client level: the clip bound devices use now
         self.stopped: str | None = None  # why the run stopped before its last round
-        self._staleness = Counter()  # staleness of every accepted late or asynchronous update
+        self.staleness = Counter()  # staleness of every accepted late or asynchronous update
         # asynchronous runs: finished tasks not yet folded, the model versions devices train from
         # (in the object store), which version each edge holds, dispatches so far
         self._arrived: deque[tuple[ray.ObjectRef, Task]] = deque()
         self._versions: dict[int, ray.ObjectRef] = {}
         self._edge_version: dict[int, int] = {}
-        self._dispatched = 0
+        self.dispatched = 0
+        self.restored = self._restore() if resume else None
+
+    def _restore(self) -> str:
+        """Continue from the run's checkpoint; what was restored, in words."""
+        state, changes = self.checkpoints.load()
+        snapshot.check(self, state, self.checkpoints.location)
+        after = state["dispatched"] if isinstance(self.strategy, AsyncStrategy) else state["round"]
+        charges = self.checkpoints.charges(after) if self.job.privacy else []
+        snapshot.restore(self, state, changes, charges)
+        records = sum(len(c["records"]) for c in changes)
+        privacy_note = "" if not self.job.privacy else (
+            f"; privacy spent in {len(charges)} interrupted rounds counted" if charges else "; privacy ledger")
+        return (f"round {state['round']} of {self.job.rounds}: the model and server state, the sampler, "
+                f"{records} device records{privacy_note}")
 
     @property
     def _device_epsilon(self) -> dict[int, tuple[float, float]]:
@@ -117,7 +137,7 @@ class Driver:
             metrics["train_loss"] = intake.loss_sum / intake.samples
         if intake.staleness:
             metrics.update(staleness_mean=float(np.mean(intake.staleness)), staleness_max=max(intake.staleness))
-            self._staleness.update(intake.staleness)
+            self.staleness.update(intake.staleness)
         metrics.update(bytes_up=intake.bytes_up, failures=intake.failed_tasks, round_failed=float(not completed))
         if self.edges is not None:
             metrics["edge_failures"] = len(intake.edge_failures)
@@ -144,6 +164,8 @@ class Driver:
         result = RoundResult(r, completed, metrics, failures, dict(sorted(evaluation_failures.items())), intake.flagged,
                              dict(sorted(intake.edge_failures.items())), waiting)
         self.history.append(result)
+        if self.checkpoints and (r % self.job.checkpoint.every == 0 or r == self.job.rounds):
+            self.checkpoints.save(*snapshot.take(self))
         return result
 
     def _sync_round(self, r: int, intake: Intake) -> tuple[bool, dict[str, float], np.ndarray]:
@@ -151,11 +173,13 @@ class Driver:
         # devices still training for an earlier round (late updates carried over) sit this one out
         busy = [t.device for t in self.pool.pending.values()]
         if self.ledger is not None:  # the accountant assumes Poisson sampling (and nothing is carried over)
-            sampled = privacy.poisson_sample(self._sampler, devices.count, sampling_rate(self.job))
+            sampled = privacy.poisson_sample(self.sampler, devices.count, sampling_rate(self.job))
         else:
             idle = np.setdiff1d(np.arange(devices.count), busy) if busy else devices.count
             k = min(devices.per_round, devices.count - len(set(busy)))
-            sampled = np.sort(self._sampler.choice(idle, k, replace=False))
+            sampled = np.sort(self.sampler.choice(idle, k, replace=False))
+        per_round = 1 if self.edges is None else self.job.topology.edge_rounds  # trainings (edge rounds)
+        self._charge_ahead(r, [(int(d), (r - 1) * per_round + k + 1) for d in sampled for k in range(per_round)])
         broadcast = [self.state.params] + ([self.state.buffers[0]] if self.strategy.control_variates else [])
         refs = [ray.put(v) for v in broadcast]
         adaptive = self.ledger is not None and self.job.privacy.adaptive_clip is not None
@@ -296,12 +320,20 @@ class Driver:
             unavailable.update(d for d in range(count) if self.edges.edge_of[d] in down_edges)
         if len(unavailable) == count:
             return None
-        device = int(self._sampler.integers(count))
+        device = int(self.sampler.integers(count))
         while device in unavailable:
-            device = int(self._sampler.integers(count))
-        self._dispatched += 1
-        self.pool.fit(device, self._dispatched, time.time(), self._model(), tag=(self._dispatched, self.state.round))
+            device = int(self.sampler.integers(count))
+        self.dispatched += 1
+        self._charge_ahead(self.dispatched, [(device, self.dispatched)])
+        self.pool.fit(device, self.dispatched, time.time(), self._model(), tag=(self.dispatched, self.state.round))
         return device
+
+    def _charge_ahead(self, number: int, trainings: list[tuple[int, int]]) -> None:
+        """Under DP with checkpoints: write what round (or dispatch) ``number`` spends before any
+        device trains: the round (client level, where who takes part stays secret), or its
+        ``trainings`` as (device, the round number it trains for) (sample level)."""
+        if self.checkpoints and self.job.privacy is not None:
+            self.checkpoints.charge(number, {} if self.ledger is not None else {"trainings": trainings})
 
     def _model(self) -> ray.ObjectRef:
         """The current model in the object store, put once per version."""
@@ -370,8 +402,8 @@ class Driver:
             self.pool.drop(list(self.pool.pending))  # asynchronous runs leave devices training
             end_status = status
             try:
-                if self._staleness:
-                    self.tracker.log_text(json.dumps(dict(sorted(self._staleness.items()))), "staleness.json")
+                if self.staleness:
+                    self.tracker.log_text(json.dumps(dict(sorted(self.staleness.items()))), "staleness.json")
                 if self.pool.attackers:
                     self.tracker.log_text(json.dumps(sorted(self.pool.attackers)), "attackers.json")
                 plots.log_history(self.tracker, self.history, self.job.privacy is not None)

@@ -93,7 +93,7 @@ def budget_stop(job: JobSpec, ledger: Ledger | None, device_epsilon: dict[int, t
     budget = job.privacy and job.privacy.budget
     if not budget:
         return None
-    if ledger is not None and (spent := ledger.epsilon(r)) > budget.epsilon:
+    if ledger is not None and (spent := ledger.epsilon(ledger.rounds + 1)) > budget.epsilon:
         return (f"privacy budget: round {r} would bring epsilon to {spent:.3f}, over privacy.budget.epsilon "
                 f"{budget.epsilon:g}")
     over = {d: after for d, (_, after) in device_epsilon.items() if after > budget.epsilon}
@@ -155,6 +155,7 @@ class DeviceLedger:
         self._per_round = job.topology.edge_rounds if job.topology is not None else 1  # trainings per round
         self.history: dict[int, list[Mechanism]] = {}
         self._view: dict[int, tuple[float, float]] = {}  # device -> (spent, after one more round), cached
+        self.changed: set[int] = set()  # devices charged or told since the last checkpoint
 
     def charge(self, device: int, round: int) -> list[Mechanism]:
         """Charge ``device`` for training in ``round``; its history before the charge."""
@@ -165,6 +166,7 @@ class DeviceLedger:
         kind, delta = self._job.privacy.accountant, self._job.privacy.delta
         spent, told = epsilon(kind, after, delta), self._view.get(device, (0.0, 0.0))
         self.history[device] = after
+        self.changed.add(device)
         self._view[device] = (max(spent, told[0]), max(epsilon(kind, compose(after, planned), delta), told[1]))
         return before
 
@@ -173,6 +175,7 @@ class DeviceLedger:
         for d, (spent, after) in reported.items():
             old = self._view.get(d, (0.0, 0.0))
             self._view[d] = (max(spent, old[0]), max(after, old[1]))
+            self.changed.add(d)
 
     def view(self) -> dict[int, tuple[float, float]]:
         """Each device that has trained: (epsilon spent, epsilon after one more round)."""

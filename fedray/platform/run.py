@@ -22,7 +22,7 @@ from fedray.config import JobError, JobSpec
 from fedray.platform.driver import Driver, RoundResult
 from fedray.platform.plots import log_history
 from fedray.platform.store import cause, is_relative_local, resolve_uri
-from fedray.platform.tracking import Tracker, start_run
+from fedray.platform.tracking import Tracker, reopen_run, start_run
 
 RUNS_DIR = Path("fedray-runs")  # each run's journal (and error log), under the working directory
 _KILL_WAIT_S = 10.0  # how long a stopped run waits for the tracking store: a scheduler kills soon after
@@ -97,11 +97,13 @@ def connect() -> None:
 
 
 def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,
-            on_round: Callable[[RoundResult], None] | None = None, runs_dir: Path = RUNS_DIR) -> dict:
+            on_round: Callable[[RoundResult], None] | None = None, runs_dir: Path = RUNS_DIR,
+            resume: tuple[str, str] | None = None) -> dict:
     """Run ``job`` to completion and return the Driver's summary. ``tracking_uri`` as given by the
     user (None: ``MLFLOW_TRACKING_URI`` or MLflow's default). The MLflow run ends FINISHED; FAILED
     (keeping every round already logged) if the driver fails or no round completed, raising
-    ``RunError``; KILLED on KeyboardInterrupt, raising ``Interrupted``."""
+    ``RunError``; KILLED on KeyboardInterrupt, raising ``Interrupted``. ``resume``: (run id,
+    checkpoint location) of a run to continue from its checkpoint, in the same MLflow run."""
     connect()
     if ray.get_runtime_context().runtime_env.get("working_dir") and is_relative_local(
             tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
@@ -109,17 +111,21 @@ def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,
                       "directory, which Ray deletes; use --tracking-uri with a tracking server or an "
                       "absolute path", stacklevel=2)
     with STOP.hold():
-        run_dir = start_run(resolve_uri(tracking_uri), job.tracking.experiment, job.name, runs_dir.resolve())
+        if resume is None:
+            run_dir = start_run(resolve_uri(tracking_uri), job.tracking.experiment, job.name, runs_dir.resolve())
+        else:
+            run_dir = reopen_run(resolve_uri(tracking_uri), resume[0], runs_dir.resolve())
     history: list[RoundResult] = []
     driver = None
     try:
         STOP.release()
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         driver = ray.remote(Driver).options(num_cpus=0, scheduling_strategy=here, max_restarts=0).remote(
-            job, str(run_dir), job_yaml)
+            job, str(run_dir), job_yaml, resume and resume[1])
         ray.get(driver.run_id.remote(), timeout=600)  # the driver's setup is done
+        history = ray.get(driver.__ray_call__.remote(lambda self: self.history), timeout=600)  # restored rounds
         round_timeout = 2 * job.devices.timeout_s + 600  # training, then federated evaluation
-        for r in range(1, job.rounds + 1):
+        for r in range(len(history) + 1, job.rounds + 1):
             if ray.get(driver.stop_reason.remote(r), timeout=600):  # the privacy budget is spent
                 break
             history.append(ray.get(driver.run_round.remote(r), timeout=round_timeout))

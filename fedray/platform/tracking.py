@@ -44,6 +44,35 @@ def start_run(uri: str, experiment: str, run_name: str, runs_dir: Path) -> Path:
     return directory
 
 
+def reopen_run(uri: str, run_id: str, runs_dir: Path) -> Path:
+    """Continue MLflow run ``run_id``: back to RUNNING if it ended FAILED or KILLED (a FINISHED run
+    is not continued: TrackingError), with its journal directory ``runs_dir/<run id>``, which keeps
+    the records it holds; return the directory."""
+    from mlflow import MlflowClient
+
+    directory = runs_dir / run_id
+    if any(r["op"] == "end" for r in _read_journal(directory / "journal.jsonl")):  # ended, not all sent yet
+        _, unsent = replay(directory)
+        if unsent:
+            raise TrackingError(f"tracking store {uri} does not take run {run_id}'s last records; "
+                                f"send them with `fedray replay {directory}` first")
+    client = MlflowClient(uri)
+    try:
+        status = client.get_run(run_id).info.status
+        if status == "FINISHED":
+            raise TrackingError(f"MLflow run {run_id} at {uri} has FINISHED; a finished run is not resumed")
+        if status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+    except TrackingError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the store's own errors
+        raise TrackingError(f"tracking store {uri}: cannot reopen run {run_id}: {cause(e)}") from None
+    (directory / "files").mkdir(parents=True, exist_ok=True)
+    if not (directory / "run.json").exists():
+        (directory / "run.json").write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}))
+    return directory
+
+
 class Tracker:
     """Appends records to the journal in ``directory`` and sends them from a background thread.
     Only one Tracker may hold a journal at a time."""
