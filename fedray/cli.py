@@ -45,8 +45,9 @@ def _check_store(tracking_uri: str | None, job: JobSpec) -> str:
     return uri
 
 
-def _prepare(job_file: str, job: JobSpec) -> None:
-    """Load the job's data and try its model, as the run would in its first seconds."""
+def _prepare(job_file: str, job: JobSpec):
+    """Load the job's data and try its model, as the run would in its first seconds; the
+    ``Prepared`` data and model."""
     import torch
 
     from fedray.platform.prepare import prepare
@@ -54,7 +55,7 @@ def _prepare(job_file: str, job: JobSpec) -> None:
     sys.path.insert(0, os.getcwd())  # user models import from here, as on Ray's workers
     torch.set_num_threads(1)
     try:
-        prepare(job)
+        return prepare(job)
     except JobError as e:
         raise click.ClickException(f"{job_file}: {e}") from None
 
@@ -103,6 +104,8 @@ def resume(target: str, tracking_uri: str | None, runs_dir: str) -> None:
     import json
 
     from fedray.config import parse_job
+    from fedray.models.params import ParamSpec
+    from fedray.platform import snapshot
     from fedray.platform.checkpoint import CheckpointError, CheckpointStore
 
     location = _checkpoint_location(target, tracking_uri)
@@ -112,7 +115,14 @@ def resume(target: str, tracking_uri: str | None, runs_dir: str) -> None:
     except (CheckpointError, JobError, KeyError, ValueError) as e:
         raise click.ClickException(f"cannot resume from {location}: {e}") from None
     uri = _check_store(tracking_uri or state["tracking_uri"], job)
-    _prepare(location, job)
+    prepared = _prepare(location, job)
+    run_id = location.rstrip("/").rsplit("/", 1)[-1]  # a run's checkpoints are in a folder named by its id
+    mine = snapshot.identity(run_id, job, ParamSpec.of(prepared.model), snapshot.data_digest(prepared.dataset.x,
+                                                                                               prepared.dataset.y))
+    try:  # before anything is touched: the MLflow run, the checkpoint
+        snapshot.check(state, mine, location)
+    except CheckpointError as e:
+        raise click.ClickException(f"cannot resume: {e}") from None
     click.echo(f"Resuming run {state['run_id']} ({job.name!r}) after round {state['round']} of {job.rounds}, "
                f"from {location}", err=True)
     _execute(job, state["job"], uri, Path(runs_dir), (state["run_id"], location))

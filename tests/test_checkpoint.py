@@ -4,10 +4,12 @@ run, model or data, and runs killed with SIGKILL then resumed bit-identically, t
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,7 +67,7 @@ def test_a_store_at_an_fsspec_uri():
 
 
 def write_job(tmp_path, **overrides):
-    raw = small_job(rounds=5, checkpoint={"path": str(tmp_path / "checkpoints")}, **overrides)
+    raw = small_job(**({"rounds": 5} | overrides), checkpoint={"path": str(tmp_path / "checkpoints")})
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(raw))
     return raw, path
@@ -151,3 +153,177 @@ def test_a_killed_driver_resumes_bit_identical(tmp_path, tracking_uri, strategy)
         state, changes = CheckpointStore(location).load()
         records = {d: r for change in changes for d, r in change["records"].items()}
         assert len(records) == 6 and all(r["control"].shape == state["server"]["params"].shape for r in records.values())
+
+
+def killed_and_checkpointed(tmp_path, tracking_uri, raw, after: int, once_written: str | None = None
+                            ) -> tuple[str, str]:
+    """Run ``raw`` until its driver is killed (SIGKILL) after round ``after`` or, with
+    ``once_written``, as soon as that file of its checkpoint folder appears; its run id and
+    checkpoint location."""
+    import threading
+    import time
+
+    from fedray.platform.run import RunError, run_job
+
+    kill = kill_driver_after(after)
+
+    def on_round(result):
+        if once_written is None:
+            return kill(result)
+
+        def watch():
+            (folder,) = (tmp_path / "checkpoints").iterdir()
+            while not (folder / once_written).exists():
+                time.sleep(0.005)
+            kill(result)
+        if result.round == after:
+            threading.Thread(target=watch, daemon=True).start()
+
+    with pytest.raises(RunError) as error:
+        run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri, on_round=on_round)
+    return error.value.run_id, CheckpointStore.of_run(str(tmp_path / "checkpoints"), error.value.run_id).location
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_resumed_client_dp_run_counts_the_interrupted_round_and_stops_at_its_budget(tmp_path, tracking_uri):
+    """Client-level DP: the noise and the sample are secret, so the rounds are not replayed; but
+    the round a crash cut short had already released what its devices sent, so the ledger counts
+    it (written ahead), and the budget stop fires when the ledger, not the round count, says."""
+    from fedray.platform.privacy import Ledger
+    from fedray.platform.run import run_job
+
+    privacy = {"level": "client", "noise_multiplier": 2.5, "sampling_rate": 0.5, "budget": {"epsilon": 4.0}}
+    raw, _ = write_job(tmp_path, rounds=40, privacy=privacy, devices__local={"steps": 4},
+                       devices__speed={"kind": "slow_fraction", "fraction": 1.0, "slowdown": 1.0, "step_seconds": 0.05})
+    job = parse_job(raw)
+    affordable = Ledger.of(job).affordable(4.0)
+    assert 10 < affordable < 40
+    run, location = killed_and_checkpointed(tmp_path, tracking_uri, raw, after=3, once_written="ledger/000000004.json")
+    checkpointed = CheckpointStore(location).load()[0]["round"]
+    cut_short = len(CheckpointStore(location).charges(after=checkpointed))
+    assert checkpointed == 3 and cut_short == 1  # round 4 had begun: its spend was written ahead
+    summary = run_job(job, yaml.safe_dump(raw), tracking_uri, resume=(run, location))
+    client = MlflowClient(tracking_uri)
+    report = json.loads(Path(client.download_artifacts(run, "privacy_report.json", str(tmp_path))).read_text())
+    assert summary["rounds"] == affordable - cut_short  # one round fewer: the lost one was paid for
+    assert report["rounds"] == affordable and summary["epsilon"] <= 4.0 < Ledger.of(job).epsilon(affordable + 1)
+    assert "privacy budget" in summary["stopped"]
+    assert history(client, run, "epsilon")[-1] == pytest.approx(summary["epsilon"])
+
+
+def resume_cli(target: str, tracking_uri: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "fedray"), "resume", target, "--tracking-uri", tracking_uri], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_checkpoint_of_another_run_or_data_or_a_corrupt_one_is_refused(tmp_path, tracking_uri):
+    from fedray.platform.run import run_job
+
+    x, y = np.random.default_rng(0).normal(size=(120, 8)).astype(np.float32), np.arange(120) % 3
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    raw, _ = write_job(tmp_path, rounds=2, data={"dataset": "npz", "path": str(tmp_path / "data.npz"),
+                                                 "partition": {"kind": "iid"}})
+    runs = [run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri)["run_id"] for _ in range(2)]
+    a, b = (CheckpointStore.of_run(str(tmp_path / "checkpoints"), r).location for r in runs)
+    files = {}
+
+    def snapshot_files():
+        return {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+
+    (tmp_path / "checkpoints" / runs[1] / "run.npz").write_bytes((tmp_path / "checkpoints" / runs[0] / "run.npz").read_bytes())
+    files = snapshot_files()
+    refused = resume_cli(b, tracking_uri, tmp_path)
+    assert refused.returncode == 1
+    assert f"is of run {runs[0]}, not of run {runs[1]}" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    np.savez(tmp_path / "data.npz", x=x + 1, y=y)  # the data changed since
+    refused = resume_cli(a, tracking_uri, tmp_path)
+    assert "was trained on other data" in refused.stderr and refused.returncode == 1
+    (tmp_path / "checkpoints" / runs[0] / "run.npz").write_bytes(b"PK\x03\x04 cut short")
+    files[tmp_path / "checkpoints" / runs[0] / "run.npz"] = b"PK\x03\x04 cut short"
+    refused = resume_cli(a, tracking_uri, tmp_path)
+    assert "not a fedray checkpoint file" in refused.stderr and refused.returncode == 1
+    assert snapshot_files() == files  # nothing was overwritten
+    client = MlflowClient(tracking_uri)
+    assert [client.get_run(r).info.status for r in runs] == ["FINISHED", "FINISHED"]
+    assert "neither a checkpoint folder nor the id of a run" in resume_cli("0" * 32, tracking_uri, tmp_path).stderr
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_devices_keep_their_state_when_the_workers_that_trained_them_die(tracking_uri):
+    """SCAFFOLD: every device's control variate is its record, not its worker's memory. Both
+    workers are killed after round 1; every record still counts each accepted training."""
+    from conftest import start_driver
+
+    driver = start_driver(tracking_uri, rounds=3, strategy={"name": "scaffold"}, devices__per_round=6)
+    accepted = {d: 0 for d in range(6)}
+    for r in (1, 2, 3):
+        if r == 2:
+            for worker in ray_get(driver, lambda self: list(self.pool.actors)):
+                ray_kill(worker)
+        result = ray_get(driver, lambda self, r=r: self.run_round(r))
+        for d in set(range(6)) - set(result.failures):
+            accepted[d] += 1
+        if r == 2:
+            assert 1 <= len(result.failures) <= 2  # a device on each dead worker
+    records = ray_get(driver, lambda self: self.pool.device_records(list(range(6))))
+    assert {d: records[d].version for d in range(6)} == accepted and min(accepted.values()) == 2
+    assert all(np.abs(records[d].control).sum() > 0 for d in range(6))
+    ray_get(driver, lambda self: self.finish())
+
+
+def ray_get(actor, function):
+    import ray
+
+    return ray.get(actor.__ray_call__.remote(function))
+
+
+def ray_kill(actor):
+    import ray
+
+    ray.kill(actor, no_restart=True)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_resumed_encrypted_run_cannot_decrypt_again_what_was_decrypted_before(tmp_path, tracking_uri):
+    """CKKS: no secret is written. A resumed run's key authority has new keys and tag seeds, and
+    starts from the record (written before each decryption) of every contribution the run's
+    authorities decrypted: an update sent before the crash cannot be decrypted again, alone or
+    in another sum, so no difference of two sums over one round can be formed."""
+    from fedray.platform.run import run_job
+    from fedray.secure.authority import DecryptionRefused, KeyAuthority, _open
+    from fedray.secure.plan import SumLoader
+
+    raw, _ = write_job(tmp_path, rounds=4, secure={"preset": "balanced", "min_clients": 2})
+    run, location = killed_and_checkpointed(tmp_path, tracking_uri, raw, after=2)
+    store = CheckpointStore(location)
+    before = store.decrypted()
+    assert {r for _, r in before} == {1, 2} and len(before) == 8  # 4 devices in each of rounds 1 and 2
+    assert not any("secret" in p.name or "key" in p.name for p in Path(location).rglob("*"))
+    summary = run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri, resume=(run, location))
+    assert summary["completed_rounds"] == 4
+    assert {r for _, r in store.decrypted()} == {1, 2, 3, 4}
+    # an authority of this run (as a resumed one starts) refuses what was decrypted before it, even
+    # when the devices sent it again (a curious driver asking for round 1 once more)
+    authority = KeyAuthority(secure_plan(parse_job(raw)), location)
+    assert before <= authority._spent
+    total = SumLoader(authority.plan, authority.public_context()).empty()
+    again = sorted(c for c in before if c[1] == 1)[:2]  # two of round 1's contributions
+    total.contributions = [(d, r, "") for d, r in again]
+    with pytest.raises(DecryptionRefused, match=re.escape(f"contributions {again} (device, round) were decrypted")):
+        _open(authority.plan, authority._keys, authority._seeds, authority._spent, total, again)
+
+
+def secure_plan(job):
+    import math
+
+    from fedray.models.params import ParamSpec
+    from fedray.platform import strategies
+    from fedray.platform.prepare import prepare
+    from fedray.secure.plan import SecurePlan
+
+    _, split, model = prepare(job)
+    spec = ParamSpec.of(model)
+    weigh = strategies.for_job(job).weigh
+    return SecurePlan.of(job, spec.names, [math.prod(s) for s in spec.shapes], [len(t) for t in split.train],
+                         lambda samples: weigh(samples, 1)[0])

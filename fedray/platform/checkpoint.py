@@ -6,6 +6,7 @@ A run's checkpoint directory is ``<checkpoint.path>/<run id>``, on a local disk 
     run.npz                  the run's state at its last checkpointed round (the commit point)
     devices/<round>.npz      the device records that changed in the rounds up to <round>
     ledger/<round>.json      privacy spent in <round>, written before its devices trained
+    authority/<id>.json      contributions the key authority decrypted (or refused), written before
 
 Every file is written under a temporary name and then moved into place, and ``run.npz`` is written
 last: device files of rounds after it are ignored when loading, so a crash while checkpointing
@@ -136,6 +137,21 @@ class CheckpointStore:
     def charges(self, after: int) -> list[tuple[int, dict]]:
         """The spends written ahead for rounds after ``after``, in round order."""
         return [(r, json.loads(self._read(f"ledger/{r:09d}.json"))) for r in self._rounds("ledger", ".json") if r > after]
+
+    def record_decryption(self, contributions: list[tuple[int, int]]) -> None:
+        """The key authority's write-ahead: the (device, round) contributions it is about to decrypt."""
+        self._write(f"authority/{uuid.uuid4().hex}.json", json.dumps(contributions).encode())
+
+    def decrypted(self) -> set[tuple[int, int]]:
+        """Every contribution the run's key authorities ever decrypted or refused."""
+        from pyarrow import fs
+
+        selector = fs.FileSelector(f"{self._root}/authority", allow_not_found=True)
+        spent = set()
+        for info in self._fs.get_file_info(selector):
+            if info.base_name.endswith(".json"):
+                spent.update((d, r) for d, r in json.loads(self._read(f"authority/{info.base_name}")))
+        return spent
 
     def _rounds(self, folder: str, suffix: str) -> list[int]:
         from pyarrow import fs

@@ -67,8 +67,8 @@ class Driver:
             if not resume:
                 self.tracker.log_params(job.flat())
                 self.tracker.log_text(job_yaml, "job.yaml")
-            self.sealing = (Sealing(job, self.spec, self._train_sizes, self.strategy.weigh, self.tracker)
-                            if job.secure else None)
+            self.sealing = (Sealing(job, self.spec, self._train_sizes, self.strategy.weigh, self.tracker,
+                                    self.checkpoints and self.checkpoints.location) if job.secure else None)
             size = self.spec.size if self.sealing is None else len(self.sealing.plan.plain)  # summed in plaintext
             self._check = {"size": size, "train_sizes": self._train_sizes, "expect_sealed": self.sealing is not None,
                            "expect_control": self.strategy.control_variates}
@@ -96,7 +96,8 @@ class Driver:
     def _restore(self) -> str:
         """Continue from the run's checkpoint; what was restored, in words."""
         state, changes = self.checkpoints.load()
-        snapshot.check(self, state, self.checkpoints.location)
+        mine = snapshot.identity(self.tracker.run_id, self.job, self.spec, self.data_digest)
+        snapshot.check(state, mine, self.checkpoints.location)
         after = state["dispatched"] if isinstance(self.strategy, AsyncStrategy) else state["round"]
         charges = self.checkpoints.charges(after) if self.job.privacy else []
         snapshot.restore(self, state, changes, charges)

@@ -25,15 +25,17 @@ from fedray.secure.plan import SecurePlan, SumLoader
 
 class Sealing:
     """Makes the plan, starts the key authority on this node (the driver's) and records the split
-    in the run (``secure.json``, tag ``fedray.secure``). ``weigh`` is the strategy's."""
+    in the run (``secure.json``, tag ``fedray.secure``). ``weigh`` is the strategy's; the authority
+    writes what it decrypts to the run's ``checkpoints`` location, if it has one."""
 
-    def __init__(self, job: JobSpec, spec: ParamSpec, train_sizes: list[int], weigh, tracker: Tracker) -> None:
+    def __init__(self, job: JobSpec, spec: ParamSpec, train_sizes: list[int], weigh, tracker: Tracker,
+                 checkpoints: str | None = None) -> None:
         self.job, self.size = job, spec.size
         self.plan = SecurePlan.of(job, spec.names, [math.prod(s) for s in spec.shapes], train_sizes,
                                   lambda samples: weigh(samples, 1)[0])
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.authority = ray.remote(KeyAuthority).options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote(
-            self.plan)
+            self.plan, checkpoints)
         self.public = ray.get(self.authority.public_context.remote(), timeout=START_TIMEOUT_S)
         self.sums = SumLoader(self.plan, self.public)  # the driver adds ciphertexts too
         summary = self.plan.summary()

@@ -41,17 +41,16 @@ def canonical(job) -> str:
     return json.dumps(job.model_dump(mode="json", by_alias=True, exclude_unset=True), sort_keys=True)
 
 
-def identity(driver: Driver) -> dict:
-    """What a checkpoint must match to be resumed by ``driver``: its run, job, model and data."""
-    return {"run_id": driver.tracker.run_id, "job": canonical(driver.job),
-            "model": [[name, list(shape)] for name, shape in zip(driver.spec.names, driver.spec.shapes)],
-            "data": driver.data_digest}
+def identity(run_id: str, job, spec, digest: str) -> dict:
+    """What a checkpoint must match to be resumed: its run, job, model (``ParamSpec``) and data."""
+    return {"run_id": run_id, "job": canonical(job),
+            "model": [[name, list(shape)] for name, shape in zip(spec.names, spec.shapes)], "data": digest}
 
 
 def take(driver: Driver) -> tuple[dict, dict]:
     """The driver's state now, and what changed per device since the last ``take``."""
     server = driver.state
-    state = identity(driver) | {
+    state = identity(driver.tracker.run_id, driver.job, driver.spec, driver.data_digest) | {
         "tracking_uri": driver.tracker.uri,
         "round": len(driver.history),
         "server": {"params": server.params, "round": server.round, "buffers": list(server.buffers)},
@@ -75,10 +74,9 @@ def take(driver: Driver) -> tuple[dict, dict]:
     return state, ({"records": records, "spend": spend} if records or spend else {})
 
 
-def check(driver: Driver, state: dict, location: str) -> None:
+def check(state: dict, mine: dict, location: str) -> None:
     """Raise CheckpointError naming what in ``state`` (loaded from ``location``) does not match
-    ``driver``'s run, job, model or data."""
-    mine = identity(driver)
+    the ``identity`` of the run resuming it."""
     if state.get("run_id") != mine["run_id"]:
         raise CheckpointError(f"the checkpoint at {location} is of run {state.get('run_id')}, not of run {mine['run_id']}")
     if state.get("job") != mine["job"]:

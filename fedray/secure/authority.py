@@ -38,13 +38,22 @@ class DecryptionRefused(ValueError):
 
 
 class KeyAuthority:
-    def __init__(self, plan: SecurePlan) -> None:
+    """With ``checkpoints`` (a run's checkpoint location) it writes what it decrypts there before
+    decrypting, and starts from what the run's earlier authorities decrypted: a resumed run's
+    authority, which has new keys and seeds (no secret is ever written), still refuses every
+    contribution decrypted before the crash."""
+
+    def __init__(self, plan: SecurePlan, checkpoints: str | None = None) -> None:
+        from fedray.platform.checkpoint import CheckpointStore
+
         self.plan = plan
+        self._store = checkpoints and CheckpointStore(checkpoints)
         self._keys = keys_for(plan.scheme, plan.params)
         self._public_bytes = self._keys.public_bytes()
         self._public = public_for(plan.scheme, self._public_bytes, plan.layout.slots)
         self._seeds: dict[int, int] = {}
-        self._spent: set[tuple[int, int]] = set()  # (device, round) contributions decrypted or burned
+        # (device, round) contributions decrypted or burned, by this authority or the run's before it
+        self._spent: set[tuple[int, int]] = self._store.decrypted() if self._store else set()
 
     def public_context(self) -> bytes:
         """The serialized public key material (a CKKS context without its secret key): it encrypts
@@ -75,6 +84,8 @@ class KeyAuthority:
         total = CipherSum.from_bytes(self._public, self.plan.layout.chunks, sealed)
         sent = [(d, r) for d, r, receipt in total.contributions
                 if d in self._seeds and hmac.compare_digest(packing.receipt(self._seeds[d], d, r).hex(), receipt)]
+        if self._store and sent:
+            self._store.record_decryption(sent)
         try:  # decrypted or refused, each contribution with a valid receipt is spent
             return _open(self.plan, self._keys, self._seeds, self._spent, total, sent)
         finally:
