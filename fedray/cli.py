@@ -348,6 +348,8 @@ def _print_summary(job: JobSpec, s: dict, seconds: float) -> None:
                  "decrypted (split and parameters in secure.json)")
     if "stopped" in s:
         tree += f"\n  stopped early   {s['stopped']}"
+    if "resumed" in s:
+        tree += f"\n  resumed at      {s['resumed']}"
     click.echo(f"""
 {job.name}: {s['completed_rounds']}/{s['rounds']} rounds completed in {seconds:.1f}s
   test accuracy   {_fmt(s['test_accuracy'])}   test loss {_fmt(s['test_loss'])}

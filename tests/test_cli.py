@@ -227,7 +227,7 @@ def test_the_job_file_is_read_strictly(tmp_path):
     duplicate, latin = tmp_path / "duplicate.yaml", tmp_path / "latin.yaml"
     duplicate.write_text(yaml.safe_dump(small_job()) + "rounds: 3\n")
     line = len(duplicate.read_text().splitlines())
-    latin.write_bytes(f"name: caf\xe9\n".encode("latin-1"))
+    latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
     cases = [(["validate", str(duplicate)], f"Error: {duplicate} is not valid YAML: duplicate key 'rounds' at line {line}, column 1"),
              (["validate", str(latin)], f"Error: {latin} is not UTF-8 text: byte 0xe9 at offset 9"),
              (["validate", write_job(tmp_path), "--set", "rounds=[3"],
@@ -238,7 +238,6 @@ def test_the_job_file_is_read_strictly(tmp_path):
 
 
 def test_privacy_plan_refuses_absurd_inputs_and_stays_small(tmp_path):
-    import resource
     import subprocess
     import sys
     from pathlib import Path
@@ -257,7 +256,7 @@ def test_privacy_plan_refuses_absurd_inputs_and_stays_small(tmp_path):
                                    text=True)
         out = process.stdout.read()
         _, status, usage = os.wait4(process.pid, 0)
-        assert status == 0 and f"rdp: epsilon" in out, out
+        assert status == 0 and "rdp: epsilon" in out, out
         peak[rounds] = usage.ru_maxrss
     assert "prv: not computed for more than 1000 compositions" in out
     assert peak["1000000"] < 1.2 * peak["100"], peak

@@ -12,7 +12,6 @@ import asyncio
 import math
 import time
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
 import torch

@@ -12,12 +12,12 @@ import numpy as np
 import ray
 import torch
 
-from fedray.agents.training import evaluate
 from fedray.config import JobSpec
 from fedray.models.params import ParamSpec
 from fedray.config.privacy import client_level, min_participants, sampling_rate
 from fedray.platform import edge, plots, privacy, snapshot, strategies, topology
 from fedray.platform.checkpoint import CheckpointStore
+from fedray.platform.evaluation import Evaluation
 from fedray.platform.aggregation import Partial, quorum
 from fedray.platform.intake import Intake
 from fedray.platform.pool import Task
@@ -26,9 +26,6 @@ from fedray.platform.sealing import Sealing
 from fedray.platform.strategies import AsyncStrategy
 from fedray.platform.tracking import Tracker
 from fedray.update import Update
-
-
-EVALUATION_SHARE = 256  # held-out samples per evaluation task (a multiple of evaluate's batch of 128)
 
 
 @dataclass
@@ -54,7 +51,6 @@ class Driver:
         self.job = job
         dataset, split, self.model = prepare(job)
         self.data_digest = snapshot.data_digest(dataset.x, dataset.y) if job.checkpoint else None
-        self._holdout, self._test = split.holdout, (dataset.x, dataset.y)  # evaluated by the workers
         self._example = dataset.x[:2].copy()  # input example for the logged model's signature
         self._train_sizes = [len(t) for t in split.train]
         self.spec = ParamSpec.of(self.model)
@@ -74,6 +70,8 @@ class Driver:
                            "expect_control": self.strategy.control_variates}
             self.pool, self.edges = edge.start_tiers(job, ray.put((dataset.x, dataset.y)), dataset.num_classes,
                                                      split, size, self.sealing and self.sealing.tiers)
+            self.evaluation = Evaluation(self.pool, (dataset.x, dataset.y), split.holdout, self.spec, self.model,
+                                         job.devices.timeout_s)
         except BaseException:
             self.tracker.close(job.tracking.wait_s)  # the caller ends the run, from the journal
             raise
@@ -91,21 +89,7 @@ class Driver:
         self._versions: dict[int, ray.ObjectRef] = {}
         self._edge_version: dict[int, int] = {}
         self.dispatched = 0
-        self.restored = self._restore() if resume else None
-
-    def _restore(self) -> str:
-        """Continue from the run's checkpoint; what was restored, in words."""
-        state, changes = self.checkpoints.load()
-        mine = snapshot.identity(self.tracker.run_id, self.job, self.spec, self.data_digest)
-        snapshot.check(state, mine, self.checkpoints.location)
-        after = state["dispatched"] if isinstance(self.strategy, AsyncStrategy) else state["round"]
-        charges = self.checkpoints.charges(after) if self.job.privacy else []
-        snapshot.restore(self, state, changes, charges)
-        records = sum(len(c["records"]) for c in changes)
-        privacy_note = "" if not self.job.privacy else (
-            f"; privacy spent in {len(charges)} interrupted rounds counted" if charges else "; privacy ledger")
-        return (f"round {state['round']} of {self.job.rounds}: the model and server state, the sampler, "
-                f"{records} device records{privacy_note}")
+        self.restored = snapshot.resume(self) if resume else None  # what was restored, in words
 
     @property
     def _device_epsilon(self) -> dict[int, tuple[float, float]]:
@@ -154,7 +138,7 @@ class Driver:
         evaluation_failures: dict[int, str] = {}
         if r % self.job.evaluation.every == 0 or r == self.job.rounds:
             federated = sampled if self.job.evaluation.federated else np.array([], dtype=np.int64)
-            evaluation, evaluation_failures = self._evaluate(federated)
+            evaluation, evaluation_failures = self.evaluation(self.state.params, federated)
             metrics.update(evaluation)
             if self.job.evaluation.federated:
                 metrics["evaluation_failures"] = len(evaluation_failures)
@@ -349,44 +333,7 @@ class Driver:
 
     def evaluate(self) -> dict[str, float]:
         """Accuracy and mean loss of the global model on the server's held-out test set."""
-        return self._evaluate(np.array([], dtype=np.int64))[0]
-
-    def _evaluate(self, devices: np.ndarray) -> tuple[dict[str, float], dict[int, str]]:
-        """The global model's accuracy and mean loss on the server's held-out set, a share per
-        worker (a share whose worker fails is evaluated here), and, sample-weighted, on the test
-        splits of ``devices`` (federated evaluation); ``{device: reason}`` for the devices that
-        could not evaluate."""
-        params = ray.put(self.state.params)
-        # shares of a fixed size: the sums, and so the metrics, do not depend on the number of workers
-        parts = [self._holdout[i:i + EVALUATION_SHARE] for i in range(0, len(self._holdout), EVALUATION_SHARE)]
-        shares = self.pool.evaluate_samples(parts, params)
-        refs = [self.pool.submit("evaluate", d, params) for d in devices]
-        held, per_device, failures = {}, [], {}
-        for done in self.pool.as_completed(shares + refs, time.monotonic() + self.job.devices.timeout_s):
-            if done.task.device < 0:
-                held[done.task.tag] = done.value
-            elif done.failure is None:
-                per_device.append(done.value)
-            else:
-                failures[done.task.device] = done.failure
-        expired = self.pool.expire(self.job.devices.timeout_s, shares + refs)
-        failures.update({done.task.device: done.failure for done in expired if done.task.device >= 0})
-        metrics = {}
-        if parts:
-            totals = [held.get(i) or self._evaluate_here(share) for i, share in enumerate(parts)]
-            n = len(self._holdout)
-            metrics = {"test_accuracy": sum(c for _, _, c in totals) / n, "test_loss": sum(l for _, l, _ in totals) / n}
-        samples = sum(n for n, _, _ in per_device)
-        if samples:
-            metrics.update(federated_test_accuracy=sum(c for _, _, c in per_device) / samples,
-                           federated_test_loss=sum(loss for _, loss, _ in per_device) / samples)
-        return metrics, failures
-
-    def _evaluate_here(self, indices: np.ndarray) -> tuple[int, float, int]:
-        x, y = self._test
-        self.spec.load(self.model, self.state.params)
-        loss, correct = evaluate(self.model, torch.from_numpy(x[indices]), torch.from_numpy(y[indices]))
-        return len(indices), loss, correct
+        return self.evaluation(self.state.params, np.array([], dtype=np.int64))[0]
 
     def run_id(self) -> str:
         """The MLflow run id (answered once setup is done)."""
@@ -435,7 +382,7 @@ class Driver:
             "failures": sum(h.metrics["failures"] for h in self.history),
         } | ({} if self.ledger is None else {"epsilon": self.ledger.epsilon()}) | (
             {"device_epsilon_max": max(e for e, _ in self._device_epsilon.values())} if self._device_epsilon else {}) | (
-            {"stopped": self.stopped} if self.stopped else {}) | {key: sum(h.metrics.get(key, 0) for h in self.history)
+            {"stopped": self.stopped} if self.stopped else {}) | ({"resumed": self.restored} if self.restored else {}) | {key: sum(h.metrics.get(key, 0) for h in self.history)
              for key in ("bytes_edge_cloud", "sim_comm_seconds") if any(key in h.metrics for h in self.history)}
 
     def privacy_report(self) -> dict:

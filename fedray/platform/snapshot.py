@@ -92,6 +92,24 @@ def check(state: dict, mine: dict, location: str) -> None:
                               "changed since (data.path?)")
 
 
+def resume(driver: Driver) -> str:
+    """Continue ``driver``'s run from its checkpoint (``driver.checkpoints``), once it is checked
+    to be this run's; what was restored, in words."""
+    from fedray.platform.strategies import AsyncStrategy
+
+    store = driver.checkpoints
+    state, changes = store.load()
+    check(state, identity(driver.tracker.run_id, driver.job, driver.spec, driver.data_digest), store.location)
+    after = state["dispatched"] if isinstance(driver.strategy, AsyncStrategy) else state["round"]
+    charges = store.charges(after) if driver.job.privacy else []
+    restore(driver, state, changes, charges)
+    records = sum(len(c["records"]) for c in changes)
+    spent = "" if not driver.job.privacy else (
+        f", the privacy ledger with {len(charges)} interrupted rounds counted" if charges else ", the privacy ledger")
+    return (f"round {state['round']} of {driver.job.rounds}: the model and server state, the sampler, "
+            f"{records} device records{spent}")
+
+
 def restore(driver: Driver, state: dict, changes: list[dict], charges: list[tuple[int, dict]]) -> None:
     """Put checkpoint ``state`` and its device ``changes`` back into ``driver``; ``charges`` are
     the privacy spends written ahead after it (rounds a crash cut short): they count."""
