@@ -8,7 +8,8 @@ lr 0.05, batch 32, K=10 devices per round, test-set evaluation after every round
   A) 100 devices, 1 local epoch  (overhead-bound)
   B) 20 devices, 5 local epochs  (compute-bound)
 A round's time is wall time between the ends of consecutive rounds as seen by the caller; the
-first round of each run (actor start-up, warm-up) is dropped. Each side's Ray start is outside its
+first round of each run (actor start-up, warm-up) is dropped. The parallel floor is the serial
+floor divided by the number of fedray's device workers (one per CPU): the machine's limit. Each side's Ray start is outside its
 rounds. The sides run one after another, alternating, so that slow spells of a shared machine
 spread over all of them.
 """
@@ -28,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from workload import mnist_job, serial_floor, write_workload  # noqa: E402
+
+import ray  # noqa: E402
 
 from fedray.platform.run import connect, run_job  # noqa: E402
 
@@ -76,12 +79,16 @@ def main() -> None:
                     seconds[label, side] += rounds[1:]
     print(f"\nmedian seconds per round after warm-up (first round of each run dropped), {args.repeats} "
           "alternating runs per side; accuracy after the last round")
-    print(f"{'workload':26} {'fedray':>8} {'Flower':>8} {'floor':>8} {'fedray/Flower':>14} {'fedray/floor':>13}"
-          f" {'acc fedray':>11} {'acc Flower':>11} {'acc floor':>10}")
+    workers = int(ray.cluster_resources()["CPU"])
+    print(f"{'workload':26} {'fedray':>8} {'Flower':>8} {'floor':>8} {'par.floor':>9} {'fedray/Flower':>14}"
+          f" {'fedray/floor':>13} {'fedray/par.floor':>17} {'acc fedray':>11} {'acc Flower':>11} {'acc floor':>10}")
     for label in workloads:
         fed, flw, floor = (statistics.median(seconds[label, side]) for side in ("fedray", "Flower", "floor"))
-        print(f"{label:26} {fed:8.3f} {flw:8.3f} {floor:8.3f} {fed / flw:14.3f} {fed / floor:13.3f}"
-              f" {accuracy[label, 'fedray']:11.4f} {accuracy[label, 'Flower']:11.4f} {accuracy[label, 'floor']:10.4f}")
+        parallel = floor / workers
+        print(f"{label:26} {fed:8.3f} {flw:8.3f} {floor:8.3f} {parallel:9.3f} {fed / flw:14.3f} {fed / floor:13.3f}"
+              f" {fed / parallel:17.3f} {accuracy[label, 'fedray']:11.4f} {accuracy[label, 'Flower']:11.4f}"
+              f" {accuracy[label, 'floor']:10.4f}")
+    print(f"parallel floor: the serial floor / {workers} workers")
 
 
 if __name__ == "__main__":

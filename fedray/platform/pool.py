@@ -204,10 +204,12 @@ class WorkerPool:
 
     def evaluate_samples(self, shares: list[np.ndarray], params: ray.ObjectRef) -> list[ray.ObjectRef]:
         """Evaluate ``params`` on ``shares`` (index arrays into the data: the server's held-out
-        set), spread over the workers: pending tasks of device -1, tagged with the share's index."""
+        set), spread over the workers that are up: pending tasks of device -1, tagged with the
+        share's index (none if no worker is up)."""
+        up = [w for w, node in enumerate(self.nodes(timeout=0)) if node is not None]
         refs = []
-        for i, share in enumerate(shares):
-            w = i % len(self.actors)
+        for i, share in enumerate(shares if up else []):
+            w = up[i % len(up)]
             refs.append(self.actors[w].evaluate_samples.remote(share, params))
             self.pending[refs[-1]] = Task(-1, i, w, self._generation[w], time.monotonic())
         return refs
