@@ -88,7 +88,9 @@ def test_a_run_that_trains_nothing_fails_and_logs_no_model(tmp_path, tracking_ur
                     devices__timeout_s=1.0, devices__local={"steps": 6}, tracking={"experiment": "t", "log_model": True})
     result = CliRunner().invoke(main, ["run", job, "--tracking-uri", tracking_uri, "--runs-dir", str(tmp_path / "r")])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "no round completed: 2 rounds failed; device failures: 8x no answer within 1s" in result.output
+    # per round: one device per worker started and hung it; two waited for a free worker
+    assert ("no round completed: 2 rounds failed; device failures: 4x no answer within 1s (devices.timeout_s); "
+            "4x no worker was free within the round's 1s") in result.output
     client = MlflowClient(tracking_uri)
     run = client.get_run(result.output.split("MLflow run ")[1].split()[0])
     assert run.info.status == "FAILED" and run.data.tags["fedray.error"].startswith("no round completed")

@@ -211,3 +211,27 @@ def test_two_edges_apply_to_every_shipped_job():
     for path in sorted((Path(__file__).parent.parent / "jobs").glob("*.yaml")):
         job = load_job(path, ["topology.edges=2"])
         assert job.topology.edges == 2 and job.topology.assign == "round_robin"
+
+
+def test_config_is_a_leaf_and_the_math_imports_without_ray_or_mlflow():
+    """Validating a job imports nothing beyond fedray.config (no torch, Ray, MLflow or crypto); the
+    math modules import without Ray or MLflow."""
+    import subprocess
+    import sys
+
+    job = small_job(strategy={"name": "fedbuff", "staleness": {"kind": "constant"}}, secure={"min_clients": 2},
+                    privacy={"level": "sample", "noise_multiplier": 1.0})
+    check = f"""
+import sys
+from fedray.config import parse_job
+parse_job({job!r})
+parse_job({small_job(strategy={"name": "krum", "byzantine": 1}, devices__count=8, devices__per_round=8, devices__min_completion=1.0)!r})
+outside = sorted(m for m in sys.modules if m.startswith(("fedray.", "torch", "ray", "mlflow", "tenseal", "opacus"))
+                 and not m.startswith("fedray.config"))
+assert not outside, outside
+import fedray.platform.strategies, fedray.platform.aggregation, fedray.platform.privacy, fedray.platform.robust
+import fedray.agents.privacy, fedray.agents.state, fedray.secure.packing, fedray.data.partition, fedray.update
+assert not [m for m in ("ray", "mlflow") if m in sys.modules]
+"""
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

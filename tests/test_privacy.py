@@ -15,7 +15,7 @@ from scipy import integrate
 
 from fedray.agents import privacy as device_privacy
 from fedray.config import parse_job
-from fedray.config.privacy import min_participants
+from fedray.config.privacy import min_participants, share_std
 from fedray.platform import privacy
 from fedray.platform.aggregation import Partial
 from fedray.platform.run import run_job
@@ -90,7 +90,7 @@ def test_distributed_shares_sum_to_at_least_the_accounted_noise():
     distributed = job(mode="distributed")
     m = min_participants(distributed)
     assert m == 5  # ceil(min_completion 0.5 x q N 10)
-    std = device_privacy.share_std(1.2, 0.5, m)
+    std = share_std(1.2, 0.5, m)
     rng = np.random.default_rng(1)
     for answered in (m, 2 * m):  # more than m answering only adds noise
         partial = Partial.zeros(100_000)

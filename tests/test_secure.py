@@ -4,7 +4,7 @@ refusals (with real TenSEAL contexts), and real runs against their plaintext twi
 Tolerance: a device's encrypted values are stochastically rounded to a grid of step
 ``range / (2^(bits-1) - 1)`` (``bits`` per value from the preset), so each is off by less than one
 step, and a sum of n by less than n steps (times the weight scale). CKKS's own error is far below
-1/2 at these scales (``packing.noise_floor_bits``), so decryption recovers the integer sums exactly.
+1/2 at these scales (``bounds.noise_floor_bits``), so decryption recovers the integer sums exactly.
 """
 
 import json
@@ -18,6 +18,7 @@ import yaml
 from mlflow import MlflowClient
 
 from fedray.config import JobError, parse_job
+from fedray.config import secure as bounds
 from fedray.platform import privacy
 from fedray.platform.aggregation import Partial
 from fedray.platform.run import run_job
@@ -41,7 +42,7 @@ def test_packed_slots_sum_to_the_packed_sums(per_slot):
     rng = np.random.default_rng(0)
     field = 39 // per_slot
     contributions = 8
-    bits = field - packing.headroom(contributions)
+    bits = field - bounds.headroom(contributions)
     limit = 2 ** (bits - 1) - 1
     layout = packing.Layout(slots=64, per_slot=per_slot, field_bits=field, length=500, tag_fields=per_slot)
     values = [rng.choice([-limit, limit, 0, 1, -1], 500) for _ in range(contributions)]
@@ -68,13 +69,13 @@ def test_quantization_is_unbiased_and_counts_what_it_clips():
 
 
 def test_capacity_and_noise_floor():
-    assert packing.capacity((60, 40), 20) == 39
-    assert packing.capacity((60, 60, 40), 20) == packing.DOUBLE_BITS - 1  # double precision bounds it
+    assert bounds.capacity((60, 40), 20) == 39
+    assert bounds.capacity((60, 60, 40), 20) == bounds.DOUBLE_BITS - 1  # double precision bounds it
     balanced = job(secure={"preset": "balanced"}).secure.fields(10)
     assert (balanced.slots, balanced.per_slot, balanced.field_bits, balanced.value_bits) == (2048, 2, 19, 15)
     paillier = job(secure={"scheme": "paillier", "key_bits": 2048, "value_bits": 20}).secure.fields(10)
     assert (paillier.slots, paillier.per_slot, paillier.field_bits, paillier.tag_fields) == (1, 2046 // 24, 24, 4)
-    assert packing.noise_floor_bits(4096, 1) == 14 and packing.noise_floor_bits(16384, 1000) == 21
+    assert bounds.noise_floor_bits(4096, 1) == 14 and bounds.noise_floor_bits(16384, 1000) == 21
 
 
 # parameters and combinations

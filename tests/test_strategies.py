@@ -143,7 +143,7 @@ def test_fednova_removes_objective_inconsistency():
 @pytest.mark.parametrize("fraction, k, needed", [(0.28, 25, 7), (0.14, 50, 7), (0.56, 25, 14), (0.5, 4, 2),
                                                  (0.5, 5, 3), (1.0, 10, 10), (0.01, 10, 1)])
 def test_quorum(fraction, k, needed):
-    from fedray.platform.aggregation import quorum
+    from fedray.config.base import quorum
 
     assert quorum(fraction, k) == needed
 

@@ -9,7 +9,6 @@ seed, so nobody who knows the job can subtract it; DP runs are therefore not bit
 
 from __future__ import annotations
 
-import math
 import warnings
 from functools import lru_cache
 
@@ -26,11 +25,6 @@ def noise(size: int, std: float, rng: np.random.Generator | None = None) -> np.n
     """Gaussian noise of ``std`` per coordinate, float32; OS-seeded unless ``rng`` is given (tests)."""
     rng = rng or np.random.default_rng()
     return rng.normal(0.0, std, size).astype(np.float32)
-
-
-def share_std(noise_multiplier: float, clip_bound: float, participants: int) -> float:
-    """A distributed share's std: any ``participants`` shares sum to std z C."""
-    return noise_multiplier * clip_bound / math.sqrt(participants)
 
 
 def privatize(delta: np.ndarray, clip_bound: float, std: float, rng: np.random.Generator | None = None) -> np.ndarray:

@@ -23,7 +23,8 @@ from fedray.agents.state import DeviceState
 from fedray.agents.training import (LocalTraining, SampleDP, device_generator, effective_steps, evaluate,
                                    make_optimizer, train)
 from fedray.config import JobSpec
-from fedray.config.privacy import client_level, count_noise, delta_noise_multiplier, min_participants, sample_level
+from fedray.config.privacy import (client_level, count_noise, delta_noise_multiplier, min_participants, sample_level,
+                                   share_std)
 from fedray.config.secure import value_range
 from fedray.models.params import ParamSpec
 from fedray.models.zoo import build_model
@@ -126,7 +127,7 @@ class DeviceWorker:
             bound = clip or self._dp.clip
             if self._dp.adaptive_clip is not None:
                 indicator = privacy.below_clip(delta, bound, self._count_share)
-            share = privacy.share_std(self._delta_z, bound, self._shares) if self._shares else 0.0
+            share = share_std(self._delta_z, bound, self._shares) if self._shares else 0.0
             delta = privacy.privatize(delta, bound, share)
         if self._job.privacy is not None:
             loss = 0.0  # an un-noised statistic of the device's data: under DP it stays on the device

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
@@ -28,3 +29,9 @@ class JobError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False, strict=True)
+
+
+def quorum(min_completion: float, sampled: int) -> int:
+    """Accepted updates a round needs: ``ceil(min_completion * sampled)``, rounded first because
+    0.28 * 25 is 7.000000000000001 in floating point."""
+    return math.ceil(round(min_completion * sampled, 9))

@@ -6,11 +6,13 @@ budget. Told apart by ``level``.
 
 from __future__ import annotations
 
+import math
+
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from fedray.config.base import PositiveFloat, PositiveInt, Section
+from fedray.config.base import PositiveFloat, PositiveInt, Section, quorum
 from fedray.config.strategy import ASYNC_STRATEGIES, ROBUST_STRATEGIES
 
 
@@ -107,7 +109,6 @@ def expected_participants(job) -> float:
 def min_participants(job) -> int:
     """The fewest valid updates a round applies: distributed shares are sized for this many
     (default ``ceil(min_completion x q N)``); one under central noise."""
-    from fedray.platform.aggregation import quorum
 
     privacy = job.privacy
     if privacy.mode == "central":
@@ -190,3 +191,8 @@ def _check_client(job) -> None:
         if privacy.min_participants > job.devices.count:
             raise ValueError(f"privacy.min_participants ({privacy.min_participants}) exceeds devices.count "
                              f"({job.devices.count})")
+
+
+def share_std(noise_multiplier: float, clip_bound: float, participants: int) -> float:
+    """A distributed share's std: any ``participants`` shares sum to std z C."""
+    return noise_multiplier * clip_bound / math.sqrt(participants)

@@ -10,6 +10,8 @@ job live in ``check``; the packing arithmetic (capacity, headroom, noise floor) 
 
 from __future__ import annotations
 
+import math
+
 from typing import Annotated, Literal, NamedTuple
 
 from pydantic import Field, model_validator
@@ -29,6 +31,36 @@ PRESETS = {
     "balanced": (4096, (60, 40), 20, 2),
     "precise": (8192, (60, 40), 20, 1),
 }
+
+
+TAG_BITS = 64  # a ciphertext's tag digits span at least this many secret bits: a forger guesses with odds 2^-64
+MIN_VALUE_BITS = 8  # fewer bits per value would quantize updates too coarsely to be useful
+DOUBLE_BITS = 46  # CKKS decodes through double precision: beyond |value| ~ 2^47 rounding errors reach 0.5
+
+
+def capacity(moduli: tuple[int, ...], scale_bits: int) -> int:
+    """Bits of the signed integer one slot holds, ``|P| < 2^(capacity - 1)``: the data primes (all
+    but the last, the special prime) above the scale, within what double precision decodes, less a
+    bit of margin."""
+    return min(sum(moduli[:-1]) - scale_bits, DOUBLE_BITS) - 1
+
+
+def headroom(contributions: int) -> int:
+    """Bits a field needs above a value's so that the sum of ``contributions`` values fits."""
+    return math.ceil(math.log2(contributions)) if contributions > 1 else 0
+
+
+def noise_floor_bits(degree: int, contributions: int) -> int:
+    """The smallest log2 scale at which a sum of ``contributions`` fresh ciphertexts still decrypts
+    to the right integers: a fresh public-key encryption's error has standard deviation about
+    ``degree / 6`` in units of the scale (measured: 685, 1368, 2721 at N = 4096, 8192, 16384), a sum
+    of n has sqrt(n) times that, and 8 standard deviations must stay under 1/2."""
+    return math.ceil(math.log2(16 * degree / 6 * math.sqrt(contributions)))
+
+
+def tag_fields(value_bits: int) -> int:
+    """Fields a ciphertext's tag takes: digits of ``value_bits - 1`` secret bits, ``TAG_BITS`` in all."""
+    return math.ceil(TAG_BITS / max(1, value_bits - 1))
 
 
 class Fields(NamedTuple):
@@ -99,13 +131,11 @@ class CKKSSpec(_Secure):
 
     def fields(self, contributions: int) -> Fields:
         """Values per slot as set; each field a share of the slot's capacity; the tag in the first
-        fields of each ciphertext (``packing.TAG_BITS`` secret bits)."""
-        from fedray.secure import packing
-
+        fields of each ciphertext (``TAG_BITS`` secret bits)."""
         per_slot = self._param("values_per_slot", 3)
-        field = packing.capacity(self.moduli, self.scale) // per_slot
-        value_bits = field - packing.headroom(contributions)
-        return Fields(self.degree // 2, per_slot, field, value_bits, packing.tag_fields(value_bits))
+        field = capacity(self.moduli, self.scale) // per_slot
+        value_bits = field - headroom(contributions)
+        return Fields(self.degree // 2, per_slot, field, value_bits, tag_fields(value_bits))
 
 
 class PaillierSpec(_Secure):
@@ -123,10 +153,8 @@ class PaillierSpec(_Secure):
         return {"key_bits": self.key_bits}
 
     def fields(self, contributions: int) -> Fields:
-        from fedray.secure import packing
-
-        field = self.value_bits + packing.headroom(contributions)
-        return Fields(1, (self.key_bits - 2) // field, field, self.value_bits, packing.tag_fields(self.value_bits))
+        field = self.value_bits + headroom(contributions)
+        return Fields(1, (self.key_bits - 2) // field, field, self.value_bits, tag_fields(self.value_bits))
 
 
 SecureSpec = Annotated[CKKSSpec | PaillierSpec, Field(discriminator="scheme")]
@@ -137,9 +165,7 @@ def max_contributions(job) -> int:
     (Poisson-sampled rounds under client-level DP), or a round's sample plus the late updates it
     takes in."""
     if job.strategy.name == "fedbuff":
-        from fedray.platform.strategies import build_async
-
-        return build_async(job.strategy, job.devices.per_round).buffer_size
+        return job.strategy.buffer(job.devices.per_round)
     if job.privacy is not None and job.privacy.level == "client":
         return job.devices.count
     return job.devices.per_round * (2 if job.devices.late == "next_round" else 1)
@@ -154,8 +180,7 @@ def value_range(job, clip: float | None = None) -> float:
     privacy = job.privacy
     if privacy is None or privacy.level != "client":
         return 1.0
-    from fedray.agents.privacy import share_std
-    from fedray.config.privacy import delta_noise_multiplier, min_participants
+    from fedray.config.privacy import delta_noise_multiplier, min_participants, share_std
 
     clip = clip or privacy.clip
     if privacy.mode == "central":
@@ -166,8 +191,6 @@ def value_range(job, clip: float | None = None) -> float:
 def check(job) -> None:
     """What encrypted aggregation cannot do, and parameters that cannot hold the values; raises
     ValueError naming the field."""
-    from fedray.secure import packing
-
     spec, name = job.secure, job.strategy.name
     if name in ROBUST_STRATEGIES:
         raise ValueError(f"secure: strategy {name} is not a sum; it needs every update in the clear, and "
@@ -198,13 +221,12 @@ def check(job) -> None:
             raise ValueError(f"secure.value_bits {spec.value_bits}: {fields.field_bits}-bit fields leave no room "
                              f"for values beside the tag in a {spec.key_bits}-bit plaintext")
         return
-    if fields.value_bits < packing.MIN_VALUE_BITS:
-        capacity = packing.capacity(spec.moduli, spec.scale)
-        raise ValueError(f"secure.scale_bits {spec.scale} leaves {capacity} bits per slot: {fields.per_slot} "
-                         f"values of {fields.field_bits} bits, {packing.headroom(most)} of them headroom "
+    if fields.value_bits < MIN_VALUE_BITS:
+        raise ValueError(f"secure.scale_bits {spec.scale} leaves {capacity(spec.moduli, spec.scale)} bits per slot: {fields.per_slot} "
+                         f"values of {fields.field_bits} bits, {headroom(most)} of them headroom "
                          f"for {most} updates, leave {fields.value_bits} bits per value (at least "
-                         f"{packing.MIN_VALUE_BITS}); lower values_per_slot or scale_bits")
-    floor = packing.noise_floor_bits(spec.degree, most)
+                         f"{MIN_VALUE_BITS}); lower values_per_slot or scale_bits")
+    floor = noise_floor_bits(spec.degree, most)
     if spec.scale < floor:
         raise ValueError(f"secure.scale_bits {spec.scale} is below the noise of a sum of {most} ciphertexts at "
                          f"poly_modulus_degree {spec.degree}: decryption could round wrongly (needs >= {floor})")

@@ -6,6 +6,8 @@ job; cross-checks against the rest of the job (Krum's quorum, SGD for FedNova) l
 
 from __future__ import annotations
 
+import math
+
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
@@ -122,6 +124,10 @@ class _Asynchronous(Section):
     max_staleness: Annotated[int, Field(ge=0)] | None = None
     staleness: Staleness = Staleness()
 
+    def devices_at_once(self, per_round: int) -> int:
+        """How many devices train at once: ``concurrency``, else devices.per_round."""
+        return self.concurrency or per_round
+
 
 class FedAsync(_Asynchronous):
     """FedAsync (Xie et al. 2019): each arriving local model is mixed into the global one with
@@ -138,6 +144,10 @@ class FedBuff(_Asynchronous):
     name: Literal["fedbuff"]
     buffer_size: PositiveInt | None = None
     server_lr: PositiveFloat = 1.0
+
+    def buffer(self, per_round: int) -> int:
+        """Arrivals per server step: ``buffer_size``, else half the devices training at once."""
+        return self.buffer_size or math.ceil(self.devices_at_once(per_round) / 2)
 
 
 StrategySpec = Annotated[FedAvg | FedAvgM | FedProx | FedNova | Scaffold | FedAdam | FedAdagrad | Median | TrimmedMean

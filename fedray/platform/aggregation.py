@@ -122,9 +122,3 @@ class Partial:
     def effective_steps(self) -> float:
         """``sum w_i a_i / sum w_i``: 1 for plain averaging, FedNova's tau_eff when normalizing."""
         return self.steps_weight / self.weight
-
-
-def quorum(min_completion: float, sampled: int) -> int:
-    """Accepted updates a round needs: ``ceil(min_completion * sampled)``, rounded first because
-    0.28 * 25 is 7.000000000000001 in floating point."""
-    return math.ceil(round(min_completion * sampled, 9))

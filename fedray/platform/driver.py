@@ -18,7 +18,8 @@ from fedray.config.privacy import client_level, min_participants, sampling_rate
 from fedray.platform import edge, plots, privacy, snapshot, strategies, topology
 from fedray.platform.checkpoint import CheckpointStore
 from fedray.platform.evaluation import Evaluation
-from fedray.platform.aggregation import Partial, quorum
+from fedray.config.base import quorum
+from fedray.platform.aggregation import Partial
 from fedray.platform.intake import Intake
 from fedray.platform.pool import Task
 from fedray.platform.prepare import prepare

@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-import math
-
 import numpy as np
 
 from fedray.agents.training import effective_steps
@@ -280,13 +278,13 @@ class AsyncStrategy:
 def build_async(spec, per_round: int) -> AsyncStrategy:
     """The FedAsync or FedBuff a job's ``strategy`` section names; ``per_round`` (devices.per_round)
     is the default concurrency."""
-    concurrency = spec.concurrency or per_round
+    concurrency = spec.devices_at_once(per_round)
     weight = staleness_weight(spec.staleness.kind, spec.staleness.a, spec.staleness.b)
     if spec.name == "fedasync":
         return AsyncStrategy("fedasync", 1, spec.alpha, weight, True, concurrency, spec.max_staleness)
     if spec.name == "fedbuff":
-        buffer_size = spec.buffer_size or math.ceil(concurrency / 2)
-        return AsyncStrategy("fedbuff", buffer_size, spec.server_lr, weight, False, concurrency, spec.max_staleness)
+        return AsyncStrategy("fedbuff", spec.buffer(per_round), spec.server_lr, weight, False, concurrency,
+                             spec.max_staleness)
     raise ValueError(f"unknown asynchronous strategy {spec.name!r}")
 
 

@@ -8,7 +8,7 @@ if it verifiably is the plain sum of at least ``min_clients`` different devices'
 which the device sent and none of which it has decrypted or refused before:
 - every claimed contribution carries the device's receipt for its round (an HMAC under its seed),
   so a sum cannot claim an update nobody sent;
-- the tag digits in every ciphertext (``packing.TAG_BITS`` secret bits) must equal the sum of the
+- the tag digits in every ciphertext (``fedray.config.secure.TAG_BITS`` secret bits) must equal the sum of the
   claimed contributions' tags, which only the devices and the authority can compute;
 - a refused sum burns the contributions it claimed with valid receipts: they are never decrypted,
   so a forger gets one guess, not one per retry.

@@ -14,35 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-TAG_BITS = 64  # a ciphertext's tag digits span at least this many secret bits: a forger guesses with odds 2^-64
 RECEIPT_BYTES = 16
-MIN_VALUE_BITS = 8  # fewer bits per value would quantize updates too coarsely to be useful
-DOUBLE_BITS = 46  # CKKS decodes through double precision: beyond |value| ~ 2^47 rounding errors reach 0.5
-
-
-def capacity(moduli: tuple[int, ...], scale_bits: int) -> int:
-    """Bits of the signed integer one slot holds, ``|P| < 2^(capacity - 1)``: the data primes (all
-    but the last, the special prime) above the scale, within what double precision decodes, less a
-    bit of margin."""
-    return min(sum(moduli[:-1]) - scale_bits, DOUBLE_BITS) - 1
-
-
-def headroom(contributions: int) -> int:
-    """Bits a field needs above a value's so that the sum of ``contributions`` values fits."""
-    return math.ceil(math.log2(contributions)) if contributions > 1 else 0
-
-
-def noise_floor_bits(degree: int, contributions: int) -> int:
-    """The smallest log2 scale at which a sum of ``contributions`` fresh ciphertexts still decrypts
-    to the right integers: a fresh public-key encryption's error has standard deviation about
-    ``degree / 6`` in units of the scale (measured: 685, 1368, 2721 at N = 4096, 8192, 16384), a sum
-    of n has sqrt(n) times that, and 8 standard deviations must stay under 1/2."""
-    return math.ceil(math.log2(16 * degree / 6 * math.sqrt(contributions)))
 
 
 def quantize(values: np.ndarray, step: float, bits: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
@@ -59,11 +35,6 @@ def tags(seed: int, round: int, chunks: int, fields: int, bits: int) -> np.ndarr
     """A device's tag digits for ``round``: ``(chunks, fields)`` integers in ``[0, 2^(bits-1))``,
     drawn from its secret ``seed``."""
     return np.random.default_rng([seed, round]).integers(0, 2 ** (bits - 1), (chunks, fields), dtype=np.int64)
-
-
-def tag_fields(value_bits: int) -> int:
-    """Fields a ciphertext's tag takes: digits of ``value_bits - 1`` secret bits, ``TAG_BITS`` in all."""
-    return math.ceil(TAG_BITS / max(1, value_bits - 1))
 
 
 def receipt(seed: int, device: int, round: int) -> bytes:
