@@ -144,3 +144,15 @@ def test_fedprox_term_pulls_towards_the_start():
     assert drift[0.0] > drift[1.0] > drift[100.0] > 0
     # with a huge mu each step contracts towards the start: lr * mu = 0.5 per step
     assert drift[100.0] < 0.1 * drift[0.0]
+
+
+def test_the_zoo_takes_the_kwargs_the_job_schema_declares():
+    import inspect
+
+    from fedray.config.job import ZOO_KWARGS
+    from fedray.models.zoo import ZOO
+
+    assert set(ZOO) == set(ZOO_KWARGS)
+    for name, builder in ZOO.items():
+        taken = tuple(p for p in inspect.signature(builder).parameters if p not in ("input_shape", "num_classes"))
+        assert taken == ZOO_KWARGS[name], name
