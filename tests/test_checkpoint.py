@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from conftest import history, small_job
 from fedray.config import parse_job
 from fedray.platform.checkpoint import CheckpointError, CheckpointStore, pack, unpack
-from test_tracking import BIN, Cli, run_id
+from test_tracking import BIN, Cli
 
 COMPARED = ("test_loss", "test_accuracy", "train_loss", "participants", "update_norm")
 
@@ -85,16 +85,15 @@ def last_per_step(client, run: str, key: str) -> list[float]:
     return [latest[step] for step in sorted(latest)]
 
 
+@pytest.mark.usefixtures("ray_session")
 def test_a_killed_fedray_run_resumes_bit_identical(tmp_path, tracking_uri):
-    """The `fedray run` process and its Ray are killed with SIGKILL after round 2 of 5; `fedray
+    """The `fedray run` process and its Ray are killed with SIGKILL after round 3 of 5; `fedray
     resume <run id>` continues the same MLflow run, which ends FINISHED with the same final
-    parameters and the same logged metrics as an uninterrupted run."""
+    parameters and the same logged metrics as an uninterrupted run (here, in the tests' Ray)."""
+    from fedray.platform.run import run_job
+
     raw, path = write_job(tmp_path, strategy={"name": "fedadam", "server_lr": 0.05})
-    env = os.environ | {"MLFLOW_TRACKING_URI": tracking_uri}
-    whole = subprocess.run([str(BIN / "fedray"), "run", str(path)], cwd=tmp_path, env=env, capture_output=True,
-                           text=True, timeout=300)
-    assert whole.returncode == 0, whole.stderr
-    uninterrupted = run_id(whole.stdout)
+    uninterrupted = run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri)["run_id"]
     killed = Cli("run", str(path), "--tracking-uri", tracking_uri, cwd=tmp_path)
     killed.wait_for(r"round 3/5")
     os.killpg(killed.process.pid, signal.SIGKILL)
@@ -106,6 +105,7 @@ def test_a_killed_fedray_run_resumes_bit_identical(tmp_path, tracking_uri):
     code, output = resumed.finish()
     assert code == 0, output
     assert re.search(rf"Resuming run {run} \('test'\) after round [345] of 5", output)
+    assert re.search(r"resumed at +round [345] of 5: the model and server state, the sampler", output), output
     assert client.get_run(run).info.status == "FINISHED"
     np.testing.assert_array_equal(final_params(tmp_path, run), final_params(tmp_path, uninterrupted))
     for key in COMPARED:
@@ -127,14 +127,18 @@ def kill_driver_after(round_: int):
 
 
 @pytest.mark.usefixtures("ray_session")
-@pytest.mark.parametrize("strategy", [{"name": "fedavg"}, {"name": "scaffold"}])
-def test_a_killed_driver_resumes_bit_identical(tmp_path, tracking_uri, strategy):
+@pytest.mark.parametrize("strategy, mode", [("fedavg", "simulation"), ("scaffold", "simulation"),
+                                            ("scaffold", "deployment")])
+def test_a_killed_driver_resumes_bit_identical(tmp_path, tracking_uri, strategy, mode):
     """The driver process dies (SIGKILL) after round 2; resuming from its checkpoint gives the same
-    final parameters as an uninterrupted run: SCAFFOLD's device control variates and server
-    control, the sampler and the round log all come back."""
+    final parameters as an uninterrupted run: SCAFFOLD's device control variates (in deployment
+    mode read from and handed back to the devices) and server control, the sampler and the round
+    log all come back."""
     from fedray.platform.run import RunError, run_job
 
-    raw, _ = write_job(tmp_path, strategy=strategy, devices__per_round=3)
+    raw, _ = write_job(tmp_path, strategy={"name": strategy}, devices__per_round=3)
+    if mode == "deployment":
+        raw["devices"] = {k: v for k, v in raw["devices"].items() if k != "workers"} | {"mode": mode}
     job = parse_job(raw)
     whole = run_job(job, yaml.safe_dump(raw), tracking_uri)
     with pytest.raises(RunError, match="died"):
@@ -149,7 +153,7 @@ def test_a_killed_driver_resumes_bit_identical(tmp_path, tracking_uri, strategy)
     assert client.get_run(run).info.status == "FINISHED"
     for key in COMPARED:
         assert last_per_step(client, run, key) == history(client, whole["run_id"], key), key
-    if strategy["name"] == "scaffold":
+    if strategy == "scaffold":
         state, changes = CheckpointStore(location).load()
         records = {d: r for change in changes for d, r in change["records"].items()}
         assert len(records) == 6 and all(r["control"].shape == state["server"]["params"].shape for r in records.values())
@@ -327,3 +331,25 @@ def secure_plan(job):
     weigh = strategies.for_job(job).weigh
     return SecurePlan.of(job, spec.names, [math.prod(s) for s in spec.shapes], [len(t) for t in split.train],
                          lambda samples: weigh(samples, 1)[0])
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_resumed_asynchronous_run_continues_from_its_checkpointed_step(tmp_path, tracking_uri):
+    """FedBuff: arrival order depends on timing, so a resumed run is not bit-identical. What holds:
+    it continues from the checkpointed model and server step, with the dispatch count (which
+    seeds each device's training) continuing, not restarting, and the staleness record kept; the
+    tasks that were in flight are not carried over (their devices train again)."""
+    from fedray.platform.run import run_job
+
+    raw, _ = write_job(tmp_path, rounds=6, strategy={"name": "fedbuff", "buffer_size": 2, "concurrency": 3})
+    run, location = killed_and_checkpointed(tmp_path, tracking_uri, raw, after=3)
+    at_kill = CheckpointStore(location).load()[0]
+    assert at_kill["round"] == 3 and at_kill["server"]["round"] == 3 and at_kill["dispatched"] >= 6
+    summary = run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri, resume=(run, location))
+    final = CheckpointStore(location).load()[0]
+    assert summary["rounds"] == 6 and final["server"]["round"] == 6
+    assert final["dispatched"] >= at_kill["dispatched"] + 6  # three more steps of two arrivals each
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(run).info.status == "FINISHED" and len(last_per_step(client, run, "participants")) == 6
+    folded = sum(n for _, n in final["staleness"])
+    assert folded == 12 and sum(n for _, n in at_kill["staleness"]) == 6  # every folded update counted once

@@ -215,9 +215,12 @@ class WorkerPool:
         return refs
 
     def take_records(self, accepted: list[int]) -> None:
-        """After a round: the records of the ``accepted`` devices' returned tasks become theirs."""
+        """After a round: the records of the ``accepted`` devices' returned tasks become theirs
+        (deployment: the devices changed their own)."""
         for d in accepted:
-            if d in self._returned:
+            if self.deployment:
+                self.records.changed.add(d)
+            elif d in self._returned:
                 self.records.commit(d, self._returned[d])
         self._returned.clear()
 
