@@ -57,6 +57,17 @@ def test_a_crash_while_checkpointing_leaves_the_previous_checkpoint(tmp_path, mo
     np.testing.assert_array_equal(state["x"], np.zeros(3))
 
 
+def test_a_checkpoint_written_in_the_background_reports_its_failure(tmp_path, monkeypatch):
+    store = CheckpointStore(str(tmp_path / "run"))
+    store.save_later({"round": 1})
+    store.wait()
+    monkeypatch.setattr(CheckpointStore, "_write", lambda self, name, data: (_ for _ in ()).throw(OSError("disk full")))
+    store.save_later({"round": 2})
+    with pytest.raises(CheckpointError, match=r"cannot write the checkpoint to .*run: OSError: disk full"):
+        store.wait()
+    assert CheckpointStore(str(tmp_path / "run")).load()[0]["round"] == 1
+
+
 def test_a_store_at_an_fsspec_uri():
     store = CheckpointStore("memory://fedray-test/run")
     store.save({"round": 4, "x": np.arange(3)}, {"records": {"2": {"version": 1}}, "spend": {}})
@@ -104,8 +115,8 @@ def test_a_killed_fedray_run_resumes_bit_identical(tmp_path, tracking_uri):
     resumed = Cli("resume", run, "--tracking-uri", tracking_uri, cwd=tmp_path)
     code, output = resumed.finish()
     assert code == 0, output
-    assert re.search(rf"Resuming run {run} \('test'\) after round [345] of 5", output)
-    assert re.search(r"resumed at +round [345] of 5: the model and server state, the sampler", output), output
+    assert re.search(rf"Resuming run {run} \('test'\) after round [2345] of 5", output)
+    assert re.search(r"resumed at +round [2345] of 5: the model and server state, the sampler", output), output
     assert client.get_run(run).info.status == "FINISHED"
     np.testing.assert_array_equal(final_params(tmp_path, run), final_params(tmp_path, uninterrupted))
     for key in COMPARED:
@@ -145,7 +156,7 @@ def test_a_killed_driver_resumes_bit_identical(tmp_path, tracking_uri, strategy,
         run_job(job, yaml.safe_dump(raw), tracking_uri, on_round=kill_driver_after(2))
     run = next(r for r in os.listdir(tmp_path / "checkpoints") if r != whole["run_id"])
     location = CheckpointStore.of_run(str(tmp_path / "checkpoints"), run).location
-    assert CheckpointStore(location).load()[0]["round"] == 2
+    assert CheckpointStore(location).load()[0]["round"] in (1, 2)  # round 2's may have been cut short
     summary = run_job(job, yaml.safe_dump(raw), tracking_uri, resume=(run, location))
     assert summary["rounds"] == 5 and summary["test_loss"] == whole["test_loss"]
     np.testing.assert_array_equal(final_params(tmp_path, run), final_params(tmp_path, whole["run_id"]))
@@ -205,7 +216,8 @@ def test_a_resumed_client_dp_run_counts_the_interrupted_round_and_stops_at_its_b
     run, location = killed_and_checkpointed(tmp_path, tracking_uri, raw, after=3, once_written="ledger/000000004.json")
     checkpointed = CheckpointStore(location).load()[0]["round"]
     cut_short = len(CheckpointStore(location).charges(after=checkpointed))
-    assert checkpointed == 3 and cut_short == 1  # round 4 had begun: its spend was written ahead
+    # round 4 had begun: its spend was written ahead (and round 3's, if its checkpoint was cut short)
+    assert checkpointed in (2, 3) and cut_short == 4 - checkpointed
     summary = run_job(job, yaml.safe_dump(raw), tracking_uri, resume=(run, location))
     client = MlflowClient(tracking_uri)
     report = json.loads(Path(client.download_artifacts(run, "privacy_report.json", str(tmp_path))).read_text())
@@ -344,12 +356,13 @@ def test_a_resumed_asynchronous_run_continues_from_its_checkpointed_step(tmp_pat
     raw, _ = write_job(tmp_path, rounds=6, strategy={"name": "fedbuff", "buffer_size": 2, "concurrency": 3})
     run, location = killed_and_checkpointed(tmp_path, tracking_uri, raw, after=3)
     at_kill = CheckpointStore(location).load()[0]
-    assert at_kill["round"] == 3 and at_kill["server"]["round"] == 3 and at_kill["dispatched"] >= 6
+    steps = at_kill["round"]
+    assert steps in (2, 3) and at_kill["server"]["round"] == steps and at_kill["dispatched"] >= 2 * steps
     summary = run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri, resume=(run, location))
     final = CheckpointStore(location).load()[0]
     assert summary["rounds"] == 6 and final["server"]["round"] == 6
-    assert final["dispatched"] >= at_kill["dispatched"] + 6  # three more steps of two arrivals each
+    assert final["dispatched"] >= at_kill["dispatched"] + 2 * (6 - steps)  # two arrivals a step
     client = MlflowClient(tracking_uri)
     assert client.get_run(run).info.status == "FINISHED" and len(last_per_step(client, run, "participants")) == 6
     folded = sum(n for _, n in final["staleness"])
-    assert folded == 12 and sum(n for _, n in at_kill["staleness"]) == 6  # every folded update counted once
+    assert folded == 12 and sum(n for _, n in at_kill["staleness"]) == 2 * steps  # each folded update once

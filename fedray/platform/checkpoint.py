@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,8 @@ class CheckpointStore:
     def __init__(self, location: str) -> None:
         self.location = location
         self._fs, self._root = filesystem(location)
+        self._writing: threading.Thread | None = None  # save_later's write in progress
+        self._failed: BaseException | None = None
 
     @classmethod
     def of_run(cls, path: str, run_id: str) -> CheckpointStore:
@@ -116,6 +119,30 @@ class CheckpointStore:
         if changed:
             self._write(f"devices/{state['round']:09d}.npz", pack(changed))
         self._write(RUN_FILE, pack(state | {"format": FORMAT}))
+
+    def save_later(self, state: dict, changed: dict | None = None) -> None:
+        """``save`` in a background thread, once the previous one has finished (raising its error,
+        if it failed), so that a round does not wait for the disk. ``state`` must not change after."""
+        self.wait()
+        self._writing = threading.Thread(target=self._save, args=(state, changed), name="fedray-checkpoint",
+                                         daemon=True)
+        self._writing.start()
+
+    def _save(self, state: dict, changed: dict | None) -> None:
+        try:
+            self.save(state, changed)
+        except BaseException as e:  # noqa: BLE001 - raised by the next wait, in the caller's thread
+            self._failed = e
+
+    def wait(self) -> None:
+        """Wait for the checkpoint being written; CheckpointError if it could not be."""
+        if self._writing is not None:
+            self._writing.join()
+            self._writing = None
+        failed, self._failed = self._failed, None
+        if failed is not None:
+            raise CheckpointError(f"cannot write the checkpoint to {self.location}: {type(failed).__name__}: "
+                                  f"{failed}") from failed
 
     def load(self) -> tuple[dict, list[dict]]:
         """The committed state and, oldest first, the device changes it includes."""

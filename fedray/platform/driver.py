@@ -151,7 +151,7 @@ class Driver:
                              dict(sorted(intake.edge_failures.items())), waiting)
         self.history.append(result)
         if self.checkpoints and (r % self.job.checkpoint.every == 0 or r == self.job.rounds):
-            self.checkpoints.save(*snapshot.take(self))
+            self.checkpoints.save_later(*snapshot.take(self))  # written while the next round trains
         return result
 
     def _sync_round(self, r: int, intake: Intake) -> tuple[bool, dict[str, float], np.ndarray]:
@@ -351,6 +351,8 @@ class Driver:
             self.pool.drop(list(self.pool.pending))  # asynchronous runs leave devices training
             end_status = status
             try:
+                if self.checkpoints:
+                    self.checkpoints.wait()  # the last checkpoint is whole before the run ends
                 if self.staleness:
                     self.tracker.log_text(json.dumps(dict(sorted(self.staleness.items()))), "staleness.json")
                 if self.pool.attackers:
