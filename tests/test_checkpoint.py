@@ -39,7 +39,7 @@ def test_pack_round_trips_arrays_and_refuses_what_is_not_a_checkpoint(tmp_path):
 
 def test_a_crash_while_checkpointing_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     store = CheckpointStore(str(tmp_path / "run"))
-    store.save({"round": 1, "x": np.zeros(3)}, {"records": {"0": {"version": 1}}, "spend": {}})
+    store.save({"round": 1, "x": np.zeros(3)}, {"records": {"0": {"version": 1}}})
     real = CheckpointStore._write
 
     def crash_at_commit(self, name, data):
@@ -51,18 +51,18 @@ def test_a_crash_while_checkpointing_leaves_the_previous_checkpoint(tmp_path, mo
 
     monkeypatch.setattr(CheckpointStore, "_write", crash_at_commit)
     with pytest.raises(OSError):
-        store.save({"round": 2, "x": np.ones(3)}, {"records": {"0": {"version": 2}, "1": {"version": 1}}, "spend": {}})
+        store.save({"round": 2, "x": np.ones(3)}, {"records": {"0": {"version": 2}, "1": {"version": 1}}})
     state, changes = CheckpointStore(str(tmp_path / "run")).load()
-    assert state["round"] == 1 and changes == [{"records": {"0": {"version": 1}}, "spend": {}}]  # round 2's ignored
+    assert state["round"] == 1 and changes == [{"records": {"0": {"version": 1}}}]  # round 2's ignored
     np.testing.assert_array_equal(state["x"], np.zeros(3))
 
 
 def test_a_checkpoint_written_in_the_background_reports_its_failure(tmp_path, monkeypatch):
     store = CheckpointStore(str(tmp_path / "run"))
-    store.save_later({"round": 1})
+    store.save_later({"round": 1}, {})
     store.wait()
     monkeypatch.setattr(CheckpointStore, "_write", lambda self, name, data: (_ for _ in ()).throw(OSError("disk full")))
-    store.save_later({"round": 2})
+    store.save_later({"round": 2}, {})
     with pytest.raises(CheckpointError, match=r"cannot write the checkpoint to .*run: OSError: disk full"):
         store.wait()
     assert CheckpointStore(str(tmp_path / "run")).load()[0]["round"] == 1
@@ -70,7 +70,7 @@ def test_a_checkpoint_written_in_the_background_reports_its_failure(tmp_path, mo
 
 def test_a_store_at_an_fsspec_uri():
     store = CheckpointStore("memory://fedray-test/run")
-    store.save({"round": 4, "x": np.arange(3)}, {"records": {"2": {"version": 1}}, "spend": {}})
+    store.save({"round": 4, "x": np.arange(3)}, {"records": {"2": {"version": 1}}})
     store.charge(5, {"trainings": [[2, 5]]})
     state, changes = CheckpointStore("memory://fedray-test/run").load()
     assert state["round"] == 4 and changes[0]["records"] == {"2": {"version": 1}}

@@ -4,14 +4,15 @@ A run's checkpoint directory is ``<checkpoint.path>/<run id>``, on a local disk 
 ``pyarrow.fs`` (s3://, gs://, hdfs://, file://) or ``fsspec`` understands:
 
     run.npz                  the run's state at its last checkpointed round (the commit point)
-    devices/<round>.npz      the device records that changed in the rounds up to <round>
+    changes/<round>.npz      what the rounds up to <round> added: their log, and the device records
+                             (and DP-SGD spends) they changed
     ledger/<round>.json      privacy spent in <round>, written before its devices trained
     authority/<id>.json      contributions the key authority decrypted (or refused), written before
 
 Every file is written under a temporary name and then moved into place, and ``run.npz`` is written
-last: device files of rounds after it are ignored when loading, so a crash while checkpointing
-leaves the previous checkpoint usable. A round writes only the records it changed, so a
-checkpoint costs O(sampled devices). Files hold NumPy arrays and JSON, never pickles: loading a
+last: change files of rounds after it are ignored when loading, so a crash while checkpointing
+leaves the previous checkpoint usable. A checkpoint writes only what changed since the last, so
+it costs O(sampled devices), whatever the number of devices or rounds. Files hold NumPy arrays and JSON, never pickles: loading a
 checkpoint runs no code.
 """
 
@@ -103,6 +104,7 @@ class CheckpointStore:
         self._fs, self._root = filesystem(location)
         self._writing: threading.Thread | None = None  # save_later's write in progress
         self._failed: BaseException | None = None
+        self._folders: set[str] = set()  # made already
 
     @classmethod
     def of_run(cls, path: str, run_id: str) -> CheckpointStore:
@@ -113,14 +115,13 @@ class CheckpointStore:
 
         return self._fs.get_file_info(f"{self._root}/{RUN_FILE}").type == fs.FileType.File
 
-    def save(self, state: dict, changed: dict | None = None) -> None:
-        """Commit ``state`` (with its ``round``), and first ``changed``: the device records and
-        spend that changed since the last checkpoint."""
-        if changed:
-            self._write(f"devices/{state['round']:09d}.npz", pack(changed))
+    def save(self, state: dict, changed: dict) -> None:
+        """Commit ``state`` (with its ``round``), and first ``changed``: what changed since the last
+        checkpoint."""
+        self._write(f"changes/{state['round']:09d}.npz", pack(changed))
         self._write(RUN_FILE, pack(state | {"format": FORMAT}))
 
-    def save_later(self, state: dict, changed: dict | None = None) -> None:
+    def save_later(self, state: dict, changed: dict) -> None:
         """``save`` in a background thread, once the previous one has finished (raising its error,
         if it failed), so that a round does not wait for the disk. ``state`` must not change after."""
         self.wait()
@@ -128,7 +129,7 @@ class CheckpointStore:
                                          daemon=True)
         self._writing.start()
 
-    def _save(self, state: dict, changed: dict | None) -> None:
+    def _save(self, state: dict, changed: dict) -> None:
         try:
             self.save(state, changed)
         except BaseException as e:  # noqa: BLE001 - raised by the next wait, in the caller's thread
@@ -145,14 +146,14 @@ class CheckpointStore:
                                   f"{failed}") from failed
 
     def load(self) -> tuple[dict, list[dict]]:
-        """The committed state and, oldest first, the device changes it includes."""
+        """The committed state and, oldest first, the changes it includes."""
         data = self._read(RUN_FILE)
         if data is None:
             raise CheckpointError(f"no checkpoint at {self.location} (it holds no {RUN_FILE})")
         state = unpack(data)
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise CheckpointError(f"{self.location}/{RUN_FILE} is not a fedray checkpoint of format {FORMAT}")
-        changes = [unpack(self._read(f"devices/{r:09d}.npz")) for r in self._rounds("devices", ".npz")
+        changes = [unpack(self._read(f"changes/{r:09d}.npz")) for r in self._rounds("changes", ".npz")
                    if r <= state["round"]]
         return state, changes
 
@@ -189,7 +190,10 @@ class CheckpointStore:
 
     def _write(self, name: str, data: bytes) -> None:
         path = f"{self._root}/{name}"
-        self._fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        folder = path.rsplit("/", 1)[0]
+        if folder not in self._folders:
+            self._fs.create_dir(folder, recursive=True)
+            self._folders.add(folder)
         temporary = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
         with self._fs.open_output_stream(temporary) as out:
             out.write(data)

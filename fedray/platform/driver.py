@@ -90,6 +90,7 @@ class Driver:
         self._versions: dict[int, ray.ObjectRef] = {}
         self._edge_version: dict[int, int] = {}
         self.dispatched = 0
+        self.checkpointed = 0  # rounds of the log in a checkpoint
         self.restored = snapshot.resume(self) if resume else None  # what was restored, in words
 
     @property

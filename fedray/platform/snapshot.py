@@ -48,7 +48,8 @@ def identity(run_id: str, job, spec, digest: str) -> dict:
 
 
 def take(driver: Driver) -> tuple[dict, dict]:
-    """The driver's state now, and what changed per device since the last ``take``."""
+    """The driver's state now, and what changed since the last ``take``: the rounds' log, and
+    per device its record and spend."""
     server = driver.state
     state = identity(driver.tracker.run_id, driver.job, driver.spec, driver.data_digest) | {
         "tracking_uri": driver.tracker.uri,
@@ -57,11 +58,12 @@ def take(driver: Driver) -> tuple[dict, dict]:
         "sampler": None if driver.ledger is not None else driver.sampler.bit_generator.state,
         "ledger_rounds": None if driver.ledger is None else driver.ledger.rounds,
         "clip": driver.clip,
-        "history": [asdict(h) for h in driver.history],
         "staleness": [[t, n] for t, n in sorted(driver.staleness.items())],
         "dispatched": driver.dispatched,
         "stopped": driver.stopped,
     }
+    rounds = [asdict(h) for h in driver.history[driver.checkpointed:]]
+    driver.checkpointed = len(driver.history)
     pool = driver.pool
     changed = sorted(pool.records.changed)
     records = {str(d): record.to_dict() for d, record in pool.device_records(changed).items()}
@@ -71,7 +73,7 @@ def take(driver: Driver) -> tuple[dict, dict]:
         spend = {str(d): {"history": [list(m) for m in pool.spend.history.get(d, [])], "view": list(pool.spend.view()[d])}
                  for d in sorted(pool.spend.changed)}
         pool.spend.changed.clear()
-    return state, ({"records": records, "spend": spend} if records or spend else {})
+    return state, {"rounds": rounds, "records": records, "spend": spend}
 
 
 def check(state: dict, mine: dict, location: str) -> None:
@@ -119,7 +121,8 @@ def restore(driver: Driver, state: dict, changes: list[dict], charges: list[tupl
     driver.state = ServerState(server["params"], server["round"], tuple(server["buffers"]))
     if state["sampler"] is not None:
         driver.sampler.bit_generator.state = state["sampler"]
-    driver.history = [_round_result(RoundResult, h) for h in state["history"]]
+    driver.history = [_round_result(RoundResult, h) for change in changes for h in change["rounds"]]
+    driver.checkpointed = len(driver.history)
     driver.staleness = Counter({t: n for t, n in state["staleness"]})
     driver.dispatched, driver.stopped, driver.clip = state["dispatched"], state["stopped"], state["clip"]
     records, spend = {}, {}
