@@ -59,10 +59,10 @@ def test_a_crash_while_checkpointing_leaves_the_previous_checkpoint(tmp_path, mo
 
 def test_a_checkpoint_written_in_the_background_reports_its_failure(tmp_path, monkeypatch):
     store = CheckpointStore(str(tmp_path / "run"))
-    store.save_later({"round": 1}, {})
+    store.save_later({"round": 1}, dict)
     store.wait()
     monkeypatch.setattr(CheckpointStore, "_write", lambda self, name, data: (_ for _ in ()).throw(OSError("disk full")))
-    store.save_later({"round": 2}, {})
+    store.save_later({"round": 2}, dict)
     with pytest.raises(CheckpointError, match=r"cannot write the checkpoint to .*run: OSError: disk full"):
         store.wait()
     assert CheckpointStore(str(tmp_path / "run")).load()[0]["round"] == 1
@@ -282,7 +282,8 @@ def test_devices_keep_their_state_when_the_workers_that_trained_them_die(trackin
             accepted[d] += 1
         if r == 2:
             assert 1 <= len(result.failures) <= 2  # a device on each dead worker
-    records = ray_get(driver, lambda self: self.pool.device_records(list(range(6))))
+    refs = ray_get(driver, lambda self: self.pool.record_refs(list(range(6))))
+    records = {d: ray_get_ref(ref) for d, ref in refs.items()}
     assert {d: records[d].version for d in range(6)} == accepted and min(accepted.values()) == 2
     assert all(np.abs(records[d].control).sum() > 0 for d in range(6))
     ray_get(driver, lambda self: self.finish())
@@ -292,6 +293,12 @@ def ray_get(actor, function):
     import ray
 
     return ray.get(actor.__ray_call__.remote(function))
+
+
+def ray_get_ref(ref):
+    import ray
+
+    return ray.get(ref)
 
 
 def ray_kill(actor):

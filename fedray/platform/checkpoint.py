@@ -23,6 +23,7 @@ import json
 import os
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,17 +122,18 @@ class CheckpointStore:
         self._write(f"changes/{state['round']:09d}.npz", pack(changed))
         self._write(RUN_FILE, pack(state | {"format": FORMAT}))
 
-    def save_later(self, state: dict, changed: dict) -> None:
-        """``save`` in a background thread, once the previous one has finished (raising its error,
-        if it failed), so that a round does not wait for the disk. ``state`` must not change after."""
+    def save_later(self, state: dict, changes: Callable[[], dict]) -> None:
+        """``save(state, changes())`` in a background thread, once the previous one has finished
+        (raising its error, if it failed), so that a round waits neither for the disk nor for what
+        ``changes`` fetches. ``state`` must not change after."""
         self.wait()
-        self._writing = threading.Thread(target=self._save, args=(state, changed), name="fedray-checkpoint",
+        self._writing = threading.Thread(target=self._save, args=(state, changes), name="fedray-checkpoint",
                                          daemon=True)
         self._writing.start()
 
-    def _save(self, state: dict, changed: dict) -> None:
+    def _save(self, state: dict, changes: Callable[[], dict]) -> None:
         try:
-            self.save(state, changed)
+            self.save(state, changes())
         except BaseException as e:  # noqa: BLE001 - raised by the next wait, in the caller's thread
             self._failed = e
 

@@ -224,12 +224,11 @@ class WorkerPool:
                 self.records.commit(d, self._returned[d])
         self._returned.clear()
 
-    def device_records(self, devices: list[int]) -> dict[int, DeviceState]:
-        """The records of ``devices`` (deployment: asked of the devices)."""
+    def record_refs(self, devices: list[int]) -> dict[int, ray.ObjectRef]:
+        """Refs to the records of those ``devices`` that have one (deployment: asked of the devices)."""
         if not self.deployment:
-            return self.records.values(devices)
-        refs = {d: self.actors[self.group_workers[self.group_of[d]][0]].state.remote(d) for d in devices}
-        return {d: ray.get(ref, timeout=START_TIMEOUT_S) for d, ref in refs.items()}
+            return self.records.refs(devices)
+        return {d: self.actors[self.group_workers[self.group_of[d]][0]].state.remote(d) for d in devices}
 
     def restore_records(self, records: dict[int, DeviceState]) -> None:
         """Records from a checkpoint (deployment: handed to the devices)."""

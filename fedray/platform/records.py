@@ -24,10 +24,9 @@ class DeviceRecords:
         self._refs[device] = ref
         self.changed.add(device)
 
-    def values(self, devices: list[int]) -> dict[int, DeviceState]:
+    def refs(self, devices: list[int]) -> dict[int, ray.ObjectRef]:
         """The records of those ``devices`` that have one."""
-        held = [d for d in devices if d in self._refs]
-        return dict(zip(held, ray.get([self._refs[d] for d in held]))) if held else {}
+        return {d: self._refs[d] for d in devices if d in self._refs}
 
     def load(self, records: dict[int, DeviceState]) -> None:
         """Records from a checkpoint."""

@@ -13,10 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 import numpy as np
+import ray
 
 from fedray.agents.state import DeviceState
 from fedray.platform.checkpoint import CheckpointError
@@ -47,9 +49,10 @@ def identity(run_id: str, job, spec, digest: str) -> dict:
             "model": [[name, list(shape)] for name, shape in zip(spec.names, spec.shapes)], "data": digest}
 
 
-def take(driver: Driver) -> tuple[dict, dict]:
-    """The driver's state now, and what changed since the last ``take``: the rounds' log, and
-    per device its record and spend."""
+def take(driver: Driver) -> tuple[dict, Callable[[], dict]]:
+    """The driver's state now, and what changed since the last ``take`` (the rounds' log, and per
+    device its record and spend), given by a function that fetches the records: the checkpoint's
+    writer calls it, so that the round does not wait for them."""
     server = driver.state
     state = identity(driver.tracker.run_id, driver.job, driver.spec, driver.data_digest) | {
         "tracking_uri": driver.tracker.uri,
@@ -65,15 +68,18 @@ def take(driver: Driver) -> tuple[dict, dict]:
     rounds = [asdict(h) for h in driver.history[driver.checkpointed:]]
     driver.checkpointed = len(driver.history)
     pool = driver.pool
-    changed = sorted(pool.records.changed)
-    records = {str(d): record.to_dict() for d, record in pool.device_records(changed).items()}
+    refs = pool.record_refs(sorted(pool.records.changed))
     pool.records.changed.clear()
     spend = {}
     if pool.spend is not None:
         spend = {str(d): {"history": [list(m) for m in pool.spend.history.get(d, [])], "view": list(pool.spend.view()[d])}
                  for d in sorted(pool.spend.changed)}
         pool.spend.changed.clear()
-    return state, {"rounds": rounds, "records": records, "spend": spend}
+
+    def changes() -> dict:
+        records = dict(zip(refs, ray.get(list(refs.values()))))
+        return {"rounds": rounds, "records": {str(d): r.to_dict() for d, r in records.items()}, "spend": spend}
+    return state, changes
 
 
 def check(state: dict, mine: dict, location: str) -> None:
