@@ -337,6 +337,10 @@ class Driver:
         """Accuracy and mean loss of the global model on the server's held-out test set."""
         return self.evaluation(self.state.params, np.array([], dtype=np.int64))[0]
 
+    def round_log(self) -> list[RoundResult]:
+        """The rounds run so far (a resumed run's, restored)."""
+        return self.history
+
     def run_id(self) -> str:
         """The MLflow run id (answered once setup is done)."""
         return self.tracker.run_id

@@ -122,8 +122,7 @@ def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         driver = ray.remote(Driver).options(num_cpus=0, scheduling_strategy=here, max_restarts=0).remote(
             job, str(run_dir), job_yaml, resume and resume[1])
-        ray.get(driver.run_id.remote(), timeout=600)  # the driver's setup is done
-        history = ray.get(driver.__ray_call__.remote(lambda self: self.history), timeout=600)  # restored rounds
+        history = ray.get(driver.round_log.remote(), timeout=600)  # when its setup is done; a resumed run's rounds
         round_timeout = 2 * job.devices.timeout_s + 600  # training, then federated evaluation
         for r in range(len(history) + 1, job.rounds + 1):
             if ray.get(driver.stop_reason.remote(r), timeout=600):  # the privacy budget is spent
