@@ -318,13 +318,17 @@ def test_a_resumed_encrypted_run_cannot_decrypt_again_what_was_decrypted_before(
     from fedray.secure.plan import SumLoader
 
     raw, _ = write_job(tmp_path, rounds=4, secure={"preset": "balanced", "min_clients": 2})
-    run, location = killed_and_checkpointed(tmp_path, tracking_uri, raw, after=2)
+    raw["checkpoint"]["every"] = 2
+    run, location = killed_and_checkpointed(tmp_path, tracking_uri, raw, after=3)  # round 3 not checkpointed
     store = CheckpointStore(location)
     before = store.decrypted()
-    assert {r for _, r in before} == {1, 2} and len(before) == 8  # 4 devices in each of rounds 1 and 2
+    assert {r for _, r in before} == {1, 2, 3} and len(before) == 12  # 4 devices in each of rounds 1 to 3
     assert not any("secret" in p.name or "key" in p.name for p in Path(location).rglob("*"))
+    assert store.load()[0]["round"] == 2
     summary = run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri, resume=(run, location))
-    assert summary["completed_rounds"] == 4
+    # round 3, decrypted before the crash, runs again: its sum is refused, it fails, the model stays
+    assert history(MlflowClient(tracking_uri), run, "decryption_refused") == [1.0]
+    assert summary["rounds"] == 4 and summary["completed_rounds"] == 3
     assert {r for _, r in store.decrypted()} == {1, 2, 3, 4}
     # an authority of this run (as a resumed one starts) refuses what was decrypted before it, even
     # when the devices sent it again (a curious driver asking for round 1 once more)

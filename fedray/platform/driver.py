@@ -188,15 +188,16 @@ class Driver:
             metrics["late_accepted"] = len(intake.staleness)
         if self.pool.attackers:
             metrics["attackers"] = len(self.pool.attackers.intersection(sampled.tolist()))
+        if completed and self.sealing is not None:  # the authority may refuse: the model stays
+            partial, secure_metrics = self.sealing.unseal(partial, intake, self.clip, self._losses)
+            metrics.update(secure_metrics)
+            completed = partial is not None
         if completed:
             if raw:
                 rng = np.random.default_rng([self.job.seed, r, 6])  # bucketing's shuffle
                 partial, diagnostics, flagged = self.strategy.reduce(np.stack([u.delta for u in raw]), rng)
                 metrics.update(diagnostics)
                 intake.flagged = sorted(raw[i].device_id for i in flagged)
-            if self.sealing is not None:
-                partial, secure_metrics = self.sealing.unseal(partial, intake, self.clip, self._losses)
-                metrics.update(secure_metrics)
             if self.ledger is not None:
                 partial, fraction = privacy.release(partial, self.job, self.clip)
                 if adaptive:
@@ -281,10 +282,11 @@ class Driver:
             metrics["bytes_edge_cloud"] += len(fetched) * model_bytes
             metrics["bytes_device_edge"] = intake.bytes_up + len(started) * model_bytes
         completed = partial.count == strategy.buffer_size
+        if completed and self.sealing is not None:
+            partial, secure_metrics = self.sealing.unseal(partial, intake, None, self._losses)
+            metrics.update(secure_metrics)
+            completed = partial is not None
         if completed:
-            if self.sealing is not None:
-                partial, secure_metrics = self.sealing.unseal(partial, intake, None, self._losses)
-                metrics.update(secure_metrics)
             self.state, diagnostics = strategy.apply(self.state, partial)
             metrics.update(diagnostics)
         waiting = list(self.pool.pending.values()) + [task for _, task in self._arrived]

@@ -19,7 +19,7 @@ from fedray.platform.aggregation import Partial
 from fedray.platform.intake import Intake
 from fedray.platform.pool import START_TIMEOUT_S
 from fedray.platform.tracking import Tracker
-from fedray.secure.authority import KeyAuthority
+from fedray.secure.authority import DecryptionRefused, KeyAuthority
 from fedray.secure.plan import SecurePlan, SumLoader
 
 
@@ -48,14 +48,20 @@ class Sealing:
         """What the workers (plan, authority) and the edges (plan, public context) need."""
         return self.plan, self.authority, self.public
 
-    def unseal(self, partial: Partial, intake: Intake, clip: float | None, statistics: bool) -> tuple[Partial, dict]:
+    def unseal(self, partial: Partial, intake: Intake, clip: float | None, statistics: bool
+               ) -> tuple[Partial | None, dict]:
         """Have the key authority decrypt ``partial``'s encrypted sum (``clip``: the round's DP clip
         bound, for the range); the whole aggregate and its metrics: ``decrypt_seconds`` and, if the
         devices send ``statistics`` (not under DP), ``train_loss`` and ``clipped_fraction`` (the
-        devices' mean fraction of values beyond the range). Raises what the authority raises when
-        it refuses."""
+        devices' mean fraction of values beyond the range). None, with metric
+        ``decryption_refused``, if the authority refuses (as it does a round of a resumed run
+        that was decrypted before the crash)."""
         started = time.perf_counter()
-        values = ray.get(self.authority.decrypt.remote(partial.sealed.to_bytes()), timeout=self.job.devices.timeout_s)
+        try:
+            values = ray.get(self.authority.decrypt.remote(partial.sealed.to_bytes()),
+                             timeout=self.job.devices.timeout_s)
+        except DecryptionRefused:
+            return None, {"decryption_refused": 1.0}
         total, extras = self.plan.decode(values, value_range(self.job, clip))
         full = np.empty(self.size, dtype=np.float32)
         full[self.plan.plain], full[self.plan.encrypted] = partial.weighted_sum, total
