@@ -166,7 +166,7 @@ class Driver:
             k = min(devices.per_round, devices.count - len(set(busy)))
             sampled = np.sort(self.sampler.choice(idle, k, replace=False))
         per_round = 1 if self.edges is None else self.job.topology.edge_rounds  # trainings (edge rounds)
-        self._charge_ahead(r, [(int(d), (r - 1) * per_round + k + 1) for d in sampled for k in range(per_round)])
+        snapshot.charge_ahead(self, r, [(int(d), (r - 1) * per_round + k + 1) for d in sampled for k in range(per_round)])
         broadcast = [self.state.params] + ([self.state.buffers[0]] if self.strategy.control_variates else [])
         refs = [ray.put(v) for v in broadcast]
         adaptive = self.ledger is not None and self.job.privacy.adaptive_clip is not None
@@ -313,16 +313,9 @@ class Driver:
         while device in unavailable:
             device = int(self.sampler.integers(count))
         self.dispatched += 1
-        self._charge_ahead(self.dispatched, [(device, self.dispatched)])
+        snapshot.charge_ahead(self, self.dispatched, [(device, self.dispatched)])
         self.pool.fit(device, self.dispatched, time.time(), self._model(), tag=(self.dispatched, self.state.round))
         return device
-
-    def _charge_ahead(self, number: int, trainings: list[tuple[int, int]]) -> None:
-        """Under DP with checkpoints: write what round (or dispatch) ``number`` spends before any
-        device trains: the round (client level, where who takes part stays secret), or its
-        ``trainings`` as (device, the round number it trains for) (sample level)."""
-        if self.checkpoints and self.job.privacy is not None:
-            self.checkpoints.charge(number, {} if self.ledger is not None else {"trainings": trainings})
 
     def _model(self) -> ray.ObjectRef:
         """The current model in the object store, put once per version."""

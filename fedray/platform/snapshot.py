@@ -82,6 +82,14 @@ def take(driver: Driver) -> tuple[dict, Callable[[], dict]]:
     return state, changes
 
 
+def charge_ahead(driver: Driver, number: int, trainings: list[tuple[int, int]]) -> None:
+    """Under DP with checkpoints: write what round (or dispatch) ``number`` spends before any
+    device trains: the round (client level, where who takes part stays secret), or its
+    ``trainings`` as (device, the round number it trains for) (sample level)."""
+    if driver.checkpoints and driver.job.privacy is not None:
+        driver.checkpoints.charge(number, {} if driver.ledger is not None else {"trainings": trainings})
+
+
 def check(state: dict, mine: dict, location: str) -> None:
     """Raise CheckpointError naming what in ``state`` (loaded from ``location``) does not match
     the ``identity`` of the run resuming it."""
