@@ -1,5 +1,7 @@
 """End to end: a real Ray head started with `ray start --head` (token authentication on, loopback
-only), the quickstart job sent with the real `ray job submit` CLI, and its MLflow run read back.
+only), the quickstart job sent with the real `ray job submit` CLI, and its MLflow run read back;
+and a head with an autoscaler (Ray's fake multi-node provider) that a `devices.scale_up` job asks
+for workers.
 
 The head is this test's own: its token lives in a temporary folder (RAY_AUTH_TOKEN_PATH; the user's
 ~/.ray/auth_token is neither read nor written), all its ports are picked free on 127.0.0.1, and it
@@ -41,6 +43,7 @@ class Head:
     token: str
     tmp: Path
     log: Path
+    gcs: str            # the head's GCS address, what `ray.init` takes
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
@@ -111,7 +114,7 @@ def _stop(proc: subprocess.Popen, marker: bytes) -> None:
     pgid = proc.pid
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 10  # the fake provider's nodes outlive it: killed below
     while _group(pgid) and time.monotonic() < deadline:
         time.sleep(0.2)
     if _group(pgid):
@@ -124,8 +127,10 @@ def _stop(proc: subprocess.Popen, marker: bytes) -> None:
             pass
 
 
-@pytest.fixture(scope="module")
-def head():
+def _start_head(num_cpus: int = 2, node_types: dict | None = None):
+    """A head of this test's own (a generator: yields a ``Head``, stops it when resumed). With
+    ``node_types``, its autoscaler launches such nodes on this machine (Ray's fake multi-node
+    provider); the head's own type has ``num_cpus`` CPUs."""
     # short: Ray's unix socket paths under the session folder must stay below ~107 characters
     tmp = Path(tempfile.mkdtemp(prefix="fr-", dir="/tmp" if os.path.isdir("/tmp") else None))
     marker = f"FEDRAY_TEST_HEAD={uuid.uuid4().hex}"
@@ -145,7 +150,7 @@ def head():
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_file),
         # On Linux Ray replaces 127.0.0.1 by the machine's routable address; with this it keeps
-        # the loopback address (a single-node cluster only, which this is).
+        # the loopback address (a single-machine cluster, which this is).
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
     })
@@ -155,17 +160,22 @@ def head():
     gcs, dashboard, client, node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = _free_ports(9)
     log = tmp / "head.log"
     cmd = [_tool("ray"), "start", "--head", "--block",
-           "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--num-cpus", "2",
+           "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--num-cpus", str(num_cpus),
            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
            "--ray-client-server-port", str(client), "--node-manager-port", str(node_manager),
            "--object-manager-port", str(object_manager), "--dashboard-agent-listen-port", str(agent),
            "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(runtime_env),
            "--metrics-export-port", str(metrics), "--min-worker-port", "0", "--max-worker-port", "0",
            "--temp-dir", str(tmp / "ray"), "--disable-usage-stats"]
+    if node_types is not None:
+        config = tmp / "autoscaling.json"
+        config.write_text(json.dumps(_fake_cluster(f"127.0.0.1:{gcs}", num_cpus, node_types)))
+        cmd.append(f"--autoscaling-config={config}")
+        env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-    h = Head(url=f"http://127.0.0.1:{dashboard}", env=env, token=token, tmp=tmp, log=log)
+    h = Head(url=f"http://127.0.0.1:{dashboard}", env=env, token=token, tmp=tmp, log=log, gcs=f"127.0.0.1:{gcs}")
     try:
         # ready when the job server answers an authenticated request
         deadline = time.monotonic() + HEAD_START_TIMEOUT
@@ -183,6 +193,27 @@ def head():
     finally:
         _stop(proc, marker.encode())
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fake_cluster(gcs: str, head_cpus: int, node_types: dict) -> dict:
+    """A cluster-launcher config for Ray's fake multi-node provider: nodes are processes here."""
+    return {
+        "cluster_name": "fedray-test", "max_workers": sum(t["max_workers"] for t in node_types.values()),
+        "provider": {"type": "fake_multinode", "gcs_address": gcs, "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True},
+        "available_node_types": {"ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {},
+                                                      "max_workers": 0}, **node_types},
+        "head_node_type": "ray.head.default", "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
+        "auth": {"ssh_user": "ubuntu"}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+        **{key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                               "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")},
+    }
+
+
+@pytest.fixture(scope="module")
+def head():
+    yield from _start_head()
 
 
 def test_head_requires_the_token(head):
@@ -223,3 +254,76 @@ def test_ray_job_submit_runs_quickstart_and_logs_to_mlflow(head):
     assert sorted(m.step for m in history) == [1, 2]
     assert all(0.0 <= m.value <= 1.0 for m in history)
     assert run.data.metrics["bytes_up"] > 0
+
+
+# Run in a process of its own, a driver of the autoscaling head: ``run_job`` with a callback that,
+# after a round trained on fewer than two workers, holds the run until the autoscaler's node and the
+# worker on it are up, and reads the autoscaler's view of explicit requests (``ray status``).
+SCALE_UP_SCRIPT = """
+import json, subprocess, sys, time
+from pathlib import Path
+import ray
+from fedray.config import parse_job
+from fedray.platform.run import run_job
+
+def requested():
+    out = subprocess.run(["ray", "status", "--address", sys.argv[1]], capture_output=True, text=True).stdout
+    return out.split("From request_resources:")[1].split("Pending Demands")[0].strip()
+
+seen = {"nodes": len(ray.nodes()) if ray.is_initialized() else None}
+
+def on_round(result):
+    seen.setdefault("request", requested())
+    deadline = time.monotonic() + 120
+    while result.metrics["workers"] < 2 and time.monotonic() < deadline:
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        if len(alive) == 2 and ray.available_resources().get("CPU", 0) == 0:
+            time.sleep(3)  # the worker holds the new node's CPU; give it time to start
+            return
+        time.sleep(0.5)
+
+job = parse_job(json.loads(sys.argv[2]))
+summary = run_job(job, "", sys.argv[3], on_round=on_round, runs_dir=Path(sys.argv[4]))
+print("RESULT", json.dumps({"summary": summary, "request": seen["request"], "after": requested(),
+                            "nodes": len([n for n in ray.nodes() if n["Alive"]])}))
+"""
+
+
+@pytest.fixture(scope="module")
+def autoscaling_head():
+    # the head has one CPU; the autoscaler may add one more node of one CPU
+    yield from _start_head(num_cpus=1, node_types={
+        "cpu1": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 1}})
+
+
+def test_scale_up_asks_the_autoscaler_and_trains_on_nodes_as_they_join(autoscaling_head):
+    """A job that wants 3 one-CPU workers on a one-CPU head: it asks the autoscaler for them, starts
+    on the head's worker, trains on the node the autoscaler adds once it is up, finishes although
+    the third worker never gets a CPU, and withdraws its request at the end."""
+    head = autoscaling_head
+    job = {"name": "scale-up", "seed": 0, "rounds": 6,
+           "data": {"dataset": "synthetic", "synthetic": {"samples": 600, "shape": [8], "classes": 3}},
+           "model": {"name": "logreg"},
+           "devices": {"count": 6, "per_round": 6, "workers": 3, "scale_up": True, "timeout_s": 120},
+           "tracking": {"experiment": "scale-up", "log_model": False}}
+    uri = f"sqlite:///{head.tmp / 'mlflow.db'}"
+    run = subprocess.run([sys.executable, "-c", SCALE_UP_SCRIPT, head.gcs, json.dumps(job), uri,
+                          str(head.tmp / "runs")], env={**head.env, "RAY_ADDRESS": head.gcs}, cwd=head.tmp,
+                         capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, f"{run.stdout[-3000:]}\n{run.stderr[-6000:]}\n{head.log_tail()}"
+    result = json.loads(lines[-1][len("RESULT "):])
+    summary = result["summary"]
+    assert summary["completed_rounds"] == 6
+    # while the run went on, the autoscaler held the request for the three workers...
+    assert result["request"].startswith("{'CPU': 1}: 3 "), result["request"]
+    # ... added the one node it may, and the run trained on it: two workers, all six devices
+    assert result["nodes"] == 2
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    workers = [m.value for m in sorted(client.get_metric_history(summary["run_id"], "workers"), key=lambda m: m.step)]
+    participants = client.get_metric_history(summary["run_id"], "participants")
+    assert len(workers) == 6 and workers[-1] == 2 and min(workers) >= 1, workers
+    assert all(m.value == 6 for m in participants)
+    assert result["after"] == "(none)"  # the request ended with the run

@@ -159,6 +159,8 @@ class DevicesSpec(Section):
     per_round: PositiveInt = 10
     mode: Literal["simulation", "deployment"] = "simulation"
     workers: PositiveInt | None = Field(None, description="simulation: actors hosting devices; default one per CPU")
+    scale_up: bool = Field(False, description="ask the cluster's autoscaler for `workers` one-CPU workers and train "
+                                              "on those already up while the rest join")
     local: LocalSpec = LocalSpec()
     speed: SpeedSpec | None = Field(None, description="how long devices take: a device answers no sooner "
                                                       "than slowdown x (step_seconds x steps, or its compute time)")
@@ -181,6 +183,9 @@ class DevicesSpec(Section):
             raise ValueError(f"devices.per_round ({self.per_round}) exceeds devices.count ({self.count})")
         if self.mode == "deployment" and self.workers is not None:
             raise ValueError("devices.workers applies only to mode 'simulation' (deployment runs one actor per device)")
+        if self.scale_up and self.workers is None:
+            raise ValueError("devices.scale_up asks the autoscaler for devices.workers one-CPU workers: set "
+                             "devices.workers (simulation mode)")
         if self.deadline_s is not None and self.deadline_s >= self.timeout_s:
             raise ValueError(f"devices.deadline_s ({self.deadline_s:g}) must be below devices.timeout_s "
                              f"({self.timeout_s:g}), after which a device counts as hung")

@@ -99,6 +99,9 @@ def check(job) -> None:
         if job.devices.late == "next_round":
             raise ValueError("devices.late 'next_round' does not apply with topology.edge_rounds > 1: a late "
                              "update would miss its edge round")
+    if topology.assign == "colocated" and job.devices.scale_up:
+        raise ValueError("topology.assign 'colocated' places edges by the nodes all workers start on; "
+                         "devices.scale_up starts training before every worker is up (use round_robin or attribute)")
     if topology.assign == "attribute":
         values = job.devices.attributes.get(topology.attribute)
         if values is None:

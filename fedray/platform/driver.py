@@ -128,6 +128,8 @@ class Driver:
         metrics.update(bytes_up=intake.bytes_up, failures=intake.failed_tasks, round_failed=float(not completed))
         if self.edges is not None:
             metrics["edge_failures"] = len(intake.edge_failures)
+        if self.job.devices.scale_up:  # workers join as the autoscaler adds their nodes
+            metrics["workers"] = len(self.pool.up())
         if self.ledger is not None:  # every round sampled devices and may release a model: it is accounted
             self.ledger.step()
             metrics["epsilon"] = self.ledger.epsilon()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
+from ray.autoscaler.sdk import request_resources
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
 from fedray.agents.attacks import choose_attackers
@@ -92,8 +93,9 @@ class WorkerPool:
         self._work = np.array([planned_steps(job, n) for n in sizes], dtype=np.float64)
         # devices with a speed spend most of a task waiting: a worker takes them all at once
         self._slots = 1 if job.devices.speed is None else count
-        # more workers than CPUs share them rather than waiting for a free one
-        self._cpus_per_worker = min(1.0, cpus / num_workers)
+        # scale_up: one CPU each, which the autoscaler adds (``run_job`` asks it); else more workers
+        # than CPUs share them rather than waiting for a free one
+        self._cpus_per_worker = 1.0 if job.devices.scale_up else min(1.0, cpus / num_workers)
         self._actor_class = ray.remote(DeviceWorker)
         self.attackers = (choose_attackers(count, job.attack.fraction, job.seed) if job.attack else frozenset())
         self._args, self._authority = (job, data, num_classes), authority
@@ -102,14 +104,19 @@ class WorkerPool:
         self.spend = privacy.DeviceLedger(job, sizes) if sample_level(job) else None
         self.records = DeviceRecords()
         self._started: dict[int, ray.ObjectRef] = {}  # worker -> its node id, once it has started
+        self._up: set[int] = set()  # workers whose node id has come
+        if job.devices.scale_up:  # withdrawn by ``run_job`` when the run ends
+            request_resources(bundles=[{"CPU": 1}] * num_workers)
         self.actors = [self._spawn(w) for w in range(num_workers)]
-        # started before the first round, whose deadline should not pay for it; a worker that cannot
-        # start (a user model that does not import) fails the run here, with its error
-        try:
-            ray.get(list(self._started.values()), timeout=START_TIMEOUT_S)
-        except GetTimeoutError:
-            raise RuntimeError(f"the {num_workers} device workers did not start within {START_TIMEOUT_S}s: "
-                               f"each needs {self._cpus_per_worker:g} CPU; does the cluster have them?") from None
+        # started before the first round, whose deadline should not pay for it (scale_up: the first
+        # one; the rest join as their nodes do); a worker that cannot start (a user model that does
+        # not import) fails the run here, with its error
+        wanted = 1 if job.devices.scale_up else num_workers
+        started, _ = ray.wait(list(self._started.values()), num_returns=wanted, timeout=START_TIMEOUT_S)
+        if len(started) < wanted:
+            raise RuntimeError(f"{len(started)} of {num_workers} device workers started within {START_TIMEOUT_S}s: "
+                               f"each needs {self._cpus_per_worker:g} CPU; does the cluster have them?")
+        ray.get(started)
         self._generation = [0] * num_workers
         self.pending: dict[ray.ObjectRef, Task] = {}
         self._dropped: dict[ray.ObjectRef, Task] = {}
@@ -129,6 +136,7 @@ class WorkerPool:
         else:  # the key authority starts it, handing it its devices' tag seeds; args nested: data stays a ref
             (actor,) = ray.get(self._authority.spawn.remote(options, [args], keeps), timeout=START_TIMEOUT_S)
         self._started[w] = actor.node_id.remote()
+        self._up.discard(w)
         return actor
 
     def regroup(self, group_of: np.ndarray, group_workers: list[list[int]]) -> None:
@@ -147,9 +155,23 @@ class WorkerPool:
             if node in dead:
                 self._replace(w, self._generation[w])
 
+    def up(self) -> set[int]:
+        """The workers that have started (checked without waiting)."""
+        starting = {ref: w for w, ref in self._started.items() if w not in self._up}
+        if starting:
+            ready, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0)
+            self._up.update(starting[ref] for ref in ready)
+        return self._up
+
+    def _workers_of(self, device: int, up: set[int]) -> list[int]:
+        """The workers of ``device``'s group that are ``up``; all of them while none is (a task then
+        waits in a starting worker)."""
+        group = self.group_workers[self.group_of[device]]
+        return [w for w in group if w in up] or group
+
     def fit(self, device: int, round: int, *args: Any, tag: Any = None, **kwargs: Any) -> ray.ObjectRef:
         """Have ``device`` train for ``round`` (``DeviceWorker.fit``) now, on the worker of its
-        group with the least expected work pending."""
+        group that is up with the least expected work pending."""
         return self._start(device, (round, *args), kwargs, tag, self._least_loaded(device))
 
     def fit_all(self, devices: np.ndarray, round: int, *args: Any, tag: Any = None, **kwargs: Any
@@ -166,9 +188,9 @@ class WorkerPool:
     def _feed(self) -> list[ray.ObjectRef]:
         """Start the queued fits whose group has a free worker, in queue order; their refs."""
         busy = Counter(task.worker for task in self.pending.values())
-        started, waiting = [], deque()
+        started, waiting, up = [], deque(), self.up()
         for d, args, kwargs, tag in self._queue:
-            free = [w for w in self.group_workers[self.group_of[d]] if busy[w] < self._slots]
+            free = [w for w in self._workers_of(d, up) if busy[w] < self._slots]
             if not free:
                 waiting.append((d, args, kwargs, tag))
                 continue
@@ -183,7 +205,7 @@ class WorkerPool:
         load = Counter()
         for task in self.pending.values():
             load[task.worker] += self._work[task.device]
-        return min(self.group_workers[self.group_of[device]], key=lambda w: load[w])
+        return min(self._workers_of(device, self.up()), key=lambda w: load[w])
 
     def _start(self, device: int, args: tuple, kwargs: dict, tag: Any, w: int) -> ray.ObjectRef:
         if self.spend is not None:  # sample-level DP: charged when sent the model, given its history
@@ -206,7 +228,7 @@ class WorkerPool:
         """Evaluate ``params`` on ``shares`` (index arrays into the data: the server's held-out
         set), spread over the workers that are up: pending tasks of device -1, tagged with the
         share's index (none if no worker is up)."""
-        up = [w for w, node in enumerate(self.nodes(timeout=0)) if node is not None]
+        up = sorted(self.up())
         refs = []
         for i, share in enumerate(shares if up else []):
             w = up[i % len(up)]

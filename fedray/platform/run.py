@@ -15,6 +15,7 @@ from pathlib import Path
 
 import ray
 from ray._private import ray_constants
+from ray.autoscaler.sdk import request_resources
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -152,6 +153,8 @@ def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,
     finally:
         if driver is not None:
             ray.kill(driver)  # its workers share its fate
+        if job.devices.scale_up:  # the pool's request to the autoscaler ends with the run
+            request_resources(bundles=[])
 
 
 def _end_without_driver(driver, run_dir: Path, status: str, error: str | None, history: list[RoundResult],
