@@ -1,12 +1,14 @@
-"""Scale: 10,000 virtual devices vs 100, 100 trained per round, same per-device work.
+"""Scale: 100,000 and 1,000,000 virtual devices vs 100, 100 trained per round, same per-device work.
 
     .venv/bin/python benchmarks/scale.py [--rounds 15 --repeats 2]
 
-Both jobs: synthetic data (32 features, 10 classes, 20 training samples per device), an MLP with
-one hidden layer of 64, 1 local epoch, 100 devices per round, one worker per CPU. Prints the
-median seconds per round after the first, their ratio, and the peak memory of all processes of
-this benchmark (this process, Ray's processes and the actors), summed as PSS so that shared pages
-(the object store) count once.
+All jobs: synthetic devices that draw their 20 training samples (32 features, 10 classes) from their
+own seed when they train (``data.synthetic.per_device``: no data is held for the others), an MLP with
+one hidden layer of 64, 1 local epoch, 100 devices per round, one worker per CPU. Prints the median
+seconds per round after the first, their ratio to 100 devices', and each job's peak memory of all
+processes of this benchmark (this process, Ray's processes and the actors), summed as PSS so that
+shared pages (the object store) count once. Targets (issue 14): 100,000 devices within 1.2x the
+round time of 100 and under 4 GB; 1,000,000 within 1.5x and under 8 GB.
 """
 
 from __future__ import annotations
@@ -25,11 +27,15 @@ from fedray.platform.run import connect, run_job
 SAMPLES_PER_DEVICE = 20
 
 
+SIZES = (100, 100_000, 1_000_000)
+TARGETS = {100_000: (1.2, 4), 1_000_000: (1.5, 8)}  # (round time ratio, GiB)
+
+
 def scale_job(devices: int, rounds: int):
     return parse_job({
         "name": f"bench-scale-{devices}", "seed": 0, "rounds": rounds,
-        "data": {"dataset": "synthetic", "synthetic": {"samples": devices * SAMPLES_PER_DEVICE, "shape": [32],
-                                                        "classes": 10},
+        "data": {"dataset": "synthetic", "synthetic": {"samples": 1000, "shape": [32], "classes": 10,
+                                                        "per_device": SAMPLES_PER_DEVICE},
                  "partition": {"kind": "iid"}, "holdout": 0.0, "test_fraction": 0.0},
         "model": {"name": "mlp", "kwargs": {"hidden": [64]}},
         "devices": {"count": devices, "per_round": 100, "local": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
@@ -96,19 +102,28 @@ def rounds_seconds(job, uri) -> list[float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--repeats", type=int, default=2, help="alternate the two jobs this many times")
+    p.add_argument("--repeats", type=int, default=2, help="alternate the jobs this many times")
     args = p.parse_args()
     connect()
-    seconds: dict[int, list[float]] = {100: [], 10_000: []}
-    with tempfile.TemporaryDirectory() as tmp, PeakMemory() as memory:
+    seconds: dict[int, list[float]] = {n: [] for n in SIZES}
+    peak: dict[int, int] = dict.fromkeys(SIZES, 0)
+    with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
-            for devices in seconds:
-                seconds[devices] += rounds_seconds(scale_job(devices, args.rounds), f"sqlite:///{tmp}/mlflow.db")
-    small, large = (statistics.median(seconds[d]) for d in (100, 10_000))
+            for devices in SIZES:
+                with PeakMemory() as memory:
+                    seconds[devices] += rounds_seconds(scale_job(devices, args.rounds), f"sqlite:///{tmp}/mlflow.db")
+                peak[devices] = max(peak[devices], memory.peak)
+                print(f"{devices:>9,} devices: median {statistics.median(seconds[devices]):.3f} s per round", flush=True)
+    base = statistics.median(seconds[SIZES[0]])
     print(f"\nmedian seconds per round after the first (100 devices trained per round), {args.repeats} "
-          "alternating runs per job")
-    print(f"{'100 devices':>14} {'10,000 devices':>16} {'ratio':>7} {'peak memory, all processes':>28}")
-    print(f"{small:14.3f} {large:16.3f} {large / small:7.3f} {memory.peak / 2**30:25.2f} GiB")
+          "alternating runs per job; peak memory of all processes during the job")
+    print(f"{'devices':>10} {'s/round':>8} {'ratio':>6} {'target':>7} {'peak GiB':>9} {'target':>7}")
+    for devices in SIZES:
+        median = statistics.median(seconds[devices])
+        ratio_target, memory_target = TARGETS.get(devices, (None, None))
+        print(f"{devices:>10,} {median:8.3f} {median / base:6.3f} "
+              f"{'' if ratio_target is None else f'<= {ratio_target}':>7} {peak[devices] / 2**30:9.2f} "
+              f"{'' if memory_target is None else f'< {memory_target}':>7}")
 
 
 if __name__ == "__main__":

@@ -275,7 +275,7 @@ def _plan_sample_level(job: JobSpec, rounds: int) -> None:
 
     spec = job.privacy
     data = datasets.load(job.data, job.seed)
-    plans = sample_plan(job, [len(t) for t in partition.split(data.y, job.data, job.devices.count, job.seed).train])
+    plans = sample_plan(job, partition.split(data.y, job.data, job.devices.count, job.seed).train_sizes.tolist())
     share = job.devices.per_round / job.devices.count
     expected = max(1, round(rounds * share))
     edge_rounds = job.topology.edge_rounds if job.topology is not None else 1  # trainings per round

@@ -352,7 +352,7 @@ def secure_plan(job):
     _, split, model = prepare(job)
     spec = ParamSpec.of(model)
     weigh = strategies.for_job(job).weigh
-    return SecurePlan.of(job, spec.names, [math.prod(s) for s in spec.shapes], [len(t) for t in split.train],
+    return SecurePlan.of(job, spec.names, [math.prod(s) for s in spec.shapes], split.train_sizes.tolist(),
                          lambda samples: weigh(samples, 1)[0])
 
 

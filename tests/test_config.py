@@ -54,6 +54,8 @@ def test_partition_fields_are_checked_per_kind():
     ({"devices__local": {"optimizer": "adam", "momentum": 0.9}}, "momentum applies only"),
     ({"devices__mode": "deployment"}, "devices.workers applies only"),
     ({"devices__workers": None, "devices__scale_up": True}, "devices.scale_up asks the autoscaler"),
+    ({"data": {"dataset": "synthetic", "synthetic": {"per_device": 10},
+               "partition": {"kind": "shards", "labels_per_device": 2}}}, "take 'iid' or 'dirichlet'"),
     ({"model": {"name": "cnn"}, "data": {"dataset": "csv", "path": "x.csv"}}, "needs image input"),
     ({"model": {"name": "mlp", "kwargs": {"width": 3}}}, "model.kwargs for 'mlp'"),
     ({"model": {"name": "logreg", "kwargs": {"hidden": [3]}}}, "it takes none"),

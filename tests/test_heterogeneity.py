@@ -46,7 +46,7 @@ def worker_inputs(**overrides):
     job = parse_job(small_job(**overrides))
     data = datasets.load(job.data, job.seed)
     split = partition.split(data.y, job.data, job.devices.count, job.seed)
-    shards = {d: (split.train[d], split.test[d]) for d in range(job.devices.count)}
+    shards = split.of(np.arange(job.devices.count))
     return job, (data.x, data.y), data.num_classes, shards
 
 

@@ -81,3 +81,38 @@ def test_split_is_deterministic_and_disjoint(kind):
     assert any(not np.array_equal(x, z) for x, z in zip(a.train, c.train))
     assert_disjoint_cover(a.train + a.test + [a.holdout], len(y))
     assert len(a.holdout) == 200
+
+
+def generated_split(count=50, **synthetic):
+    spec = DataSpec(dataset="synthetic", synthetic={"samples": 200, "shape": [4], "classes": 5, "per_device": 10,
+                                                      **synthetic}, test_fraction=0.2)
+    return partition.split(np.zeros(200, np.int64), spec, count, seed=3)
+
+
+def test_generated_devices_draw_their_own_samples_from_their_seed():
+    from fedray.data.datasets import synthetic
+
+    split = generated_split()
+    assert split.train == [] and split.train_sizes.tolist() == [8] * 50
+    (x, y), (xt, yt) = split.generated.samples(7)
+    assert x.shape == (8, 4) and xt.shape == (2, 4) and x.dtype == np.float32 and y.dtype == np.int64
+    again = split.of(np.array([7, 9])).samples(7)  # a worker's copy, any time: the same samples
+    assert np.array_equal(again[0][0], x) and np.array_equal(again[1][1], yt)
+    assert not np.array_equal(split.generated.samples(8)[0][0], x)
+    # the same clusters as the shared synthetic dataset of that seed: a sample sits by its class centre
+    centres = split.generated.centers
+    shared = synthetic(200, (4,), 5, 1.0, seed=3)
+    assert np.allclose(centres, [shared.x[shared.y == c].mean(0) for c in range(5)], atol=0.5)
+    many = [split.generated.samples(d)[0] for d in range(50)]
+    xs, ys = np.concatenate([m[0] for m in many]), np.concatenate([m[1] for m in many])
+    assert np.abs((xs - centres[ys]).std() - 1.0) < 0.1  # noise 1.0 around the device's class centres
+
+
+def test_generated_devices_under_label_skew_hold_few_classes():
+    def classes_held(split):
+        return np.mean([len(np.unique(split.generated.samples(d)[0][1])) for d in range(50)])
+
+    skewed = partition.split(np.zeros(200, np.int64), DataSpec(
+        dataset="synthetic", synthetic={"samples": 200, "shape": [4], "classes": 5, "per_device": 10},
+        partition={"kind": "dirichlet", "alpha": 0.05}), 50, seed=3)
+    assert classes_held(skewed) < 2.0 < 3.5 < classes_held(generated_split())

@@ -188,7 +188,7 @@ def test_a_real_device_sends_a_clipped_delta():
                                privacy={"level": "client", "clip": 0.3}))
     data = datasets.load(spec.data, 0)
     split = partition.split(data.y, spec.data, spec.devices.count, 0)
-    worker = DeviceWorker(spec, (data.x, data.y), data.num_classes, {d: (split.train[d], split.test[d]) for d in range(6)})
+    worker = DeviceWorker(spec, (data.x, data.y), data.num_classes, split.of(np.arange(6)))
     start = np.zeros(64 * 10 + 10, np.float32)
     norms = [np.linalg.norm(Update.from_bytes(asyncio.run(worker.fit(d, 1, 0.0, start))[0]).delta) for d in range(6)]
     assert max(norms) <= 0.3 * (1 + 1e-6) and min(norms) > 0.29  # lr 2 x 3 epochs: every delta was longer

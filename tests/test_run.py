@@ -65,6 +65,18 @@ def test_result_does_not_depend_on_worker_count(tracking_uri):
     assert one["test_accuracy"] == three["test_accuracy"] and one["test_loss"] == three["test_loss"]
 
 
+def test_virtual_devices_draw_their_samples_where_they_train(tracking_uri):
+    """100,000 devices whose data exists only while they train: each of a round's 10 devices
+    draws its 20 samples from its seed on a worker, and the model learns the clusters."""
+    summary, _ = run(tracking_uri, rounds=4, data={"dataset": "synthetic", "synthetic": {
+        "samples": 2000, "shape": [16], "classes": 4, "per_device": 25}, "partition": {"kind": "iid"}},
+        devices={"count": 100_000, "per_round": 10, "workers": 2, "local": {"epochs": 2, "lr": 0.1}})
+    client = MlflowClient(tracking_uri)
+    assert history(client, summary["run_id"], "participants") == [10] * 4
+    accuracy = history(client, summary["run_id"], "test_accuracy")  # on 400 held-out samples
+    assert accuracy[-1] > 0.8 and accuracy[-1] > accuracy[0]
+
+
 def test_dead_worker_is_a_failure_and_is_replaced(tracking_uri):
     driver = start_driver(tracking_uri, rounds=3, devices__count=4, devices__per_round=4)
     first = ray.get(driver.run_round.remote(1))

@@ -26,6 +26,7 @@ from fedray.config import JobSpec
 from fedray.config.privacy import (client_level, count_noise, delta_noise_multiplier, min_participants, sample_level,
                                    share_std)
 from fedray.config.secure import value_range
+from fedray.data.devices import Generated, Shards
 from fedray.models.params import ParamSpec
 from fedray.models.zoo import build_model
 from fedray.platform import strategies
@@ -34,8 +35,8 @@ from fedray.update import Update
 
 
 class DeviceWorker:
-    """Trains the devices of ``shards``: ``{device_id: (train_indices, test_indices)}`` into
-    ``data = (x, y)``, each sliced once, when the device first trains here. Devices in
+    """Trains the devices of ``shards`` (``Shards``: index arrays into ``data = (x, y)``; or
+    ``Generated``: drawn from each device's seed), sliced or drawn each time a device trains. Devices in
     ``attackers`` carry out the job's attack. ``keeps_state``: deployment mode, where the device's
     record stays here (``state``, ``restore``) instead of travelling with its tasks. With encrypted aggregation, ``sealing`` is
     the job's ``SecurePlan``, the public context and the devices' secret tag seeds: the key
@@ -43,16 +44,16 @@ class DeviceWorker:
 
     An asyncio actor: calls on one worker train one at a time (training never awaits), but the time
     a device takes beyond its compute (``devices.speed``) is an ``await``, so the worker trains other
-    devices meanwhile, as separate real devices would. The data is sliced once, here.
+    devices meanwhile, as separate real devices would. ``data`` also holds the server's held-out set,
+    which workers evaluate in shares.
     """
 
     def __init__(self, job: JobSpec, data: tuple[np.ndarray, np.ndarray], num_classes: int,
-                 shards: dict[int, tuple[np.ndarray, np.ndarray]], attackers: frozenset[int] = frozenset(),
+                 shards: Shards | Generated, attackers: frozenset[int] = frozenset(),
                  sealing: tuple[SecurePlan, bytes, dict[int, int]] | None = None, keeps_state: bool = False) -> None:
         torch.set_num_threads(1)
         x, y = data
         self._data, self._shards, self._num_classes = data, shards, num_classes
-        self._sliced: dict[int, tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {}
         self._attack, self._attackers = job.attack, attackers
         self._held: dict[int, DeviceState] | None = {} if keeps_state else None
         self._model = build_model(job.model.name, job.model.class_, job.model.kwargs, x.shape[1:],
@@ -78,14 +79,12 @@ class DeviceWorker:
         self._sealer = None if sealing is None else Sealer(*sealing)
 
     def _device_data(self, device: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """``device``'s (train, test) tensors, sliced on first use (an attacker's labels flipped)."""
-        if device not in self._sliced:
-            (x, y), (train, test) = self._data, self._shards[device]
-            features, labels = torch.from_numpy(x[train]), torch.from_numpy(y[train])
-            if device in self._attackers and self._attack.kind == "label_flip":
-                labels = flip_labels(labels, self._num_classes)
-            self._sliced[device] = (features, labels), (torch.from_numpy(x[test]), torch.from_numpy(y[test]))
-        return self._sliced[device]
+        """``device``'s (train, test) tensors (an attacker's labels flipped)."""
+        (x, y), (x_test, y_test) = self._shards.samples(device, self._data)
+        labels = torch.from_numpy(y)
+        if device in self._attackers and self._attack.kind == "label_flip":
+            labels = flip_labels(labels, self._num_classes)
+        return (torch.from_numpy(x), labels), (torch.from_numpy(x_test), torch.from_numpy(y_test))
 
     async def fit(self, device: int, round: int, sent_at: float, global_params: np.ndarray,
                   server_control: np.ndarray | None = None, state: DeviceState | None = None,

@@ -60,6 +60,9 @@ class SyntheticData(Section):
     shape: Annotated[tuple[PositiveInt, ...], AsTuple] = (32,)
     classes: Annotated[int, Field(ge=2)] = 10
     noise: PositiveFloat = 1.0
+    per_device: Annotated[int, Field(ge=2)] | None = Field(
+        None, description="each device draws this many samples from its own seed whenever it trains (virtual "
+                          "devices: data exists only for those training); `samples` then feed only the holdout")
 
 
 class DataSpec(Section):
@@ -79,6 +82,9 @@ class DataSpec(Section):
             raise ValueError(f"data.path does not apply to dataset {self.dataset!r}")
         if "synthetic" in self.model_fields_set and self.dataset != "synthetic":
             raise ValueError("data.synthetic applies only to dataset 'synthetic'")
+        if self.synthetic.per_device is not None and self.partition.kind not in ("iid", "dirichlet"):
+            raise ValueError(f"data.partition {self.partition.kind!r} splits a shared dataset; devices that draw "
+                             "their own samples (data.synthetic.per_device) take 'iid' or 'dirichlet' (label skew)")
         if "label_column" in self.model_fields_set and self.dataset != "csv":
             raise ValueError("data.label_column applies only to dataset 'csv'")
         return self

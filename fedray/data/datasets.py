@@ -61,10 +61,15 @@ def load(spec: DataSpec, seed: int) -> Dataset:
 def synthetic(samples: int, shape: tuple[int, ...], classes: int, noise: float, seed: int) -> Dataset:
     """Gaussian clusters: class ``c`` is centred at a random unit-scale point; ``noise`` is the std."""
     rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((classes, *shape)).astype(np.float32)
+    centers = cluster_centers(shape, classes, rng)
     y = rng.integers(0, classes, samples)
     x = centers[y] + noise * rng.standard_normal((samples, *shape), dtype=np.float32)
     return Dataset(x, y.astype(np.int64), classes)
+
+
+def cluster_centers(shape: tuple[int, ...], classes: int, rng: np.random.Generator) -> np.ndarray:
+    """The synthetic classes' centres: ``rng``'s first draw (``synthetic`` draws from ``seed``)."""
+    return rng.standard_normal((classes, *shape)).astype(np.float32)
 
 
 def _make(x: np.ndarray, y: np.ndarray) -> Dataset:

@@ -5,11 +5,13 @@ Each returns a list with one int64 index array per device. No Ray, no I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from fedray.config import DataSpec
+from fedray.data.datasets import cluster_centers
+from fedray.data.devices import Generated, Shards
 
 MIN_SAMPLES = 2  # every device gets at least this many samples (one to train, one to test)
 _MAX_DRAWS = 100
@@ -67,12 +69,16 @@ def quantity_skew(num_samples: int, num_devices: int, beta: float, rng: np.rando
     return [np.sort(part) for part in np.split(rng.permutation(num_samples), np.cumsum(sizes)[:-1])]
 
 
+def test_count(samples: int, test_fraction: float) -> int:
+    """How many of a device's ``samples`` test: with ``test_fraction > 0`` at least one, and the
+    train part always keeps at least one."""
+    n_test = int(round(samples * test_fraction))
+    return min(max(n_test, 1), samples - 1) if test_fraction > 0 else n_test
+
+
 def train_test_split(indices: np.ndarray, test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Split one device's indices into (train, test). With ``test_fraction > 0`` the test part holds
-    at least one sample and the train part always keeps at least one."""
-    n_test = int(round(len(indices) * test_fraction))
-    if test_fraction > 0:
-        n_test = min(max(n_test, 1), len(indices) - 1)
+    """Split one device's indices into (train, test), ``test_count`` of them testing."""
+    n_test = test_count(len(indices), test_fraction)
     shuffled = rng.permutation(indices)
     return np.sort(shuffled[n_test:]), np.sort(shuffled[:n_test])
 
@@ -85,11 +91,26 @@ def _check_enough(num_samples: int, num_devices: int) -> None:
 
 @dataclass(frozen=True)
 class Split:
-    """Sample indices of the server's held-out test set and of each device's train and test parts."""
+    """Sample indices of the server's held-out test set and of each device's train and test parts;
+    or, for generated devices (``data.synthetic.per_device``), no parts and their ``generated``."""
 
     holdout: np.ndarray
     train: list[np.ndarray]
     test: list[np.ndarray]
+    generated: Generated | None = None
+
+    @property
+    def train_sizes(self) -> np.ndarray:
+        """Each device's number of training samples."""
+        if self.generated is not None:
+            return np.full(len(self.generated.devices), self.generated.train)
+        return np.array([len(t) for t in self.train], dtype=np.int64)
+
+    def of(self, devices: np.ndarray) -> Shards | Generated:
+        """What a worker of ``devices`` (sorted ids) needs to produce their samples."""
+        if self.generated is not None:
+            return replace(self.generated, devices=np.asarray(devices))
+        return Shards(np.asarray(devices), [self.train[d] for d in devices], [self.test[d] for d in devices])
 
 
 def split(labels: np.ndarray, spec: DataSpec, num_devices: int, seed: int) -> Split:
@@ -100,6 +121,11 @@ def split(labels: np.ndarray, spec: DataSpec, num_devices: int, seed: int) -> Sp
     n_holdout = int(round(len(labels) * spec.holdout))
     holdout, pool = np.sort(order[:n_holdout]), order[n_holdout:]
     p = spec.partition
+    if spec.dataset == "synthetic" and (n := spec.synthetic.per_device) is not None:  # drawn by each device
+        centers = cluster_centers(spec.synthetic.shape, spec.synthetic.classes, np.random.default_rng(seed))
+        n_test = test_count(n, spec.test_fraction)
+        return Split(holdout, [], [], Generated(np.arange(num_devices), centers, spec.synthetic.noise, n - n_test,
+                                                n_test, p.alpha if p.kind == "dirichlet" else None, seed))
     if p.kind == "iid":
         parts = iid(len(pool), num_devices, rng)
     elif p.kind == "dirichlet":

@@ -53,7 +53,7 @@ class Driver:
         dataset, split, self.model = prepare(job)
         self.data_digest = snapshot.data_digest(dataset.x, dataset.y) if job.checkpoint else None
         self._example = dataset.x[:2].copy()  # input example for the logged model's signature
-        self._train_sizes = [len(t) for t in split.train]
+        self._train_sizes = split.train_sizes.tolist()
         self.spec = ParamSpec.of(self.model)
         self.strategy = strategies.for_job(job)
         self.state = self.strategy.init(self.spec.flatten(self.model))

@@ -141,7 +141,7 @@ def start_tiers(job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Spli
         options = [topology.placement_options(tree, e) for e in range(tree.edges)]
         pool = WorkerPool(job, data, num_classes, split,
                           [(np.flatnonzero(edge_of == e), options[e]) for e in range(tree.edges)], authority)
-    return pool, Edges(job, size, [len(t) for t in split.train], options, edge_of.tolist(), pool, edges)
+    return pool, Edges(job, size, split.train_sizes.tolist(), options, edge_of.tolist(), pool, edges)
 
 
 class Edges:

@@ -78,7 +78,7 @@ class WorkerPool:
             groups = [(np.array([d]), options) for devices, options in groups for d in devices]
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         per_group = max(1, (job.devices.workers or cpus) // len(groups))
-        sizes = [len(t) for t in split.train]
+        sizes = split.train_sizes
         self.group_of = np.empty(count, dtype=np.int64)
         self.group_workers: list[list[int]] = []
         self._options: list[dict[str, Any]] = []
@@ -90,7 +90,8 @@ class WorkerPool:
         num_workers = len(self._options)
         self._split = split
         # expected work of a device's training: its planned steps (the largest go first)
-        self._work = np.array([planned_steps(job, n) for n in sizes], dtype=np.float64)
+        unique, index = np.unique(sizes, return_inverse=True)
+        self._work = np.array([planned_steps(job, int(n)) for n in unique], dtype=np.float64)[index]
         # devices with a speed spend most of a task waiting: a worker takes them all at once
         self._slots = 1 if job.devices.speed is None else count
         # scale_up: one CPU each, which the autoscaler adds (``run_job`` asks it); else more workers
@@ -101,7 +102,7 @@ class WorkerPool:
         self._args, self._authority = (job, data, num_classes), authority
         self._devices = job.devices
         # sample-level DP: every device's spend, kept here, where no worker's failure can lose it
-        self.spend = privacy.DeviceLedger(job, sizes) if sample_level(job) else None
+        self.spend = privacy.DeviceLedger(job, sizes.tolist()) if sample_level(job) else None
         self.records = DeviceRecords()
         self._started: dict[int, ray.ObjectRef] = {}  # worker -> its node id, once it has started
         self._up: set[int] = set()  # workers whose node id has come
@@ -128,8 +129,8 @@ class WorkerPool:
         options = {"num_cpus": self._cpus_per_worker, "max_restarts": 0, **self._options[w]}
         group = next(g for g, workers in enumerate(self.group_workers) if w in workers)
         devices = np.flatnonzero(self.group_of == group)
-        shards = {int(d): (self._split.train[d], self._split.test[d]) for d in devices}
-        args = (*self._args, shards, self.attackers.intersection(shards))
+        shards = self._split.of(devices)
+        args = (*self._args, shards, self.attackers.intersection(devices.tolist()))
         keeps = {"keeps_state": self.deployment}
         if self._authority is None:
             actor = self._actor_class.options(**options).remote(*args, **keeps)

@@ -70,7 +70,7 @@ class KeyAuthority:
         from fedray.agents.worker import DeviceWorker
 
         job, data, num_classes, shards, attackers = args[0]
-        seeds = {int(d): self._seeds.setdefault(int(d), secrets.randbits(128)) for d in shards}
+        seeds = {int(d): self._seeds.setdefault(int(d), secrets.randbits(128)) for d in shards.devices}
         sealing = (self.plan, self._public_bytes, seeds)
         return [ray.remote(DeviceWorker).options(**options).remote(job, data, num_classes, shards, attackers, sealing,
                                                                    **(keywords or {}))]
