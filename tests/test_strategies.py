@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from pydantic import TypeAdapter
 
 from fedray.agents.training import effective_steps
 from fedray.platform import strategies
@@ -193,6 +194,21 @@ def test_scaffold_hand_computed():
     state, diag = strategy.apply(strategy.init(np.zeros(1, np.float32)), p)
     assert state.params[0] == pytest.approx(1.0) and state.buffers[0][0] == pytest.approx(0.3)
     assert strategy.control_variates and diag["control_norm"] == pytest.approx(0.3)
+    # the device half, option II: c_i+ = c_i - c + (x - y_i) / (K lr); x - y_i = -delta
+    # c_i 0.2, c 0.5, delta -0.6 after K lr = 0.3: 0.2 - 0.5 + 0.6 / 0.3 = 1.7
+    new = strategy.control(np.float32([0.2]), np.float32([0.5]), np.float32([-0.6]), 0.3)
+    assert new[0] == pytest.approx(1.7) and new.dtype == np.float32
+
+
+def test_strategies_say_what_they_ask_of_devices():
+    from fedray.config.strategy import StrategySpec
+
+    def built(**spec):
+        return strategies.build(TypeAdapter(StrategySpec).validate_python(spec), num_devices=4)
+
+    assert built(name="fedprox", mu=0.3).prox_mu == 0.3 and not built(name="fedprox", mu=0.3).control_variates
+    assert built(name="fedavg").prox_mu == 0.0 and built(name="fedavg").control is None
+    assert built(name="scaffold").control_variates and built(name="scaffold", norm_bound=1.0).control_variates
 
 
 def test_control_sums_merge():

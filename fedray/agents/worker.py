@@ -59,8 +59,8 @@ class DeviceWorker:
         self._model = build_model(job.model.name, job.model.class_, job.model.kwargs, x.shape[1:],
                                   num_classes, job.seed)
         self._spec = ParamSpec.of(self._model)
-        self._local = LocalTraining(**job.devices.local.model_dump(),
-                                    prox_mu=job.strategy.mu if job.strategy.name == "fedprox" else 0.0)
+        self._strategy = strategies.for_job(job)  # what it asks of training
+        self._local = LocalTraining(**job.devices.local.model_dump(), prox_mu=self._strategy.prox_mu)
         # a torch optimizer's first construction imports torch._dynamo (seconds): pay it at start-up,
         # which the pool waits for, rather than in the first round's deadline
         make_optimizer(self._model, self._local)
@@ -75,7 +75,7 @@ class DeviceWorker:
             self._count_share = count_noise(job) / math.sqrt(shares) if shares and dp.adaptive_clip else 0.0
             self._shares = shares
         self._sample_dp = sample_level(job)
-        self._job, self._weigh = job, strategies.for_job(job).weigh
+        self._job = job
         self._sealer = None if sealing is None else Sealer(*sealing)
 
     def _device_data(self, device: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -114,9 +114,9 @@ class DeviceWorker:
         steps, loss = train(self._model, x, y, local, device_generator(self._seed, round, device), correction, dp_sgd)
         delta = self._spec.flatten(self._model) - start
         control, changes = None, {}
-        if own is not None:  # SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K lr), K in plain SGD steps
+        if own is not None:  # SCAFFOLD: the device's new c_i, and its change
             scale = effective_steps(steps, self._local.momentum) * self._local.lr
-            changes["control"] = own - server_control - delta / np.float32(scale)
+            changes["control"] = self._strategy.control(own, server_control, delta, scale)
             control = changes["control"] - own
         state = state.advanced(**changes)
         if device in self._attackers:
@@ -150,7 +150,7 @@ class DeviceWorker:
         update, with the loss (weighted by its samples) and the adaptive-clip indicator; returns
         the plaintext coordinates, the blob, and the loss and indicator the header now carries."""
         plan = self._sealer.plan
-        weight, effective = self._weigh(samples, steps)
+        weight, effective = self._strategy.weigh(samples, steps)
         extras = (loss * samples / plan.sample_scale, indicator or 0.0)
         private = self._job.privacy is not None  # rounding noised values: secret randomness, no clipped count
         rng = np.random.default_rng() if private else np.random.default_rng([self._seed, round, device, 5])

@@ -1,6 +1,7 @@
-"""Server strategies as pure state transitions: ``init(params) -> state``,
-``fold(partial, update)`` and ``apply(state, partial) -> (state, diagnostics)``.
-No Ray, no MLflow, no I/O.
+"""Strategies as pure state transitions: ``init(params) -> state``, ``fold(partial, update)`` and
+``apply(state, partial) -> (state, diagnostics)`` on the server, and what a strategy asks of a
+device's training (its client half: FedProx's ``prox_mu``, SCAFFOLD's ``control`` update, FedNova's
+``weigh``), which workers read from here. No Ray, no MLflow, no I/O.
 
 Linear strategies fold updates into a ``Partial`` (so they run unchanged through a tree of
 aggregators) and differ in how an update is weighted and how the server steps on the mean. Robust
@@ -53,8 +54,15 @@ class Strategy:
     weigh: Weigh  # an update's weight in the sum and its effective local steps
     apply: Callable[[ServerState, Partial], tuple[ServerState, dict[str, float]]]
     reduce: Reduce | None = None  # set for robust (non-linear) rules, which do not fold
-    control_variates: bool = False  # SCAFFOLD: devices get buffers[0] and send control changes
     norm_bound: float | None = None  # every delta is clipped to this L2 norm first
+    prox_mu: float = 0.0  # FedProx: devices add (mu/2)||w - w_start||^2 to their loss
+    # SCAFFOLD: devices get buffers[0] (c), correct each gradient by c - c_i and send the change of c_i;
+    # control(c_i, c, delta, lr x effective steps) is a device's new c_i
+    control: Callable[[np.ndarray, np.ndarray, np.ndarray, float], np.ndarray] | None = None
+
+    @property
+    def control_variates(self) -> bool:
+        return self.control is not None
 
     def fold(self, partial: Partial, update: Update) -> None:
         """Add ``update`` to ``partial`` with its weight, clipped to ``norm_bound`` if set."""
@@ -151,6 +159,11 @@ def scaffold(num_devices: int, server_lr: float = 1.0) -> Strategy:
     divided by the number of devices ``N``."""
     lr = np.float32(server_lr)
 
+    def control(own: np.ndarray, server: np.ndarray, delta: np.ndarray, scale: float) -> np.ndarray:
+        """A device's new ``c_i = c_i - c + (x - y_i) / (K lr)``: ``-delta`` is ``x - y_i`` and
+        ``scale`` is ``K lr``, K its effective plain-SGD steps."""
+        return own - server - delta / np.float32(scale)
+
     def init(params: np.ndarray) -> ServerState:
         params = np.array(params, dtype=np.float32)
         return ServerState(params, 0, (np.zeros_like(params),))
@@ -161,7 +174,7 @@ def scaffold(num_devices: int, server_lr: float = 1.0) -> Strategy:
         return (ServerState(state.params + step, state.round + 1, (control,)),
                 {"update_norm": float(np.linalg.norm(step)), "control_norm": float(np.linalg.norm(control))})
 
-    return Strategy("scaffold", init, by_samples, apply, control_variates=True)
+    return Strategy("scaffold", init, by_samples, apply, control=control)
 
 
 def robust_rule(name: str, rule: Callable[[np.ndarray], tuple[np.ndarray, list[int] | None]],
@@ -250,7 +263,8 @@ class AsyncStrategy:
     mixing: bool
     concurrency: int
     max_staleness: int | None = None
-    control_variates = False  # no SCAFFOLD state (a class attribute, not a field)
+    # nothing asked of devices' training (class attributes, not fields)
+    prox_mu, control, control_variates = 0.0, None, False
 
     def init(self, params: np.ndarray) -> ServerState:
         return ServerState(np.array(params, dtype=np.float32))
@@ -300,8 +314,7 @@ def for_job(job) -> Strategy | AsyncStrategy:
 def build(spec, local_momentum: float = 0.0, num_devices: int = 1) -> Strategy:
     """The strategy a job's ``strategy`` section names, norm-bounded if it sets ``norm_bound``.
     ``local_momentum`` is the devices' SGD momentum, which FedNova's normalization needs;
-    ``num_devices`` (N) scales SCAFFOLD's control update.
-    (FedProx's mu acts on the devices; its server side is FedAvg.)"""
+    ``num_devices`` (N) scales SCAFFOLD's control update."""
     strategy = _build(spec, local_momentum, num_devices)
     return norm_bounded(strategy, spec.norm_bound) if spec.norm_bound else strategy
 
@@ -316,8 +329,10 @@ def _build(spec, local_momentum: float, num_devices: int) -> Strategy:
     if spec.name in ("krum", "multi_krum"):
         selected = 1 if spec.name == "krum" else spec.selected
         return krum(spec.byzantine, selected, spec.server_lr, spec.name, spec.bucket_size)
-    if spec.name in ("fedavg", "fedprox"):
-        return fedavg(spec.server_lr, spec.name)
+    if spec.name == "fedavg":
+        return fedavg(spec.server_lr)
+    if spec.name == "fedprox":  # its server half is FedAvg's
+        return replace(fedavg(spec.server_lr, "fedprox"), prox_mu=spec.mu)
     if spec.name == "fedavgm":
         return fedavgm(spec.server_lr, spec.momentum)
     if spec.name == "fednova":
