@@ -16,6 +16,7 @@ from scipy import integrate
 from fedray.agents import privacy as device_privacy
 from fedray.config import parse_job
 from fedray.config.privacy import min_participants, share_std
+from fedray.data.devices import Shards
 from fedray.platform import privacy
 from fedray.platform.aggregation import Partial
 from fedray.platform.run import run_job
@@ -375,7 +376,7 @@ def test_a_device_refuses_a_round_past_its_budget():
     raw = small_job(privacy={"level": "sample", "noise_multiplier": 1.0, "budget": {"epsilon": 1.0}}, **SAMPLE_DP)
     job, _ = device_plans(raw)
     data = datasets.load(job.data, 0)
-    worker = DeviceWorker(job, (data.x, data.y), 10, {0: (np.arange(100), np.arange(0))})
+    worker = DeviceWorker(job, (data.x, data.y), 10, Shards(np.array([0]), [np.arange(100)], [np.arange(0)]))
     with pytest.raises(RuntimeError, match="device 0 refuses to train: its epsilon would reach .*, over privacy.budget"):
         asyncio.run(worker.fit(0, 1, 0.0, np.zeros(650, np.float32)))[0]
 
@@ -447,7 +448,7 @@ def test_a_device_keeps_its_loss_under_dp():
     for section in ({"level": "sample", "noise_multiplier": 1.0}, {"level": "client"}, None):
         job = parse_job(small_job(privacy=section))
         data = datasets.load(job.data, 0)
-        worker = DeviceWorker(job, (data.x, data.y), 10, {0: (np.arange(100), np.arange(0))})
+        worker = DeviceWorker(job, (data.x, data.y), 10, Shards(np.array([0]), [np.arange(100)], [np.arange(0)]))
         update = Update.from_bytes(asyncio.run(worker.fit(0, 1, 0.0, np.zeros(650, np.float32)))[0])
         assert (update.train_loss == 0.0) == (section is not None)
 
