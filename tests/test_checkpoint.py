@@ -275,7 +275,7 @@ def test_devices_keep_their_state_when_the_workers_that_trained_them_die(trackin
     accepted = {d: 0 for d in range(6)}
     for r in (1, 2, 3):
         if r == 2:
-            for worker in ray_get(driver, lambda self: list(self.pool.actors)):
+            for worker in ray_get(driver, lambda self: list(self.pool.workers.actors)):
                 ray_kill(worker)
         result = ray_get(driver, lambda self, r=r: self.run_round(r))
         for d in set(range(6)) - set(result.failures):

@@ -235,7 +235,7 @@ outside = sorted(m for m in sys.modules if m.startswith(("fedray.", "torch", "ra
                  and not m.startswith("fedray.config"))
 assert not outside, outside
 import fedray.platform.strategies, fedray.platform.aggregation, fedray.platform.privacy, fedray.platform.robust
-import fedray.agents.privacy, fedray.agents.state, fedray.secure.packing, fedray.data.partition, fedray.update
+import fedray.agents.privacy, fedray.agents.state, fedray.secure.packing, fedray.data.partition, fedray.data.devices, fedray.update
 assert not [m for m in ("ray", "mlflow") if m in sys.modules]
 """
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)

@@ -401,7 +401,7 @@ def test_device_spend_survives_a_killed_worker(tracking_uri):
         if r == 4:
             ray.get(driver.__ray_call__.remote(record))
         if r == 3:
-            ray.kill(ray.get(driver.__ray_call__.remote(lambda self: self.pool.actors[0])), no_restart=True)
+            ray.kill(ray.get(driver.__ray_call__.remote(lambda self: self.pool.workers.actors[0])), no_restart=True)
         result = ray.get(driver.run_round.remote(r))
         assert result.completed and (len(result.failures) > 0) == (r == 3)
         if r == 3:

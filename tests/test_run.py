@@ -81,7 +81,7 @@ def test_dead_worker_is_a_failure_and_is_replaced(tracking_uri):
     driver = start_driver(tracking_uri, rounds=3, devices__count=4, devices__per_round=4)
     first = ray.get(driver.run_round.remote(1))
     assert first.completed and not first.failures
-    worker = ray.get(driver.__ray_call__.remote(lambda self: self.pool.actors[0]))
+    worker = ray.get(driver.__ray_call__.remote(lambda self: self.pool.workers.actors[0]))
     ray.kill(worker, no_restart=True)
     second = ray.get(driver.run_round.remote(2))
     # the device sent to the dead worker fails; the others train on the live worker and the new one
@@ -171,7 +171,7 @@ def test_deployment_mode_runs_one_actor_per_device(tracking_uri):
                                                                                        "beta": 2.0}},
                           devices={"count": 3, "per_round": 3, "mode": "deployment",
                                    "local": {"epochs": 1, "optimizer": "adam", "lr": 0.01}})
-    actors, groups = ray.get(driver.__ray_call__.remote(lambda self: (len(self.pool.actors), self.pool.group_workers)))
+    actors, groups = ray.get(driver.__ray_call__.remote(lambda self: (len(self.pool.workers.actors), self.pool.group_workers)))
     assert actors == 3 and groups == [[0], [1], [2]]
     result = ray.get(driver.run_round.remote(1))
     assert result.completed and result.metrics["participants"] == 3

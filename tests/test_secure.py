@@ -339,7 +339,7 @@ def test_a_device_that_drops_out_contributes_nothing(tracking_uri, tmp_path):
 def test_a_replaced_worker_is_given_its_devices_seeds_again(tracking_uri):
     driver = start_driver(tracking_uri, rounds=3, devices__count=4, devices__per_round=4, secure={"min_clients": 2})
     assert ray.get(driver.run_round.remote(1)).completed
-    ray.kill(ray.get(driver.__ray_call__.remote(lambda self: self.pool.actors[0])), no_restart=True)
+    ray.kill(ray.get(driver.__ray_call__.remote(lambda self: self.pool.workers.actors[0])), no_restart=True)
     second = ray.get(driver.run_round.remote(2))  # the device sent to the dead worker fails
     assert second.completed and second.metrics["participants"] == 3 and len(second.failures) == 1
     third = ray.get(driver.run_round.remote(3))  # the new worker's devices' updates verify
@@ -410,7 +410,7 @@ def test_the_threat_model_holds_through_the_real_actors(tracking_uri):
     driver = start_driver(tracking_uri, rounds=2, topology={"edges": 2}, secure={"preset": "balanced"})
     assert ray.get(driver.run_round.remote(1)).completed
     authority, plan, public, edge, worker, hosted, params = ray.get(driver.__ray_call__.remote(lambda self: (
-        self.sealing.authority, self.sealing.plan, self.sealing.public, self.edges.actors[0], self.pool.actors[0],
+        self.sealing.authority, self.sealing.plan, self.sealing.public, self.edges.group.actors[0], self.pool.workers.actors[0],
         np.flatnonzero(self.pool.group_of == self.pool.group_of[0]).tolist(), self.state.params)))
     assert not ray.get(driver.__ray_call__.remote(lambda self: self.sealing.sums.public.context.is_private()))
     assert not ray.get(edge.__ray_call__.remote(lambda self: self._sums.public.context.is_private()))

@@ -15,9 +15,10 @@ import torch
 from fedray.config import JobSpec
 from fedray.models.params import ParamSpec
 from fedray.config.privacy import client_level, min_participants, sampling_rate
-from fedray.platform import edge, plots, privacy, snapshot, strategies, topology
+from fedray.platform import edge, plots, privacy, snapshot, strategies
 from fedray.platform.checkpoint import CheckpointStore
 from fedray.platform.evaluation import Evaluation
+from fedray.platform.flat import Flat
 from fedray.config.base import quorum
 from fedray.platform.aggregation import Partial
 from fedray.platform.intake import Intake
@@ -26,7 +27,6 @@ from fedray.platform.prepare import prepare
 from fedray.platform.sealing import Sealing
 from fedray.platform.strategies import AsyncStrategy
 from fedray.platform.tracking import Tracker
-from fedray.update import Update
 
 
 @dataclass
@@ -71,6 +71,8 @@ class Driver:
                            "expect_control": self.strategy.control_variates}
             self.pool, self.edges = edge.start_tiers(job, ray.put((dataset.x, dataset.y)), dataset.num_classes,
                                                      split, size, self.sealing and self.sealing.tiers)
+            # where updates are folded: at the edges, or here
+            self.tier = self.edges or Flat(job, self.strategy, self.pool, self._check, self.sealing and self.sealing.sums)
             self.evaluation = Evaluation(self.pool, (dataset.x, dataset.y), split.holdout, self.spec, self.model,
                                          job.devices.timeout_s)
         except BaseException:
@@ -106,7 +108,7 @@ class Driver:
     def placement(self) -> dict[str, list]:
         """Where things run: the node of every edge and worker (None if not up), the workers of
         each group, every device's group and edge."""
-        return {"edges": self.edges.nodes() if self.edges else [], "workers": self.pool.nodes(),
+        return {"edges": self.edges.group.nodes() if self.edges else [], "workers": self.pool.workers.nodes(),
                 "group_workers": self.pool.group_workers, "group_of": self.pool.group_of.tolist(),
                 "edge_of": self.edges.edge_of if self.edges else []}
 
@@ -129,7 +131,7 @@ class Driver:
         if self.edges is not None:
             metrics["edge_failures"] = len(intake.edge_failures)
         if self.job.devices.scale_up:  # workers join as the autoscaler adds their nodes
-            metrics["workers"] = len(self.pool.up())
+            metrics["workers"] = len(self.pool.workers.up())
         if self.ledger is not None:  # every round sampled devices and may release a model: it is accounted
             self.ledger.step()
             metrics["epsilon"] = self.ledger.epsilon()
@@ -174,10 +176,7 @@ class Driver:
         adaptive = self.ledger is not None and self.job.privacy.adaptive_clip is not None
         options = {"clip": self.clip} if adaptive else {}  # fit's keyword arguments
         down = sum(v.nbytes for v in broadcast)
-        if self.edges is None:
-            partial, raw, metrics = self._flat_collect(r, sampled, refs, options, down, intake)
-        else:
-            (partial, metrics), raw = self.edges.run_round(r, sampled, refs, options, down, intake), []
+        partial, raw, metrics = self.tier.run_round(r, sampled, refs, options, down, intake)
         accepted = partial.count + len(raw)
         if self.ledger is None:
             completed = accepted >= quorum(devices.min_completion, len(sampled))
@@ -209,33 +208,6 @@ class Driver:
             metrics.update(diagnostics)
         return completed, metrics, sampled
 
-    def _flat_collect(self, r: int, sampled: np.ndarray, refs: list[ray.ObjectRef], options: dict, down: int,
-                      intake: Intake) -> tuple[Partial, list[Update], dict[str, float]]:
-        """Train the sampled devices and fold their updates here: the Partial of a linear strategy,
-        or the raw updates for a robust rule; and the round's metrics so far. Late updates of the
-        last round join if they arrive."""
-        carried = list(self.pool.pending)
-        sent_at = time.time()
-        fresh = self.pool.fit_all(sampled, r, sent_at, *refs, tag=r, **options)
-        partial, raw = self._empty(), []  # raw kept whole for robust (non-linear) rules
-        for done in self.pool.as_completed(fresh + carried, time.monotonic() + self.job.devices.round_wait_s):
-            update = intake.accept(done, done.task.tag, **self._check)
-            if update is None:
-                continue
-            if done.task.tag < r:
-                intake.staleness.append(r - done.task.tag)
-            if self.strategy.reduce is None:
-                self.strategy.fold(partial, update)
-            else:
-                raw.append(update)
-        metrics: dict[str, float] = {"bytes_down": len(sampled) * down}
-        late = self.pool.settle(r, fresh, carried, intake)
-        if late is not None:
-            metrics["late"] = late
-        if self.job.network is not None:
-            metrics["sim_comm_seconds"] = topology.flat_seconds(self.job.network, down, [n for _, n in intake.uploads])
-        return partial, raw, metrics
-
     def _async_step(self, intake: Intake) -> tuple[bool, dict[str, float], np.ndarray]:
         """Fold arrivals, keeping ``concurrency`` devices training, until the buffer is full; then
         step the server. Gives up (the model unchanged) once more device runs failed in this step
@@ -246,10 +218,10 @@ class Driver:
         partial, metrics = self._empty(), Counter()  # Counter: update() adds up the edges' counts
         started: list[int] = []
         while partial.count < strategy.buffer_size and intake.failed_tasks <= devices.count:
-            down = {} if edges is None else edges.down()  # checked often: a recreated edge is soon up again
+            down = {} if edges is None else edges.group.down()  # checked often: a recreated edge is soon up again
             if down:
                 intake.edge_failures = down | intake.edge_failures  # an edge's first reason in the step
-                self.pool.replace_lost()
+                self.pool.workers.replace_lost()
             while len(self.pool.pending) < strategy.concurrency and (device := self._dispatch(down, intake)) is not None:
                 started.append(device)
             if not self._arrived:
@@ -262,19 +234,12 @@ class Driver:
                 continue
             batch = [self._arrived.popleft() for _ in range(min(len(self._arrived), strategy.buffer_size - partial.count))]
             current = self.state.round
-            if edges is None:
-                for ref, task in batch:
-                    version = task.tag[1]
-                    intake.fold_arrival(self.pool.resolve(ref, task), current - version, strategy, partial,
-                                        lambda: ray.get(self._versions[version]) - self.state.params, **self._check)
-            else:
-                models = ({v: self._versions[v] for v in {task.tag[1] for _, task in batch}} | {current: self._model()}
-                          if strategy.mixing else {})
-                folded, tier, sent_up = edges.fold_arrivals([(ref, task, current - task.tag[1]) for ref, task in batch],
-                                                            models, current, down, intake)
-                partial.merge(folded)
-                metrics.update(tier)
-                metrics["bytes_edge_cloud"] += sent_up
+            models = ({v: self._versions[v] for v in {task.tag[1] for _, task in batch}} | {current: self._model()}
+                      if strategy.mixing else {})  # what stale deltas are rebased on
+            folded, tier = self.tier.fold_arrivals([(ref, task, current - task.tag[1]) for ref, task in batch],
+                                                   models, current, down, intake)
+            partial.merge(folded)
+            metrics.update(tier)
         model_bytes = self.state.params.nbytes
         metrics.update(participants=partial.count, bytes_down=len(started) * model_bytes, dispatched=len(started),
                        stale_dropped=intake.stale_dropped, in_flight=len(self.pool.pending))

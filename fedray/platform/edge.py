@@ -15,16 +15,15 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayError
-
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedray.config import JobSpec
 from fedray.data.partition import Split
 from fedray.platform import strategies, topology
+from fedray.platform.actors import ActorGroup, finished
 from fedray.platform.aggregation import Partial
 from fedray.platform.intake import Intake
-from fedray.platform.pool import START_TIMEOUT_S, Task, WorkerPool, finished, first_line, node_ids, outcome
+from fedray.platform.pool import START_TIMEOUT_S, Task, WorkerPool, outcome
 from fedray.secure.plan import SecurePlan, SumLoader
 
 EDGE_GRACE_S = 60.0  # an edge that has not answered this long after its devices' time is hung
@@ -132,7 +131,7 @@ def start_tiers(job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Spli
     if tree.assign == "colocated":
         pool = WorkerPool(job, data, num_classes, split, [(np.arange(job.devices.count), {"scheduling_strategy": "SPREAD"})],
                           authority)
-        edge_of_worker, nodes = topology.colocated(pool.nodes(), tree.edges)
+        edge_of_worker, nodes = topology.colocated(pool.workers.nodes(), tree.edges)
         edge_of = np.arange(job.devices.count) % tree.edges
         pool.regroup(edge_of, [np.flatnonzero(edge_of_worker == e).tolist() for e in range(tree.edges)])
         options = [{"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)} for node in nodes]
@@ -145,55 +144,34 @@ def start_tiers(job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Spli
 
 
 class Edges:
-    """The edge actors of a run, created once with per-edge ``options`` (placement) and recreated
-    when one dies; ``edge_of[d]`` is device d's edge, ``pool`` the workers hosting the devices. An
-    edge whose actor has not started (its node is gone and none replaced it) is down; its devices
-    fail for the round without being asked to train."""
+    """The edge actors of a run (an ``ActorGroup``), created once with per-edge ``options``
+    (placement) and recreated when one dies; ``edge_of[d]`` is device d's edge, ``pool`` the
+    workers hosting the devices. An edge whose actor has not started (its node is gone and none
+    replaced it) is down; its devices fail for the round without being asked to train."""
 
     def __init__(self, job: JobSpec, size: int, train_sizes: list[int], options: list[dict[str, Any]],
                  edge_of: list[int], pool: WorkerPool, sealing: tuple[SecurePlan, bytes] | None = None) -> None:
         self._job, self._size, self._train_sizes = job, size, train_sizes
         self._sealing, self._sums = sealing, None if sealing is None else SumLoader(*sealing)
-        self._options = options
         self.edge_of, self._pool = edge_of, pool
-        self._started: dict[int, ray.ObjectRef] = {}  # edge -> its node id, once its actor has started
-        self.actors = [self._spawn(e) for e in range(len(options))]
-        try:  # started before the first round, as the workers are
-            ray.get(list(self._started.values()), timeout=START_TIMEOUT_S)
-        except GetTimeoutError:
-            raise RuntimeError(f"the {len(options)} edge aggregators did not start within {START_TIMEOUT_S}s") from None
+        self.group = ActorGroup(self._spawn, options, "edge")
+        self.group.wait_started(len(options), START_TIMEOUT_S)  # before the first round, as the workers are
 
-    def _spawn(self, e: int) -> Any:
-        actor = ray.remote(EdgeAggregator).options(num_cpus=0, max_restarts=0, **self._options[e]).remote(
+    def _spawn(self, e: int, placement: dict[str, Any]) -> Any:
+        return ray.remote(EdgeAggregator).options(num_cpus=0, max_restarts=0, **placement).remote(
             self._job, e, self._size, self._train_sizes, self._sealing)
-        self._started[e] = actor.node_id.remote()
-        return actor
-
-    def down(self) -> dict[int, str]:
-        """``{edge: reason}`` for the edges that cannot take a round now; recreates dead ones."""
-        down = {}
-        for e, ref in self._started.items():
-            if not finished([ref], 0):
-                down[e] = f"edge {e} is not up (starting, or waiting for a node: {self._options[e] or 'any'})"
-                continue
-            try:
-                ray.get(ref)
-            except RayError as err:
-                down[e] = f"edge {e} died: {type(err).__name__}"
-                self.replace(e)
-        return down
 
     def run_round(self, r: int, sampled: np.ndarray, refs: list[ray.ObjectRef], options: dict[str, Any], down: int,
-                  intake: Intake) -> tuple[Partial, dict[str, float]]:
+                  intake: Intake) -> tuple[Partial, list, dict[str, float]]:
         """Train cloud round ``r``'s sampled devices through their edges (``refs``: the broadcast
         objects, ``options``: keyword arguments of ``fit``, ``down``: bytes a device downloads),
         which fold their updates for ``topology.edge_rounds`` edge rounds; return the merged
-        Partial and the round's tier metrics. A device of an edge that is down or fails fails with
-        the edge's reason."""
+        Partial, no raw updates (edges only fold) and the round's tier metrics. A device of an
+        edge that is down or fails fails with the edge's reason."""
         pool, edge_of, edge_rounds = self._pool, self.edge_of, self._job.topology.edge_rounds
-        intake.edge_failures = self.down()
+        intake.edge_failures = self.group.down()
         if intake.edge_failures:
-            pool.replace_lost()
+            pool.workers.replace_lost()
         live = []
         for d in sampled.tolist():
             if edge_of[d] in intake.edge_failures:
@@ -218,8 +196,8 @@ class Edges:
                 tasks.setdefault(edge_of[task.device], []).append((task, [ref]))
             reached = reached or len(tasks)  # the edges sent the global model
             start = refs[0] if k == 0 else None
-            reports, failed = self._gather({self.actors[e].collect.remote(t, k, edge_tasks, wait, start): e
-                                            for e, edge_tasks in tasks.items()}, wait + EDGE_GRACE_S)
+            reports, failed = self.group.gather({self.group.actors[e].collect.remote(t, k, edge_tasks, wait, start): e
+                                                 for e, edge_tasks in tasks.items()}, wait + EDGE_GRACE_S)
             for e, report in reports.items():
                 for i, lost in report.collected:
                     pool.returned(pool.pending.pop(tasks[e][i][1][0]), lost)
@@ -244,28 +222,28 @@ class Edges:
         if self._job.network is not None:
             metrics["sim_comm_seconds"] = max((topology.edge_seconds(self._job.network, down, uploads[e], sent_up.get(e, 0))
                                                for e in uploads), default=0.0)
-        return partial, metrics
+        return partial, [], metrics
 
     def fold_arrivals(self, arrivals: list[tuple[ray.ObjectRef, Task, int]], models: dict[int, ray.ObjectRef],
-                      current: int, down: dict[int, str], intake: Intake) -> tuple[Partial, dict[str, float], int]:
+                      current: int, down: dict[int, str], intake: Intake) -> tuple[Partial, dict[str, float]]:
         """Asynchronous strategies: have each device's edge fold its finished tasks, given as (result
-        ref, task, staleness); return the merged Partial, per-edge participants and the bytes sent
-        up. The tasks of an edge that is ``down`` (``{edge: reason}``) or fails fail with the
-        edge's reason."""
+        ref, task, staleness); return the merged Partial and the tier metrics (per-edge
+        participants, the bytes sent up). The tasks of an edge that is ``down`` (``{edge: reason}``)
+        or fails fail with the edge's reason."""
         pool, partial, metrics, sent_up = self._pool, Partial.zeros(self._size, self._sums), {}, 0
         by_edge: dict[int, list[tuple[Task, list[ray.ObjectRef], int]]] = {}
         for ref, task, staleness in arrivals:
             by_edge.setdefault(self.edge_of[task.device], []).append((task, [ref], staleness))
         self._failed(down, [task for e in down for task, _, _ in by_edge.pop(e, [])], intake)
-        reports, failed = self._gather({self.actors[e].fold_arrivals.remote(batch, models, current): e
-                                        for e, batch in by_edge.items()}, EDGE_GRACE_S)
+        reports, failed = self.group.gather({self.group.actors[e].fold_arrivals.remote(batch, models, current): e
+                                             for e, batch in by_edge.items()}, EDGE_GRACE_S)
         for e, report in reports.items():
             for i, lost in report.collected:
                 pool.returned(by_edge[e][i][0], lost)
             if self._merge(e, report, partial, intake, metrics, failed):
                 sent_up += len(report.partial)
         self._failed(failed, [task for e in failed for task, _, _ in by_edge[e]], intake)
-        return partial, metrics, sent_up
+        return partial, metrics | {"bytes_edge_cloud": sent_up}
 
     def _merge(self, e: int, report: EdgeReport, partial: Partial, intake: Intake, metrics: dict[str, float],
                failed: dict[int, str]) -> bool:
@@ -288,33 +266,4 @@ class Edges:
             intake.fail(task.device, failed[self.edge_of[task.device]])
         intake.edge_failures = failed | intake.edge_failures
         if failed:
-            self._pool.replace_lost()
-
-    def _gather(self, calls: dict[ray.ObjectRef, int], seconds: float) -> tuple[dict[int, EdgeReport], dict[int, str]]:
-        """Wait up to ``seconds`` for the edges' ``calls`` (call -> edge); return each answering
-        edge's report and ``{edge: reason}`` for the edges that failed, which are recreated."""
-        reports, failed = {}, {}
-        until = time.monotonic() + seconds
-        left = list(calls)
-        while left and (remaining := until - time.monotonic()) > 0:
-            for ref in finished(left, remaining):
-                left.remove(ref)
-                e = calls[ref]
-                try:
-                    reports[e] = ray.get(ref)
-                except RayError as err:
-                    failed[e] = f"edge {e} failed: {type(err).__name__}: {first_line(err)}"
-                    self.replace(e)
-        for ref in left:
-            e = calls[ref]
-            failed[e] = f"edge {e} did not answer within {seconds:g}s"
-            self.replace(e)
-        return reports, failed
-
-    def replace(self, e: int) -> None:
-        ray.kill(self.actors[e], no_restart=True)
-        self.actors[e] = self._spawn(e)
-
-    def nodes(self, timeout: float = 60) -> list[str | None]:
-        """The node each edge runs on, None for one not up within ``timeout`` seconds."""
-        return node_ids(list(self._started.values()), timeout)
+            self._pool.workers.replace_lost()

@@ -2,7 +2,7 @@
 
 Every call trains or evaluates one device. Ray errors become per-device failure reasons; a worker
 that dies or hangs is replaced (its other tasks fail with it), so one bad device does not poison
-the run.
+the run. The workers themselves are an ``ActorGroup``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import ray
 from ray.autoscaler.sdk import request_resources
-from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
 from fedray.agents.attacks import choose_attackers
 from fedray.agents.heterogeneity import planned_steps
@@ -26,6 +25,7 @@ from fedray.config import JobSpec
 from fedray.config.privacy import sample_level
 from fedray.data.partition import Split
 from fedray.platform import privacy
+from fedray.platform.actors import ActorGroup, finished, result
 from fedray.platform.records import DeviceRecords
 
 if TYPE_CHECKING:  # intake imports this module
@@ -104,29 +104,22 @@ class WorkerPool:
         # sample-level DP: every device's spend, kept here, where no worker's failure can lose it
         self.spend = privacy.DeviceLedger(job, sizes.tolist()) if sample_level(job) else None
         self.records = DeviceRecords()
-        self._started: dict[int, ray.ObjectRef] = {}  # worker -> its node id, once it has started
-        self._up: set[int] = set()  # workers whose node id has come
         if job.devices.scale_up:  # withdrawn by ``run_job`` when the run ends
             request_resources(bundles=[{"CPU": 1}] * num_workers)
-        self.actors = [self._spawn(w) for w in range(num_workers)]
+        self.workers = ActorGroup(self._spawn, self._options, "device worker")
         # started before the first round, whose deadline should not pay for it (scale_up: the first
         # one; the rest join as their nodes do); a worker that cannot start (a user model that does
         # not import) fails the run here, with its error
-        wanted = 1 if job.devices.scale_up else num_workers
-        started, _ = ray.wait(list(self._started.values()), num_returns=wanted, timeout=START_TIMEOUT_S)
-        if len(started) < wanted:
-            raise RuntimeError(f"{len(started)} of {num_workers} device workers started within {START_TIMEOUT_S}s: "
-                               f"each needs {self._cpus_per_worker:g} CPU; does the cluster have them?")
-        ray.get(started)
-        self._generation = [0] * num_workers
+        self.workers.wait_started(1 if job.devices.scale_up else num_workers, START_TIMEOUT_S,
+                                  f"each needs {self._cpus_per_worker:g} CPU; does the cluster have them?")
         self.pending: dict[ray.ObjectRef, Task] = {}
         self._dropped: dict[ray.ObjectRef, Task] = {}
         self._queue: deque[tuple[int, tuple, dict, Any]] = deque()  # fits waiting for a free worker
         self._fresh: list[ray.ObjectRef] = []  # the refs of the queued batch's started fits
         self._returned: dict[int, ray.ObjectRef] = {}  # device -> record its last returned task made
 
-    def _spawn(self, w: int) -> Any:
-        options = {"num_cpus": self._cpus_per_worker, "max_restarts": 0, **self._options[w]}
+    def _spawn(self, w: int, placement: dict[str, Any]) -> Any:
+        options = {"num_cpus": self._cpus_per_worker, "max_restarts": 0, **placement}
         group = next(g for g, workers in enumerate(self.group_workers) if w in workers)
         devices = np.flatnonzero(self.group_of == group)
         shards = self._split.of(devices)
@@ -136,33 +129,12 @@ class WorkerPool:
             actor = self._actor_class.options(**options).remote(*args, **keeps)
         else:  # the key authority starts it, handing it its devices' tag seeds; args nested: data stays a ref
             (actor,) = ray.get(self._authority.spawn.remote(options, [args], keeps), timeout=START_TIMEOUT_S)
-        self._started[w] = actor.node_id.remote()
-        self._up.discard(w)
         return actor
 
     def regroup(self, group_of: np.ndarray, group_workers: list[list[int]]) -> None:
         """New groups (e.g. one per edge once edges are placed by their workers' nodes): device d
         trains on the workers ``group_workers[group_of[d]]``, which must hold its data already."""
         self.group_of, self.group_workers = np.asarray(group_of), group_workers
-
-    def nodes(self, timeout: float = 60) -> list[str | None]:
-        """The node each worker runs on now, None for one not up within ``timeout`` seconds."""
-        return node_ids(list(self._started.values()), timeout)
-
-    def replace_lost(self) -> None:
-        """Replace the workers whose node has died (a worker is otherwise found dead only when called)."""
-        dead = {node["NodeID"] for node in ray.nodes() if not node["Alive"]}
-        for w, node in enumerate(self.nodes(timeout=0)):
-            if node in dead:
-                self._replace(w, self._generation[w])
-
-    def up(self) -> set[int]:
-        """The workers that have started (checked without waiting)."""
-        starting = {ref: w for w, ref in self._started.items() if w not in self._up}
-        if starting:
-            ready, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0)
-            self._up.update(starting[ref] for ref in ready)
-        return self._up
 
     def _workers_of(self, device: int, up: set[int]) -> list[int]:
         """The workers of ``device``'s group that are ``up``; all of them while none is (a task then
@@ -189,7 +161,7 @@ class WorkerPool:
     def _feed(self) -> list[ray.ObjectRef]:
         """Start the queued fits whose group has a free worker, in queue order; their refs."""
         busy = Counter(task.worker for task in self.pending.values())
-        started, waiting, up = [], deque(), self.up()
+        started, waiting, up = [], deque(), self.workers.up()
         for d, args, kwargs, tag in self._queue:
             free = [w for w in self._workers_of(d, up) if busy[w] < self._slots]
             if not free:
@@ -206,35 +178,35 @@ class WorkerPool:
         load = Counter()
         for task in self.pending.values():
             load[task.worker] += self._work[task.device]
-        return min(self._workers_of(device, self.up()), key=lambda w: load[w])
+        return min(self._workers_of(device, self.workers.up()), key=lambda w: load[w])
 
     def _start(self, device: int, args: tuple, kwargs: dict, tag: Any, w: int) -> ray.ObjectRef:
         if self.spend is not None:  # sample-level DP: charged when sent the model, given its history
             kwargs = kwargs | {"spent": self.spend.charge(device, args[0])}
         if not self.deployment:
             kwargs = kwargs | {"state": self.records.ref(device)}
-        ref, record = self.actors[w].fit.options(num_returns=2).remote(device, *args, **kwargs)
-        self.pending[ref] = Task(device, tag, w, self._generation[w], time.monotonic(), record)
+        ref, record = self.workers.actors[w].fit.options(num_returns=2).remote(device, *args, **kwargs)
+        self.pending[ref] = Task(device, tag, w, self.workers.generation[w], time.monotonic(), record)
         return ref
 
     def submit(self, method: str, device: int, *args: Any, tag: Any = None, **kwargs: Any) -> ray.ObjectRef:
         """Call ``method(device, *args, **kwargs)`` on a worker of the device's group; the task
         stays in ``pending`` until ``wait``, ``drop`` or ``expire`` hands it back."""
         w = self._least_loaded(device)
-        ref = getattr(self.actors[w], method).remote(int(device), *args, **kwargs)
-        self.pending[ref] = Task(int(device), tag, w, self._generation[w], time.monotonic())
+        ref = getattr(self.workers.actors[w], method).remote(int(device), *args, **kwargs)
+        self.pending[ref] = Task(int(device), tag, w, self.workers.generation[w], time.monotonic())
         return ref
 
     def evaluate_samples(self, shares: list[np.ndarray], params: ray.ObjectRef) -> list[ray.ObjectRef]:
         """Evaluate ``params`` on ``shares`` (index arrays into the data: the server's held-out
         set), spread over the workers that are up: pending tasks of device -1, tagged with the
         share's index (none if no worker is up)."""
-        up = sorted(self.up())
+        up = sorted(self.workers.up())
         refs = []
         for i, share in enumerate(shares if up else []):
             w = up[i % len(up)]
-            refs.append(self.actors[w].evaluate_samples.remote(share, params))
-            self.pending[refs[-1]] = Task(-1, i, w, self._generation[w], time.monotonic())
+            refs.append(self.workers.actors[w].evaluate_samples.remote(share, params))
+            self.pending[refs[-1]] = Task(-1, i, w, self.workers.generation[w], time.monotonic())
         return refs
 
     def take_records(self, accepted: list[int]) -> None:
@@ -251,14 +223,14 @@ class WorkerPool:
         """Refs to the records of those ``devices`` that have one (deployment: asked of the devices)."""
         if not self.deployment:
             return self.records.refs(devices)
-        return {d: self.actors[self.group_workers[self.group_of[d]][0]].state.remote(d) for d in devices}
+        return {d: self.workers.actors[self.group_workers[self.group_of[d]][0]].state.remote(d) for d in devices}
 
     def restore_records(self, records: dict[int, DeviceState]) -> None:
         """Records from a checkpoint (deployment: handed to the devices)."""
         if not self.deployment:
             self.records.load(records)
             return
-        ray.get([self.actors[self.group_workers[self.group_of[d]][0]].restore.remote({d: r})
+        ray.get([self.workers.actors[self.group_workers[self.group_of[d]][0]].restore.remote({d: r})
                  for d, r in records.items()], timeout=START_TIMEOUT_S)
 
     def wait(self, refs: list[ray.ObjectRef], timeout: float) -> list[Done]:
@@ -287,7 +259,7 @@ class WorkerPool:
         if task.record is not None:
             self._returned[task.device] = task.record
         if worker_lost:
-            self._replace(task.worker, task.generation)
+            self.workers.replace(task.worker, task.generation)
 
     def as_completed(self, refs: list[ray.ObjectRef], until: float) -> Iterator[Done]:
         """Yield the tasks of ``refs``, and of the queued fits as they start, as they finish,
@@ -313,7 +285,7 @@ class WorkerPool:
         stuck = [ref for ref, task in self._dropped.items() if now - task.submitted >= timeout]
         tasks = [self.pending[ref] for ref in old] + [self._dropped.pop(ref) for ref in stuck]
         for w, generation in {(task.worker, task.generation) for task in tasks}:
-            self._replace(w, generation)
+            self.workers.replace(w, generation)
         return [Done(self.pending.pop(ref), failure=f"no answer within {timeout:g}s (devices.timeout_s)")
                 for ref in old if ref in self.pending]
 
@@ -348,47 +320,10 @@ class WorkerPool:
                 ray.cancel(ref)
         return tasks
 
-    def _replace(self, w: int, generation: int) -> None:
-        """Kill worker ``w`` and start a new one, unless that generation was already replaced.
-        The old worker's other pending tasks fail with it."""
-        if self._generation[w] != generation:
-            return
-        ray.kill(self.actors[w], no_restart=True)
-        self._generation[w] += 1
-        self.actors[w] = self._spawn(w)
-
-
-def finished(refs: list[ray.ObjectRef], timeout: float) -> list[ray.ObjectRef]:
-    """Wait at most ``timeout`` seconds for one of ``refs`` to finish; return all that have."""
-    ready, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, timeout))
-    if ready:
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-    return ready
-
-
-def node_ids(refs: list[ray.ObjectRef], timeout: float) -> list[str | None]:
-    """What ``node_id`` calls ``refs`` answered; None for a call that failed or did not answer in time."""
-    ray.wait(refs, num_returns=len(refs), timeout=timeout)
-    answers = []
-    for ref in refs:
-        try:
-            answers.append(ray.get(ref, timeout=0))
-        except (GetTimeoutError, RayError):
-            answers.append(None)
-    return answers
-
 
 def outcome(ref: ray.ObjectRef, task: Task) -> Done:
     """The finished ``task``'s value, or its failure: the device's own error, or its worker's death."""
-    try:
-        return Done(task, ray.get(ref))
-    except RayTaskError as e:  # the device's own error; the worker is fine
-        return Done(task, failure=f"{type(e.cause).__name__}: {e.cause}")
-    except RayError as e:  # the worker died or was killed
-        return Done(task, failure=f"worker {task.worker} failed: {type(e).__name__}: {first_line(e)}",
-                    worker_lost=True)
-
-
-def first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else ""
+    value, error, lost = result(ref)
+    if error is None:
+        return Done(task, value)
+    return Done(task, failure=f"worker {task.worker} failed: {error}" if lost else error, worker_lost=lost)
