@@ -372,9 +372,11 @@ def test_fedbuff_steps_on_sums_of_different_devices(tracking_uri):
 @pytest.mark.usefixtures("ray_session")
 def test_distributed_noise_under_encryption_is_calibrated_and_accounted(tracking_uri):
     """As ``test_privacy``'s calibration test: with noise far above the clipped deltas, each
-    round's step is the sum of the devices' shares, encrypted and decrypted once."""
+    round's step is the sum of the devices' shares, encrypted and decrypted once. A Poisson sample
+    of the 6 devices at rate 2/3 holds fewer than min_clients = 3 in 10% of rounds, which then fail:
+    6 rounds leave 3 complete but in 0.13% of runs."""
     z, clip, d = 100.0, 1.0, 64 * 10 + 10
-    summary = run(tracking_uri, rounds=4, topology={"edges": 2}, secure=SECURE,
+    summary = run(tracking_uri, rounds=6, topology={"edges": 2}, secure=SECURE,
                   privacy={"level": "client", "mode": "distributed", "clip": clip, "noise_multiplier": z})
     client = MlflowClient(tracking_uri)
     participants = history(client, summary["run_id"], "participants")
@@ -382,7 +384,7 @@ def test_distributed_noise_under_encryption_is_calibrated_and_accounted(tracking
     ratios = [norm / (z * clip * np.sqrt(d) / 4 * np.sqrt(participants[r - 1] / 2)) for r, norm in norms.items()]
     assert len(ratios) >= 3 and np.mean(ratios) == pytest.approx(1.0, rel=0.05)
     assert history(client, summary["run_id"], "epsilon") == pytest.approx(
-        [privacy.Ledger(z, 4 / 6, 1e-5).epsilon(r) for r in range(1, 5)])
+        [privacy.Ledger(z, 4 / 6, 1e-5).epsilon(r) for r in range(1, 7)])
 
 
 @pytest.mark.usefixtures("ray_session")
