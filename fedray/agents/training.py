@@ -81,7 +81,9 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining
     Returns ``(steps taken, mean training loss over those steps)``; the loss excludes the proximal term.
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(generator.initial_seed() ^ 0x5EED)
+        # the CPU generator alone: torch.manual_seed also queues seeds for CUDA, XPU and MTIA,
+        # formatting a stack trace for each (about 1 ms a call, as much as a small device's step)
+        torch.default_generator.manual_seed(generator.initial_seed() ^ 0x5EED)
         if dp is None:
             return _train(model, x, y, cfg, generator, correction)
         secret = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
