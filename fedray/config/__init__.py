@@ -1,8 +1,9 @@
 """The job description: ``JobSpec`` and its sections, loaded and validated from YAML."""
 
 from fedray.config.base import JobError
-from fedray.config.job import (AttackSpec, DataSpec, DevicesSpec, JobSpec, LocalSpec, SpeedSpec, format_errors,
-                               load_job, parse_job)
+from fedray.config.data import DataSpec
+from fedray.config.job import (AttackSpec, DevicesSpec, JobSpec, LocalSpec, SpeedSpec, format_errors, load_job,
+                               parse_job)
 from fedray.config.strategy import ASYNC_STRATEGIES, ROBUST_STRATEGIES, Staleness, StrategySpec
 from fedray.config.topology import Link, NetworkSpec, TopologySpec
 
