@@ -178,7 +178,9 @@ def test_sigterm_ends_the_run_killed_with_its_rounds(tmp_path):
     run = re.search(r"MLflow run ([0-9a-f]{32})", output)[1]
     client = MlflowClient(f"sqlite:///{db}")
     assert client.get_run(run).info.status == "KILLED"
-    assert history(client, run, "test_accuracy") and len(history(client, run, "test_accuracy")) == done
+    # every round the caller got is in MLflow; so may be the round in flight, if the driver logged
+    # it (to its journal, which the caller sends on) before it was stopped
+    assert len(history(client, run, "test_accuracy")) in (done, done + 1)
     assert {"rounds.json", "accuracy_loss.png"} <= {a.path for a in client.list_artifacts(run)}
     assert "model" not in {a.path for a in client.list_artifacts(run)}
 
