@@ -350,10 +350,13 @@ def _print_summary(job: JobSpec, s: dict, seconds: float) -> None:
         tree += f"\n  stopped early   {s['stopped']}"
     if "resumed" in s:
         tree += f"\n  resumed at      {s['resumed']}"
+    wire = (f"bytes up/down   {s['bytes_up'] / 1e6:.2f} MB / {s['bytes_down'] / 1e6:.2f} MB" if job.peers is None
+            else f"peer to peer    {s.get('bytes_sent', 0) / 1e6:.2f} MB sent agent to agent, none through the driver")
+    accuracy = "test accuracy" if job.peers is None else "agents' mean  "
     click.echo(f"""
 {job.name}: {s['completed_rounds']}/{s['rounds']} rounds completed in {seconds:.1f}s
-  test accuracy   {_fmt(s['test_accuracy'])}   test loss {_fmt(s['test_loss'])}
-  bytes up/down   {s['bytes_up'] / 1e6:.2f} MB / {s['bytes_down'] / 1e6:.2f} MB{tree}
+  {accuracy}   {_fmt(s['test_accuracy'])}   test loss {_fmt(s['test_loss'])}
+  {wire}{tree}
   device failures {s['failures']}
   MLflow run      {s['run_id']}  ({uri})
   browse with     {browse}""")

@@ -149,7 +149,7 @@ def test_fedprox_term_pulls_towards_the_start():
 def test_the_zoo_takes_the_kwargs_the_job_schema_declares():
     import inspect
 
-    from fedray.config.job import ZOO_KWARGS
+    from fedray.config.model import ZOO_KWARGS
     from fedray.models.zoo import ZOO
 
     assert set(ZOO) == set(ZOO_KWARGS)

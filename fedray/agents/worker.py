@@ -16,7 +16,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from fedray.agents import privacy
+from fedray.agents import peer, privacy
 from fedray.agents.attacks import corrupt, flip_labels
 from fedray.agents.heterogeneity import round_steps, slowdowns, training_seconds
 from fedray.agents.state import DeviceState
@@ -50,7 +50,8 @@ class DeviceWorker:
 
     def __init__(self, job: JobSpec, data: tuple[np.ndarray, np.ndarray], num_classes: int,
                  shards: Shards | Generated, attackers: frozenset[int] = frozenset(),
-                 sealing: tuple[SecurePlan, bytes, dict[int, int]] | None = None, keeps_state: bool = False) -> None:
+                 sealing: tuple[SecurePlan, bytes, dict[int, int]] | None = None, keeps_state: bool = False,
+                 reference: np.ndarray | None = None) -> None:
         torch.set_num_threads(1)
         x, y = data
         self._data, self._shards, self._num_classes = data, shards, num_classes
@@ -77,6 +78,9 @@ class DeviceWorker:
         self._sample_dp = sample_level(job)
         self._job = job
         self._sealer = None if sealing is None else Sealer(*sealing)
+        if job.peers is not None:  # the agents' models, and the public reference set they distill on
+            self._agents = peer.Architectures(job.peers.models or [job.model], x.shape[1:], num_classes, job.seed)
+            self._reference = None if reference is None else torch.from_numpy(x[reference])
 
     def _device_data(self, device: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """``device``'s (train, test) tensors (an attacker's labels flipped)."""
@@ -144,6 +148,94 @@ class DeviceWorker:
             self._held[device], state = state, None
         return payload, state
 
+    async def peer_round(self, agent: int, round: int, inputs: list, weights: list[float], own_weight: float,
+                         state: DeviceState | None = None, spent: list | None = None
+                         ) -> tuple[dict[str, float], DeviceState, np.ndarray | None]:
+        """One round of ``agent`` in peer-to-peer learning: take in ``inputs`` (refs to what
+        neighbours published, each with its weight in ``weights``; ``own_weight`` for the agent's
+        own), train on its own data, and return its metrics, its new record (its model in
+        ``params``) and what it publishes: its parameters (gossip), its predictions on the
+        reference set (distill) or nothing (local). ``spent``: as in ``fit``."""
+        import ray
+
+        exchange, peers = self._job.peers.exchange, self._job.peers
+        state = state or DeviceState()
+        model, spec, initial = self._agents.of(agent)
+        params = state.params if state.params is not None else initial
+        received = ray.get(inputs, timeout=self._job.devices.timeout_s) if inputs else []
+        metrics = {"received": float(sum(r.nbytes for r in received))}
+        if exchange == "gossip" and received:
+            params = peer.mix(params, own_weight, received, weights)
+        spec.load(model, np.array(params, dtype=np.float32))
+        generator = device_generator(self._seed, round, agent)
+        if exchange == "distill" and received:
+            own = peer.soft_labels(model, self._reference, peers.distill.temperature)
+            target = peer.mix(own, own_weight, received, weights)
+            metrics["distill_loss"] = peer.distill(model, self._reference, target, peers.distill.temperature,
+                                                   peers.distill.epochs, self._local.batch_size,
+                                                   peers.distill.lr or self._local.lr, generator)
+        (x, y), _ = self._device_data(agent)
+        planned, steps = round_steps(self._job, len(x), round, agent)
+        local = self._local if steps == planned else replace(self._local, epochs=None, steps=steps)
+        accountant = None if self._sample_dp is None else self._accountant(agent, round, len(x), spent)
+        dp_sgd = accountant and SampleDP(self._sample_dp.max_grad_norm, accountant.history[-1][0])
+        steps, loss = train(model, x, y, local, generator, None, dp_sgd)
+        params = spec.flatten(model)
+        published = {"gossip": params, "local": None}.get(exchange)
+        if exchange == "distill":
+            published = peer.soft_labels(model, self._reference, peers.distill.temperature)
+        metrics.update(samples=len(x), steps=steps, loss=0.0 if self._job.privacy else loss,
+                       published=0.0 if published is None else float(published.nbytes))
+        if accountant is not None:
+            metrics.update(epsilon=accountant.epsilon(),
+                           epsilon_next=accountant.epsilon((*accountant.history[-1][:2], planned)))
+        return metrics, state.advanced(params=params), published
+
+    async def peer_evaluate(self, agent: int, inputs: list, weights: list[float], own_weight: float,
+                            holdout: np.ndarray, state: DeviceState | None = None) -> list[tuple[int, float, int]]:
+        """Evaluate ``agent``'s model (gossip: mixed with ``inputs`` as its next round will) on the
+        samples ``holdout`` and on its local test split: ``[(samples, summed loss, correct)] x 2``."""
+        import ray
+
+        model, spec, initial = self._agents.of(agent)
+        params = state.params if state is not None and state.params is not None else initial
+        if self._job.peers.exchange == "gossip" and inputs:
+            params = peer.mix(params, own_weight, ray.get(inputs, timeout=self._job.devices.timeout_s), weights)
+        spec.load(model, np.array(params, dtype=np.float32))
+        x, y = self._data
+        _, (x_test, y_test) = self._device_data(agent)
+        return [_scores(model, torch.from_numpy(x[holdout]), torch.from_numpy(y[holdout])),
+                _scores(model, x_test, y_test)]
+
+    def peer_consensus(self, host: int, agents: list[int], records: list, mixing: np.ndarray) -> float:
+        """The mean distance of the ``agents``' models (``records``' params, mixed by ``mixing``)
+        from the mean model of their architecture, computed where agent ``host`` trains."""
+        import ray
+
+        stored = [r for r in records if r is not None]  # an agent that never trained has none
+        fetched = iter(ray.get(stored, timeout=self._job.devices.timeout_s))
+        states = [None if r is None else next(fetched) for r in records]
+        models = [s.params if s is not None and s.params is not None else self._agents.of(a)[2]
+                  for a, s in zip(agents, states)]
+        groups = len(self._job.peers.models) or 1
+        distances = []
+        for g in range(groups):
+            members = [k for k, a in enumerate(agents) if a % groups == g]
+            if not members:
+                continue
+            x = np.stack([models[k] for k in members]).astype(np.float64)
+            mixed = mixing[np.ix_(members, members)] @ x
+            distances += np.linalg.norm(mixed - mixed.mean(axis=0), axis=1).tolist()
+        return float(np.mean(distances))
+
+    def peer_average(self, host: int, inputs: list, weights: list[float]) -> np.ndarray:
+        """The weighted sum of what ``inputs`` refer to: a semi-decentralized run's global model,
+        computed where agent ``host`` (the aggregator of the round) trains."""
+        import ray
+
+        values = ray.get(inputs, timeout=self._job.devices.timeout_s)
+        return peer.mix(values[0], weights[0], values[1:], weights[1:])
+
     def _seal(self, device: int, round: int, samples: int, steps: int, delta: np.ndarray, loss: float,
               indicator: float | None, clip: float | None) -> tuple[np.ndarray, bytes, float, None]:
         """Encrypt the chosen coordinates of ``delta``, pre-weighted as the strategy weighs the
@@ -196,8 +288,13 @@ class DeviceWorker:
         return self._evaluate(global_params, torch.from_numpy(x[indices]), torch.from_numpy(y[indices]))
 
     def _evaluate(self, global_params: np.ndarray, x: torch.Tensor, y: torch.Tensor) -> tuple[int, float, int]:
-        if not len(x):
-            return 0, 0.0, 0
         self._spec.load(self._model, np.array(global_params, dtype=np.float32))
-        loss, correct = evaluate(self._model, x, y)
-        return len(x), loss, correct
+        return _scores(self._model, x, y)
+
+
+def _scores(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[int, float, int]:
+    """``(samples, summed loss, correct)`` of ``model`` on ``(x, y)``."""
+    if not len(x):
+        return 0, 0.0, 0
+    loss, correct = evaluate(model, x, y)
+    return len(x), loss, correct

@@ -14,8 +14,10 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from fedray.config.base import Fraction, JobError, NotBlank, PositiveFloat, PositiveInt, Section, quorum
-from fedray.config import privacy, secure, topology
+from fedray.config import peers, privacy, secure, topology
 from fedray.config.data import DataSpec
+from fedray.config.model import ModelSpec
+from fedray.config.peers import PeersSpec
 from fedray.config.privacy import PrivacySpec
 from fedray.config.secure import SecureSpec
 from fedray.config.strategy import ASYNC_STRATEGIES, FedAvg, StrategySpec
@@ -23,28 +25,6 @@ from fedray.config.topology import NetworkSpec, TopologySpec
 
 
 MAX_ROUNDS = 1_000_000
-
-
-# the zoo's models and the keyword arguments each takes (fedray.models.zoo builds them; a test
-# holds the two together)
-ZOO_KWARGS: dict[str, tuple[str, ...]] = {"logreg": (), "mlp": ("hidden",), "cnn": (), "small_cnn": ()}
-
-
-class ModelSpec(Section):
-    name: Literal["logreg", "mlp", "cnn", "small_cnn"] | None = None
-    class_: str | None = Field(None, alias="class", description="user model as 'package.module:Class'")
-    kwargs: dict[str, Any] = {}
-
-    @model_validator(mode="after")
-    def _check(self) -> ModelSpec:
-        if (self.name is None) == (self.class_ is None):
-            raise ValueError("give exactly one of model.name (logreg, mlp, cnn, small_cnn) or model.class")
-        unknown = sorted(set(self.kwargs) - set(ZOO_KWARGS[self.name])) if self.name is not None else []
-        if unknown:
-            options = list(ZOO_KWARGS[self.name]) or "none"
-            raise ValueError(f"model.kwargs for {self.name!r}: unexpected {', '.join(map(repr, unknown))}; "
-                             f"it takes {options}")
-        return self
 
 
 class LocalSpec(Section):
@@ -186,6 +166,7 @@ class JobSpec(Section):
     network: NetworkSpec | None = None
     privacy: PrivacySpec | None = None
     secure: SecureSpec | None = None
+    peers: PeersSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -222,15 +203,18 @@ class JobSpec(Section):
             raise ValueError("strategy scaffold corrects SGD steps; it needs devices.local.optimizer 'sgd'")
         if self.strategy.name == "fednova" and self.devices.local.optimizer != "sgd":
             raise ValueError("strategy fednova normalizes SGD steps; it needs devices.local.optimizer 'sgd'")
+        if self.peers is not None:
+            peers.check(self)
         if self.topology is not None:
             topology.check(self)
         if self.privacy is not None:
             privacy.check(self)
         if self.secure is not None:
             secure.check(self)
-        if self.model.name in ("cnn", "small_cnn") and known_flat:
-            raise ValueError(f"model.name {self.model.name!r} needs image input (channels, height, width); "
-                             f"dataset {self.data.dataset!r} is not shaped so")
+        for model in [self.model, *(self.peers.models if self.peers else [])]:
+            if model.name in ("cnn", "small_cnn") and known_flat:
+                raise ValueError(f"model.name {model.name!r} needs image input (channels, height, width); "
+                                 f"dataset {self.data.dataset!r} is not shaped so")
         return self
 
     def flat(self) -> dict[str, str]:
@@ -320,7 +304,7 @@ def _short(value: Any) -> str:
 
 
 _BOUNDS = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "lt", "less_than_equal": "le"}
-_TAGGED = frozenset({"strategy", "partition", "speed", "placement", "privacy", "secure"})
+_TAGGED = frozenset({"strategy", "partition", "speed", "placement", "privacy", "secure", "graph"})
 
 
 def format_errors(error: ValidationError) -> str:

@@ -98,6 +98,16 @@ class Split:
     train: list[np.ndarray]
     test: list[np.ndarray]
     generated: Generated | None = None
+    reference: np.ndarray | None = None  # peers' distillation: public samples, their labels unused
+
+    def with_reference(self, size: int, seed: int) -> Split:
+        """This split with ``size`` samples of the held-out set, drawn from ``seed``, set aside as
+        the public reference set."""
+        if size >= len(self.holdout):
+            raise ValueError(f"the public reference set of {size} samples needs more than the {len(self.holdout)} "
+                             "held-out samples (data.holdout)")
+        chosen = np.random.default_rng([seed, 8]).permutation(len(self.holdout))
+        return replace(self, holdout=np.sort(self.holdout[chosen[size:]]), reference=np.sort(self.holdout[chosen[:size]]))
 
     @property
     def train_sizes(self) -> np.ndarray:

@@ -23,6 +23,7 @@ from fedray.config.base import quorum
 from fedray.platform.aggregation import Partial
 from fedray.platform.intake import Intake
 from fedray.platform.pool import Task
+from fedray.platform.peers import Peers
 from fedray.platform.prepare import prepare
 from fedray.platform.sealing import Sealing
 from fedray.platform.strategies import AsyncStrategy
@@ -75,6 +76,10 @@ class Driver:
             self.tier = self.edges or Flat(job, self.strategy, self.pool, self._check, self.sealing and self.sealing.sums)
             self.evaluation = Evaluation(self.pool, (dataset.x, dataset.y), split.holdout, self.spec, self.model,
                                          job.devices.timeout_s)
+            self.peers = job.peers and Peers(job, self.pool, split.holdout)
+            if self.peers and not resume:
+                self.tracker.log_params({"peers.spectral_gap": f"{self.peers.spectral_gap:.6g}"})
+                self.tracker.log_text(json.dumps(self.peers.describe()), "peers_graph.json")
         except BaseException:
             self.tracker.close(job.tracking.wait_s)  # the caller ends the run, from the journal
             raise
@@ -115,9 +120,38 @@ class Driver:
     def run_round(self, r: int) -> RoundResult:
         """Run round ``r`` (1-based) and log its metrics. Synchronous: train K sampled devices and,
         if at least ``min_completion`` of them sent a valid update, apply the strategy; otherwise
-        the model is left unchanged. Asynchronous: collect arrivals until the server steps."""
+        the model is left unchanged. Asynchronous: collect arrivals until the server steps. Peers:
+        every agent trains and takes in its neighbours' knowledge (``Peers``)."""
         start = time.perf_counter()
         intake = Intake()
+        evaluates = r % self.job.evaluation.every == 0 or r == self.job.rounds
+        evaluation_failures: dict[int, str] = {}
+        if self.peers is not None:
+            completed, metrics = self.peers.run_round(r, evaluates, intake)
+        else:
+            completed, metrics, evaluation_failures = self._federated_round(r, intake, evaluates)
+        if self.job.devices.scale_up:  # workers join as the autoscaler adds their nodes
+            metrics["workers"] = len(self.pool.workers.up())
+        if self.pool.spend is not None:  # sample level: what devices were charged, or told more
+            self.pool.spend.told(intake.device_epsilon)
+        if self._device_epsilon:
+            spent = [e for e, _ in self._device_epsilon.values()]
+            metrics.update(device_epsilon_max=max(spent), device_epsilon_mean=float(np.mean(spent)))
+        metrics["round_seconds"] = time.perf_counter() - start
+        self.tracker.log_metrics(metrics, step=r)
+        failures = {} if self.ledger is not None else dict(sorted(intake.failures.items()))  # client DP: counts
+        waiting = f"{self.tracker.backlog} records wait for MLflow: {self.tracker.trouble}" if self.tracker.trouble else ""
+        result = RoundResult(r, completed, metrics, failures, dict(sorted(evaluation_failures.items())), intake.flagged,
+                             dict(sorted(intake.edge_failures.items())), waiting)
+        self.history.append(result)
+        if self.checkpoints and (r % self.job.checkpoint.every == 0 or r == self.job.rounds):
+            self.checkpoints.save_later(*snapshot.take(self))  # written while the next round trains
+        return result
+
+    def _federated_round(self, r: int, intake: Intake, evaluates: bool
+                         ) -> tuple[bool, dict[str, float], dict[int, str]]:
+        """A round (or asynchronous server step) of federated learning, then (``evaluates``) the
+        evaluation of the global model; returns (completed, metrics, evaluation failures)."""
         if isinstance(self.strategy, AsyncStrategy):
             completed, metrics, sampled = self._async_step(intake)
         else:
@@ -130,34 +164,18 @@ class Driver:
         metrics.update(bytes_up=intake.bytes_up, failures=intake.failed_tasks, round_failed=float(not completed))
         if self.edges is not None:
             metrics["edge_failures"] = len(intake.edge_failures)
-        if self.job.devices.scale_up:  # workers join as the autoscaler adds their nodes
-            metrics["workers"] = len(self.pool.workers.up())
         if self.ledger is not None:  # every round sampled devices and may release a model: it is accounted
             self.ledger.step()
             metrics["epsilon"] = self.ledger.epsilon()
-        if self.pool.spend is not None:  # sample level: what devices were charged, or told more
-            self.pool.spend.told(intake.device_epsilon)
-        if self._device_epsilon:
-            spent = [e for e, _ in self._device_epsilon.values()]
-            metrics.update(device_epsilon_max=max(spent), device_epsilon_mean=float(np.mean(spent)))
         self.pool.take_records(intake.accepted)
         evaluation_failures: dict[int, str] = {}
-        if r % self.job.evaluation.every == 0 or r == self.job.rounds:
+        if evaluates:
             federated = sampled if self.job.evaluation.federated else np.array([], dtype=np.int64)
             evaluation, evaluation_failures = self.evaluation(self.state.params, federated)
             metrics.update(evaluation)
             if self.job.evaluation.federated:
                 metrics["evaluation_failures"] = len(evaluation_failures)
-        metrics["round_seconds"] = time.perf_counter() - start
-        self.tracker.log_metrics(metrics, step=r)
-        failures = {} if self.ledger is not None else dict(sorted(intake.failures.items()))  # client DP: counts
-        waiting = f"{self.tracker.backlog} records wait for MLflow: {self.tracker.trouble}" if self.tracker.trouble else ""
-        result = RoundResult(r, completed, metrics, failures, dict(sorted(evaluation_failures.items())), intake.flagged,
-                             dict(sorted(intake.edge_failures.items())), waiting)
-        self.history.append(result)
-        if self.checkpoints and (r % self.job.checkpoint.every == 0 or r == self.job.rounds):
-            self.checkpoints.save_later(*snapshot.take(self))  # written while the next round trains
-        return result
+        return completed, metrics, evaluation_failures
 
     def _sync_round(self, r: int, intake: Intake) -> tuple[bool, dict[str, float], np.ndarray]:
         devices = self.job.devices
@@ -329,7 +347,7 @@ class Driver:
                     self.tracker.set_tag("fedray.stopped", self.stopped)
                 if self.job.privacy is not None:
                     self.tracker.log_text(json.dumps(self.privacy_report(), indent=1), "privacy_report.json")
-                if self.job.tracking.log_model and status == "FINISHED":
+                if self.job.tracking.log_model and status == "FINISHED" and self.peers is None:  # agents keep theirs
                     self.spec.load(self.model, self.state.params)
                     self.tracker.log_model(self.model, self._example)
             except BaseException:
@@ -347,13 +365,11 @@ class Driver:
             "completed_rounds": sum(h.completed for h in self.history),
             "test_accuracy": last.get("test_accuracy"),
             "test_loss": last.get("test_loss"),
-            "bytes_up": sum(h.metrics["bytes_up"] for h in self.history),
-            "bytes_down": sum(h.metrics["bytes_down"] for h in self.history),
             "failures": sum(h.metrics["failures"] for h in self.history),
         } | ({} if self.ledger is None else {"epsilon": self.ledger.epsilon()}) | (
             {"device_epsilon_max": max(e for e, _ in self._device_epsilon.values())} if self._device_epsilon else {}) | (
             {"stopped": self.stopped} if self.stopped else {}) | ({"resumed": self.restored} if self.restored else {}) | {key: sum(h.metrics.get(key, 0) for h in self.history)
-             for key in ("bytes_edge_cloud", "sim_comm_seconds") if any(key in h.metrics for h in self.history)}
+             for key in ("bytes_up", "bytes_down", "bytes_sent", "bytes_edge_cloud", "sim_comm_seconds") if any(key in h.metrics for h in self.history)}
 
     def privacy_report(self) -> dict:
         """What the run's privacy rests on and what it spent, by each accountant."""

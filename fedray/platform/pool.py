@@ -44,6 +44,7 @@ class Task:
     generation: int
     submitted: float
     record: ray.ObjectRef | None = None  # a fit's new device record (simulation)
+    published: ray.ObjectRef | None = None  # what a peer published for its neighbours
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class WorkerPool:
         self._actor_class = ray.remote(DeviceWorker)
         self.attackers = (choose_attackers(count, job.attack.fraction, job.seed) if job.attack else frozenset())
         self._args, self._authority = (job, data, num_classes), authority
+        self._peers = job.peers is not None
         self._devices = job.devices
         # sample-level DP: every device's spend, kept here, where no worker's failure can lose it
         self.spend = privacy.DeviceLedger(job, sizes.tolist()) if sample_level(job) else None
@@ -114,17 +116,19 @@ class WorkerPool:
                                   f"each needs {self._cpus_per_worker:g} CPU; does the cluster have them?")
         self.pending: dict[ray.ObjectRef, Task] = {}
         self._dropped: dict[ray.ObjectRef, Task] = {}
-        self._queue: deque[tuple[int, tuple, dict, Any]] = deque()  # fits waiting for a free worker
+        self._queue: deque[tuple[int, str, tuple, dict, Any]] = deque()  # trainings waiting for a free worker
         self._fresh: list[ray.ObjectRef] = []  # the refs of the queued batch's started fits
         self._returned: dict[int, ray.ObjectRef] = {}  # device -> record its last returned task made
 
     def _spawn(self, w: int, placement: dict[str, Any]) -> Any:
         options = {"num_cpus": self._cpus_per_worker, "max_restarts": 0, **placement}
+        if self._peers:  # every value a peer worker returns goes to its node's object store, none to the driver
+            options["runtime_env"] = {"env_vars": {"RAY_max_direct_call_object_size": "0"}}
         group = next(g for g, workers in enumerate(self.group_workers) if w in workers)
         devices = np.flatnonzero(self.group_of == group)
         shards = self._split.of(devices)
         args = (*self._args, shards, self.attackers.intersection(devices.tolist()))
-        keeps = {"keeps_state": self.deployment}
+        keeps = {"keeps_state": self.deployment, "reference": self._split.reference}
         if self._authority is None:
             actor = self._actor_class.options(**options).remote(*args, **keeps)
         else:  # the key authority starts it, handing it its devices' tag seeds; args nested: data stays a ref
@@ -145,15 +149,20 @@ class WorkerPool:
     def fit(self, device: int, round: int, *args: Any, tag: Any = None, **kwargs: Any) -> ray.ObjectRef:
         """Have ``device`` train for ``round`` (``DeviceWorker.fit``) now, on the worker of its
         group that is up with the least expected work pending."""
-        return self._start(device, (round, *args), kwargs, tag, self._least_loaded(device))
+        return self._start(device, (round, *args), kwargs, tag, self._least_loaded(device), "fit")
 
     def fit_all(self, devices: np.ndarray, round: int, *args: Any, tag: Any = None, **kwargs: Any
                 ) -> list[ray.ObjectRef]:
         """Have ``devices`` train for ``round``, largest expected work first, each on the next
         worker of its group that is free. Returns the refs of the tasks started so far, a list
         that ``as_completed`` extends as the rest start; ``settle`` fails those never started."""
+        return self.queue_all("fit", devices, lambda _: ((round, *args), kwargs), tag)
+
+    def queue_all(self, method: str, devices: np.ndarray, call: Any, tag: Any = None) -> list[ray.ObjectRef]:
+        """``fit_all`` for any training ``method`` (``fit``, ``peer_round``) of the workers, called
+        for device d with the (args, kwargs) ``call(d)`` gives."""
         order = sorted((int(d) for d in devices), key=lambda d: -self._work[d])
-        self._queue = deque((d, (round, *args), kwargs, tag) for d in order)
+        self._queue = deque((d, method, *call(d), tag) for d in order)
         self._fresh = []
         self._feed()
         return self._fresh
@@ -162,14 +171,14 @@ class WorkerPool:
         """Start the queued fits whose group has a free worker, in queue order; their refs."""
         busy = Counter(task.worker for task in self.pending.values())
         started, waiting, up = [], deque(), self.workers.up()
-        for d, args, kwargs, tag in self._queue:
+        for d, method, args, kwargs, tag in self._queue:
             free = [w for w in self._workers_of(d, up) if busy[w] < self._slots]
             if not free:
-                waiting.append((d, args, kwargs, tag))
+                waiting.append((d, method, args, kwargs, tag))
                 continue
             w = min(free, key=lambda w: busy[w])
             busy[w] += 1
-            started.append(self._start(d, args, kwargs, tag, w))
+            started.append(self._start(d, args, kwargs, tag, w, method))
         self._queue = waiting
         self._fresh += started
         return started
@@ -180,13 +189,16 @@ class WorkerPool:
             load[task.worker] += self._work[task.device]
         return min(self._workers_of(device, self.workers.up()), key=lambda w: load[w])
 
-    def _start(self, device: int, args: tuple, kwargs: dict, tag: Any, w: int) -> ray.ObjectRef:
+    def _start(self, device: int, args: tuple, kwargs: dict, tag: Any, w: int, method: str) -> ray.ObjectRef:
+        """Start ``method`` (``fit``: returns the update and the record; ``peer_round``: its
+        metrics, record and what it publishes) for ``device`` on worker ``w``."""
         if self.spend is not None:  # sample-level DP: charged when sent the model, given its history
             kwargs = kwargs | {"spent": self.spend.charge(device, args[0])}
         if not self.deployment:
             kwargs = kwargs | {"state": self.records.ref(device)}
-        ref, record = self.workers.actors[w].fit.options(num_returns=2).remote(device, *args, **kwargs)
-        self.pending[ref] = Task(device, tag, w, self.workers.generation[w], time.monotonic(), record)
+        call = getattr(self.workers.actors[w], method).options(num_returns=2 if method == "fit" else 3)
+        ref, record, *published = call.remote(device, *args, **kwargs)
+        self.pending[ref] = Task(device, tag, w, self.workers.generation[w], time.monotonic(), record, *published)
         return ref
 
     def submit(self, method: str, device: int, *args: Any, tag: Any = None, **kwargs: Any) -> ray.ObjectRef:
