@@ -156,13 +156,11 @@ class DeviceWorker:
         own), train on its own data, and return its metrics, its new record (its model in
         ``params``) and what it publishes: its parameters (gossip), its predictions on the
         reference set (distill) or nothing (local). ``spent``: as in ``fit``."""
-        import ray
-
         exchange, peers = self._job.peers.exchange, self._job.peers
         state = state or DeviceState()
         model, spec, initial = self._agents.of(agent)
         params = state.params if state.params is not None else initial
-        received = ray.get(inputs, timeout=self._job.devices.timeout_s) if inputs else []
+        received = await self._fetch(inputs)
         metrics = {"received": float(sum(r.nbytes for r in received))}
         if exchange == "gossip" and received:
             params = peer.mix(params, own_weight, received, weights)
@@ -191,34 +189,49 @@ class DeviceWorker:
                            epsilon_next=accountant.epsilon((*accountant.history[-1][:2], planned)))
         return metrics, state.advanced(params=params), published
 
+    async def peer_mix(self, agent: int, round: int, inputs: list, weights: list[float], own_weight: float,
+                       state: DeviceState | None = None) -> tuple[dict[str, float], DeviceState, np.ndarray]:
+        """One more gossip step of ``agent`` in a round (``peers.gossip_steps``): its model mixed
+        with ``inputs`` as in ``peer_round``, without training; returned as ``peer_round`` does."""
+        state = state or DeviceState()
+        params = state.params if state.params is not None else self._agents.of(agent)[2]
+        received = await self._fetch(inputs)
+        mixed = peer.mix(params, own_weight, received, weights)
+        return ({"received": float(sum(r.nbytes for r in received)), "published": float(mixed.nbytes)},
+                replace(state, params=mixed), mixed)
+
     async def peer_evaluate(self, agent: int, inputs: list, weights: list[float], own_weight: float,
                             holdout: np.ndarray, state: DeviceState | None = None) -> list[tuple[int, float, int]]:
         """Evaluate ``agent``'s model (gossip: mixed with ``inputs`` as its next round will) on the
         samples ``holdout`` and on its local test split: ``[(samples, summed loss, correct)] x 2``."""
-        import ray
-
         model, spec, initial = self._agents.of(agent)
         params = state.params if state is not None and state.params is not None else initial
         if self._job.peers.exchange == "gossip" and inputs:
-            params = peer.mix(params, own_weight, ray.get(inputs, timeout=self._job.devices.timeout_s), weights)
+            params = peer.mix(params, own_weight, await self._fetch(inputs), weights)
         spec.load(model, np.array(params, dtype=np.float32))
         x, y = self._data
         _, (x_test, y_test) = self._device_data(agent)
         return [_scores(model, torch.from_numpy(x[holdout]), torch.from_numpy(y[holdout])),
                 _scores(model, x_test, y_test)]
 
-    def peer_consensus(self, host: int, agents: list[int], records: list, mixing: np.ndarray) -> float:
-        """The mean distance of the ``agents``' models (``records``' params, mixed by ``mixing``)
-        from the mean model of their architecture, computed where agent ``host`` trains."""
-        import ray
+    async def _fetch(self, refs: list) -> list:
+        """The values of ``refs``, awaited: meanwhile this worker runs other tasks (the one that
+        computes a global average its agents wait for may be queued here)."""
+        if not refs:
+            return []
+        return list(await asyncio.wait_for(asyncio.gather(*refs), self._job.devices.timeout_s))
 
+    async def peer_consensus(self, host: int, agents: list[int], records: list, mixing: np.ndarray) -> tuple[float, float]:
+        """The mean distance of the ``agents``' models (``records``' params, mixed by ``mixing``)
+        from the mean model of their architecture, and that distance relative to the mean model's
+        norm; computed where agent ``host`` trains."""
         stored = [r for r in records if r is not None]  # an agent that never trained has none
-        fetched = iter(ray.get(stored, timeout=self._job.devices.timeout_s))
+        fetched = iter(await self._fetch(stored))
         states = [None if r is None else next(fetched) for r in records]
         models = [s.params if s is not None and s.params is not None else self._agents.of(a)[2]
                   for a, s in zip(agents, states)]
         groups = len(self._job.peers.models) or 1
-        distances = []
+        distances, norms = [], []
         for g in range(groups):
             members = [k for k, a in enumerate(agents) if a % groups == g]
             if not members:
@@ -226,14 +239,13 @@ class DeviceWorker:
             x = np.stack([models[k] for k in members]).astype(np.float64)
             mixed = mixing[np.ix_(members, members)] @ x
             distances += np.linalg.norm(mixed - mixed.mean(axis=0), axis=1).tolist()
-        return float(np.mean(distances))
+            norms += [np.linalg.norm(mixed.mean(axis=0))] * len(members)
+        return float(np.mean(distances)), float(np.mean(np.array(distances) / np.array(norms)))
 
-    def peer_average(self, host: int, inputs: list, weights: list[float]) -> np.ndarray:
+    async def peer_average(self, host: int, inputs: list, weights: list[float]) -> np.ndarray:
         """The weighted sum of what ``inputs`` refer to: a semi-decentralized run's global model,
         computed where agent ``host`` (the aggregator of the round) trains."""
-        import ray
-
-        values = ray.get(inputs, timeout=self._job.devices.timeout_s)
+        values = await self._fetch(inputs)
         return peer.mix(values[0], weights[0], values[1:], weights[1:])
 
     def _seal(self, device: int, round: int, samples: int, steps: int, delta: np.ndarray, loss: float,

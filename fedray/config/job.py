@@ -171,10 +171,15 @@ class JobSpec(Section):
     @model_validator(mode="before")
     @classmethod
     def _default_tags(cls, data: Any) -> Any:
-        """``strategy.name`` defaults to fedavg and ``secure.scheme`` to ckks."""
+        """``strategy.name`` defaults to fedavg, ``secure.scheme`` to ckks and, with ``peers``,
+        ``devices.per_round`` to ``devices.count``."""
         for section, tag, default in (("strategy", "name", "fedavg"), ("secure", "scheme", "ckks")):
             if isinstance(data, dict) and isinstance(data.get(section), dict) and tag not in data[section]:
                 data = {**data, section: {tag: default, **data[section]}}
+        devices = data.get("devices", {}) if isinstance(data, dict) else None
+        if isinstance(data, dict) and data.get("peers") is not None and isinstance(devices, dict) \
+                and "per_round" not in devices and isinstance(devices.get("count", 10), int):
+            data = {**data, "devices": {**devices, "per_round": devices.get("count", 10)}}  # every agent, every round
         return data
 
     @model_validator(mode="after")

@@ -92,6 +92,8 @@ class DistillSpec(Section):
 class PeersSpec(Section):
     exchange: Literal["gossip", "distill", "local"] = "gossip"
     graph: GraphSpec = Ring(kind="ring")
+    gossip_steps: PositiveInt = Field(1, description="gossip: times agents mix with their neighbours per round "
+                                                      "(each step sends every agent's model to its neighbours again)")
     aggregate_every: PositiveInt | None = Field(None, description="gossip: average all agents' models every this "
                                                                   "many rounds (semi-decentralized)")
     distill: DistillSpec = DistillSpec()
@@ -102,10 +104,12 @@ class PeersSpec(Section):
     def _check(self) -> PeersSpec:
         if self.aggregate_every is not None and self.exchange != "gossip":
             raise ValueError("peers.aggregate_every averages models: it needs peers.exchange 'gossip'")
+        if self.gossip_steps > 1 and self.exchange != "gossip":
+            raise ValueError("peers.gossip_steps applies to peers.exchange 'gossip'")
         if self.models and self.exchange == "gossip":
             raise ValueError("peers.models gives agents different models, whose parameters cannot be averaged: "
                              "gossip needs one model (the job's); use peers.exchange 'distill'")
-        if "distill" in self.model_fields_set and self.exchange != "distill":
+        if "distill" in self.model_fields_set and self.exchange == "gossip":  # local: distillation's baseline
             raise ValueError("peers.distill applies to peers.exchange 'distill'")
         return self
 
@@ -115,7 +119,7 @@ def check(job) -> None:
     peers, devices, n = job.peers, job.devices, job.devices.count
     if n < 2:
         raise ValueError("peers needs at least 2 agents (devices.count)")
-    if "per_round" in devices.model_fields_set and devices.per_round != n:
+    if devices.per_round != n:
         raise ValueError(f"peers: every agent trains every round; devices.per_round ({devices.per_round}) must be "
                          f"devices.count ({n}) or left out")
     refused = {"strategy": "agents combine their own models; there is no server strategy",

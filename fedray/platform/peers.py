@@ -83,49 +83,67 @@ class Peers:
         taking in the last exchange; then the next exchange is set up among those that published,
         and (``evaluate``) the agents are evaluated on what they will hold after it. Failures and
         the agents' epsilons go to ``intake``. Returns (completed, metrics)."""
-        job, pool, exchange = self._job, self._pool, self._exchange
+        job, pool = self._job, self._pool
         exhausted = pool.spend.exhausted() if pool.spend is not None else set()
         agents = np.array([a for a in range(self._n) if a not in exhausted], dtype=np.int64)
-        calls = {int(a): exchange.inputs(int(a), self._published) for a in agents}
-        refs = pool.queue_all("peer_round", agents, lambda a: ((r, *calls[a]), {}), tag=r)
-        results = {}
-        for done in pool.as_completed(refs, time.monotonic() + job.devices.round_wait_s):
-            if done.failure is None:
-                results[done.task.device] = done.value, done.task.published
-            else:
-                intake.fail(done.task.device, done.failure)
-        pool.settle(r, refs, [], intake)
-        pool.take_records(sorted(results))
-        metrics = self._train_metrics(results, calls, exchange)
-        intake.device_epsilon = {a: (m["epsilon"], m["epsilon_next"]) for a, (m, _) in results.items() if "epsilon" in m}
-        self._published.update({a: published for a, (_, published) in results.items()})
-        self._sizes[list(results)] = [m["published"] for m, _ in results.values()]
+        sent, received = np.zeros(self._n), np.zeros(self._n)
+        results = self._wave(r, "peer_round", agents, intake, sent, received)
+        intake.device_epsilon = {a: (m["epsilon"], m["epsilon_next"]) for a, m in results.items() if "epsilon" in m}
+        metrics = self._train_metrics(results)
         present = np.zeros(self._n, dtype=bool)
         present[list(results)] = True
         self._exchange, dropped = self._next_exchange(r, present)
-        metrics.update(participants=len(results), failures=intake.failed_tasks, dropped_links=dropped)
+        steps = job.peers.gossip_steps if self._exchange.average is None else 1
+        for _ in range(steps - 1):  # more gossip steps: the agents mix again, without training
+            mixed = self._wave(r, "peer_mix", np.flatnonzero(present), intake, sent, received)
+            present[[a for a in np.flatnonzero(present) if a not in mixed]] = False
+            self._exchange, cut = self._next_exchange(r, present)
+            dropped += cut
+        metrics.update(participants=len(results), failures=intake.failed_tasks, dropped_links=dropped,
+                       bytes_sent=float(sent.sum()), bytes_sent_mean=float(sent.mean()), bytes_sent_max=float(sent.max()),
+                       bytes_received=float(received.sum()), bytes_received_mean=float(received.mean()),
+                       bytes_received_max=float(received.max()))
         if evaluate:
             metrics.update(self._evaluate())
         return bool(results), metrics
 
-    def _train_metrics(self, results: dict, calls: dict, exchange: Exchange) -> dict[str, float]:
-        """The round's training loss and bytes: what each agent received (as its task reports) and
-        sent (its published value, once to each agent that took it in, or to the aggregator)."""
-        sent = np.zeros(self._n)
-        for a, (refs, _, _) in calls.items():
+    def _wave(self, r: int, method: str, agents: np.ndarray, intake: Intake, sent: np.ndarray,
+              received: np.ndarray) -> dict[int, dict[str, float]]:
+        """Have ``agents`` run ``method`` (``peer_round``: train; ``peer_mix``: one more gossip
+        step) taking in the current exchange; keep the records and published values of those that
+        finish in time and return their metrics. Adds to ``sent`` and ``received`` the bytes each
+        agent sent (its published value, once to each agent that took it in, or to the aggregator)
+        and received."""
+        pool, exchange = self._pool, self._exchange
+        calls = {int(a): exchange.inputs(int(a), self._published) for a in agents}
+        refs = pool.queue_all(method, agents, lambda a: ((r, *calls[a]), {}), tag=r)
+        results = {}
+        for done in pool.as_completed(refs, time.monotonic() + self._job.devices.round_wait_s):
+            if done.failure is None:
+                results[done.task.device] = done.value
+                self._published[done.task.device] = done.task.published
+            else:
+                intake.fail(done.task.device, done.failure)
+        pool.settle(r, refs, [], intake)
+        pool.take_records(sorted(results))
+        for a in calls:
             if exchange.average is None:
                 for j in np.flatnonzero(exchange.mixing[a]):
                     sent[j] += self._sizes[j] if j != a else 0
         if exchange.average is not None:  # each agent in the average sent its value to the aggregator
             sent += np.where(exchange.mixing.diagonal() < 1, self._sizes, 0)
-        received = np.array([m["received"] for m, _ in results.values()]) if results else np.zeros(1)
-        metrics = {"bytes_sent": float(sent.sum()), "bytes_sent_mean": float(sent.mean()),
-                   "bytes_sent_max": float(sent.max()), "bytes_received": float(received.sum()),
-                   "bytes_received_mean": float(received.mean()), "bytes_received_max": float(received.max())}
-        samples = sum(m["samples"] for m, _ in results.values())
+        for a, m in results.items():
+            received[a] += m["received"]
+            self._sizes[a] = m["published"]
+        return results
+
+    def _train_metrics(self, results: dict[int, dict[str, float]]) -> dict[str, float]:
+        """The round's training loss (not under DP) and distillation loss."""
+        metrics = {}
+        samples = sum(m["samples"] for m in results.values())
         if samples and self._job.privacy is None:
-            metrics["train_loss"] = sum(m["loss"] * m["samples"] for m, _ in results.values()) / samples
-        distill = [m["distill_loss"] for m, _ in results.values() if "distill_loss" in m]
+            metrics["train_loss"] = sum(m["loss"] * m["samples"] for m in results.values()) / samples
+        distill = [m["distill_loss"] for m in results.values() if "distill_loss" in m]
         if distill:
             metrics["distill_loss"] = float(np.mean(distill))
         return metrics
@@ -151,7 +169,8 @@ class Peers:
 
     def _evaluate(self) -> dict[str, float]:
         """Each agent's model after the exchange, on the held-out set and on its local test split:
-        mean, min and max accuracy over the agents; and their consensus distance."""
+        mean, min and max accuracy over the agents; and their consensus distance, also relative to
+        the norm of their mean model."""
         pool, records = self._pool, self._pool.records
         refs = [pool.submit("peer_evaluate", a, *self._exchange.inputs(a, self._published), self._holdout,
                             state=records.ref(a)) for a in range(self._n)]
@@ -167,7 +186,9 @@ class Peers:
             else:
                 scores[done.task.device] = done.value
         failed += len(pool.expire(self._job.devices.timeout_s, refs + [consensus]))
-        metrics = {"evaluation_failures": failed} | ({} if distance is None else {"consensus_distance": distance})
+        metrics = {"evaluation_failures": failed}
+        if distance is not None:
+            metrics.update(consensus_distance=distance[0], consensus_relative=distance[1])
         for name, k in (("test", 0), ("local_test", 1)):
             counts = [s[k] for s in scores.values() if s[k][0]]
             if counts:

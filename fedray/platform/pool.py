@@ -159,7 +159,7 @@ class WorkerPool:
         return self.queue_all("fit", devices, lambda _: ((round, *args), kwargs), tag)
 
     def queue_all(self, method: str, devices: np.ndarray, call: Any, tag: Any = None) -> list[ray.ObjectRef]:
-        """``fit_all`` for any training ``method`` (``fit``, ``peer_round``) of the workers, called
+        """``fit_all`` for any ``method`` of the workers that ``_start`` knows, called
         for device d with the (args, kwargs) ``call(d)`` gives."""
         order = sorted((int(d) for d in devices), key=lambda d: -self._work[d])
         self._queue = deque((d, method, *call(d), tag) for d in order)
@@ -190,9 +190,10 @@ class WorkerPool:
         return min(self._workers_of(device, self.workers.up()), key=lambda w: load[w])
 
     def _start(self, device: int, args: tuple, kwargs: dict, tag: Any, w: int, method: str) -> ray.ObjectRef:
-        """Start ``method`` (``fit``: returns the update and the record; ``peer_round``: its
-        metrics, record and what it publishes) for ``device`` on worker ``w``."""
-        if self.spend is not None:  # sample-level DP: charged when sent the model, given its history
+        """Start ``method`` (``fit``: returns the update and the record; ``peer_round`` and
+        ``peer_mix``, which does not train: the metrics, record and what it publishes) for
+        ``device`` on worker ``w``."""
+        if self.spend is not None and method != "peer_mix":  # sample-level DP: charged when sent the model
             kwargs = kwargs | {"spent": self.spend.charge(device, args[0])}
         if not self.deployment:
             kwargs = kwargs | {"state": self.records.ref(device)}
