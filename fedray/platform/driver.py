@@ -342,6 +342,8 @@ class Driver:
                     self.tracker.log_text(json.dumps(dict(sorted(self.staleness.items()))), "staleness.json")
                 if self.pool.attackers:
                     self.tracker.log_text(json.dumps(sorted(self.pool.attackers)), "attackers.json")
+                if self.peers and self.peers.scores:
+                    self.tracker.log_text(json.dumps(self.peers.scores, indent=1), "agents.json")
                 plots.log_history(self.tracker, self.history, self.job.privacy is not None)
                 if self.stopped:
                     self.tracker.set_tag("fedray.stopped", self.stopped)

@@ -71,6 +71,7 @@ class Peers:
         self._published: dict[int, ray.ObjectRef] = {}
         self._sizes = np.zeros(self._n)  # bytes of each agent's last published value
         self._exchange = Exchange(np.eye(self._n))  # before the first round: nothing to take in
+        self.scores: dict[int, dict] = {}  # each agent's model and accuracies at the last evaluation
 
     def describe(self) -> dict:
         """The graph, for MLflow: its kind, links and spectral gap (of the expected matrix, for matchings)."""
@@ -186,6 +187,10 @@ class Peers:
             else:
                 scores[done.task.device] = done.value
         failed += len(pool.expire(self._job.devices.timeout_s, refs + [consensus]))
+        names = [spec.class_ or spec.name for spec in self._job.peers.models or [self._job.model]]
+        self.scores = {a: {"model": names[a % len(names)]} | {
+            f"{name}_accuracy": s[k][2] / s[k][0] for name, k in (("test", 0), ("local_test", 1)) if s[k][0]}
+            for a, s in sorted(scores.items())}
         metrics = {"evaluation_failures": failed}
         if distance is not None:
             metrics.update(consensus_distance=distance[0], consensus_relative=distance[1])
