@@ -70,8 +70,9 @@ def validate(job_file: str, overrides: tuple[str, ...], tracking_uri: str | None
     job = _load(job_file, overrides)
     _check_store(tracking_uri, job)
     _prepare(job_file, job)
-    click.echo(f"{job_file}: valid job {job.name!r}: {job.rounds} rounds, {job.devices.per_round} of "
-               f"{job.devices.count} devices per round, dataset {job.data.dataset}")
+    who = (f"{job.devices.per_round} of {job.devices.count} devices per round" if job.peers is None else
+           f"{job.devices.count} agents, peer to peer ({job.peers.exchange} over {job.peers.graph.kind})")
+    click.echo(f"{job_file}: valid job {job.name!r}: {job.rounds} rounds, {who}, dataset {job.data.dataset}")
 
 
 @main.command()

@@ -214,6 +214,10 @@ def test_every_strategy_name_works_with_its_defaults(name):
 
 def test_two_edges_apply_to_every_shipped_job():
     for path in sorted((Path(__file__).parent.parent / "jobs").glob("*.yaml")):
+        if "peers" in load_job(path).model_fields_set:  # agents exchange directly: refused, with the reason
+            with pytest.raises(JobError, match="topology does not apply to peers"):
+                load_job(path, ["topology.edges=2"])
+            continue
         job = load_job(path, ["topology.edges=2"])
         assert job.topology.edges == 2 and job.topology.assign == "round_robin"
 
@@ -231,11 +235,12 @@ import sys
 from fedray.config import parse_job
 parse_job({job!r})
 parse_job({small_job(strategy={"name": "krum", "byzantine": 1}, devices__count=8, devices__per_round=8, devices__min_completion=1.0)!r})
+parse_job({small_job(devices__per_round=6, peers={"exchange": "distill", "graph": {"kind": "small_world"}, "models": [{"name": "mlp"}]})!r})
 outside = sorted(m for m in sys.modules if m.startswith(("fedray.", "torch", "ray", "mlflow", "tenseal", "opacus"))
                  and not m.startswith("fedray.config"))
 assert not outside, outside
 import fedray.platform.strategies, fedray.platform.aggregation, fedray.platform.privacy, fedray.platform.robust
-import fedray.agents.privacy, fedray.agents.state, fedray.secure.packing, fedray.data.partition, fedray.data.devices, fedray.update
+import fedray.agents.privacy, fedray.agents.state, fedray.agents.graphs, fedray.agents.peer, fedray.secure.packing, fedray.data.partition, fedray.data.devices, fedray.update
 assert not [m for m in ("ray", "mlflow") if m in sys.modules]
 """
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)

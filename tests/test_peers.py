@@ -2,12 +2,14 @@
 and real runs where agents exchange through Ray and never through the driver."""
 
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import ray
 import yaml
+from mlflow import MlflowClient
 from ray.experimental import get_object_locations
 
 from fedray.agents import graphs
@@ -108,6 +110,27 @@ def test_what_peers_do_not_compose_with_is_refused_with_the_reason(change, messa
         parse_job(peer_job(**change))
 
 
+@pytest.fixture
+def local_driver(ray_session, tmp_path):
+    """Makes a Driver in this process (not an actor), so that the test can reach into its pool;
+    its workers, which this process owns, are killed after the test (or they would hold the CPUs)."""
+    from fedray.platform.driver import Driver
+    from fedray.platform.tracking import start_run
+
+    made = []
+
+    def make(raw: dict):
+        job = parse_job(raw)
+        run_dir = start_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "tests", job.name, tmp_path)
+        made.append(Driver(job, str(run_dir), yaml.safe_dump(raw)))
+        return made[-1]
+
+    yield make
+    for driver in made:
+        for actor in driver.pool.workers.actors:
+            ray.kill(actor)
+
+
 def _fetched_arrays(value) -> list[int]:
     """The sizes of the arrays in a fetched value."""
     if isinstance(value, np.ndarray):
@@ -119,25 +142,22 @@ def _fetched_arrays(value) -> list[int]:
     return _fetched_arrays(vars(value)) if hasattr(value, "__dataclass_fields__") else []
 
 
-def test_agents_exchange_through_ray_and_the_driver_never_receives_a_parameter_vector(ray_session, tmp_path,
-                                                                                       monkeypatch):
+def test_agents_exchange_through_ray_and_the_driver_never_receives_a_parameter_vector(local_driver, monkeypatch):
     """The driver runs in this process, so every value it fetches passes ``ray.get`` here: none
     holds a parameter vector, and what the agents keep and publish lives in the object store of
     their node, not inline in the driver's memory. Rounds 2 and 4 average globally (through an
     agent), so that path is covered too."""
-    from fedray.platform.driver import Driver
-    from fedray.platform.tracking import start_run
-
-    raw = peer_job(rounds=4, peers={"exchange": "gossip", "aggregate_every": 2})
-    job = parse_job(raw)
-    run_dir = start_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "tests", job.name, tmp_path)
     fetched, real_get = [], ray.get
     monkeypatch.setattr(ray, "get", lambda refs, **kw: fetched.append(value := real_get(refs, **kw)) or value)
-    driver = Driver(job, str(run_dir), yaml.safe_dump(raw))
+    driver = local_driver(peer_job(rounds=4, peers={"exchange": "gossip", "aggregate_every": 2}))
     size = driver.spec.size  # 650 parameters: the logreg of digits
     results = [driver.run_round(r) for r in range(1, 5)]
     held = [driver.pool.records.ref(a) for a in range(6)] + list(driver.peers._published.values())
     driver.finish()
+    run = MlflowClient(driver.tracker.uri).get_run(driver.tracker.run_id)  # the graph is logged
+    assert float(run.data.params["peers.spectral_gap"]) == pytest.approx(1 / 3)  # a ring of 6: 1 - |2/3|
+    graph = json.loads(Path(MlflowClient(driver.tracker.uri).download_artifacts(run.info.run_id, "peers_graph.json")).read_text())
+    assert graph["kind"] == "ring" and len(graph["links"]) == 6
     assert all(r.completed and r.metrics["participants"] == 6 for r in results)
     assert all(r.metrics["bytes_sent"] > 0 and r.metrics["bytes_received"] > 0 for r in results[1:])
     assert len(fetched) >= 4 * 6  # at least every agent's metrics, every round
@@ -152,18 +172,10 @@ def test_agents_exchange_through_ray_and_the_driver_never_receives_a_parameter_v
     assert results[-1].metrics.get("test_accuracy", 0) > 0.5 and results[-1].metrics["evaluation_failures"] == 0, results[-1]
 
 
-def _local_driver(tmp_path, raw: dict):
-    """A Driver in this process (not an actor), so that the test can reach into its pool."""
-    from fedray.platform.driver import Driver
-    from fedray.platform.tracking import start_run
-
-    job = parse_job(raw)
-    run_dir = start_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "tests", job.name, tmp_path)
-    return Driver(job, str(run_dir), yaml.safe_dump(raw))
 
 
-def test_a_dead_agent_is_skipped_its_neighbours_renormalize_and_its_model_is_kept(ray_session, tmp_path):
-    driver = _local_driver(tmp_path, peer_job(rounds=3))
+def test_a_dead_agent_is_skipped_its_neighbours_renormalize_and_its_model_is_kept(local_driver):
+    driver = local_driver(peer_job(rounds=3))
     records = driver.pool.records
     first = driver.run_round(1)
     after_one = ray.get([records.ref(a) for a in range(6)])
@@ -223,10 +235,6 @@ def test_agents_with_three_different_models_gain_from_distillation(ray_session, 
     MNIST exchange only predictions on 500 public images; against the same agents training alone,
     every agent ends better, by at least 10 points on average. Only predictions travel: bytes per
     round depend on the reference set (500 x 10 float32 per agent and neighbour), not the models."""
-    import json
-
-    from mlflow import MlflowClient
-
     from fedray.config import load_job
     from fedray.platform.run import run_job
 
@@ -251,22 +259,30 @@ def test_gossip_with_dp_sgd_accounts_each_agents_epsilon(ray_session, tracking_u
     """Sample-level DP composes with gossip: each agent's DP-SGD is charged and logged round by
     round, equal to the composition of its steps computed here; what it publishes is its DP-SGD
     model (post-processing)."""
-    from mlflow import MlflowClient
-
     from fedray.agents.privacy import epsilon
     from fedray.platform.run import run_job
 
-    from conftest import history
-    from test_privacy import SAMPLE_DP, device_plans
+    from test_privacy import SAMPLE_DP, assert_device_epsilons, device_plans
 
     raw = peer_job(rounds=3, privacy={"level": "sample", "noise_multiplier": 1.1},
                    **{k: v for k, v in SAMPLE_DP.items() if k != "devices__per_round"})
     job, plans = device_plans(raw)
     summary = run_job(job, yaml.safe_dump(raw), tracking_uri)
     client = MlflowClient(tracking_uri)
-    for r in (1, 2, 3):
-        spent = [epsilon("rdp", [(z, q, steps * r)], 1e-5) for z, q, steps in plans]
-        assert history(client, summary["run_id"], "device_epsilon_max")[r - 1] == pytest.approx(max(spent))
-        assert history(client, summary["run_id"], "device_epsilon_mean")[r - 1] == pytest.approx(np.mean(spent))
+    assert_device_epsilons(client, summary["run_id"], plans, 3)
     assert "train_loss" not in client.get_run(summary["run_id"]).data.metrics  # a statistic of private data
     assert summary["device_epsilon_max"] == pytest.approx(max(epsilon("rdp", [(z, q, s * 3)], 1e-5) for z, q, s in plans))
+
+
+def test_agents_as_their_own_actors_keep_their_models(local_driver):
+    """Deployment mode: each agent is an actor that keeps its own record; gossip passes what they
+    publish from actor to actor, and the run reads their records through the same interface."""
+    driver = local_driver(peer_job(rounds=2, devices__count=4, devices__mode="deployment", devices__workers=None,
+                                   devices__per_round=4))
+    results = [driver.run_round(r) for r in (1, 2)]
+    kept = ray.get(list(driver.pool.record_refs(list(range(4))).values()))
+    records = [driver.pool.records.ref(a) for a in range(4)]
+    driver.finish()
+    assert all(r.metrics["participants"] == 4 and r.metrics["bytes_received"] > 0 for r in results[1:])
+    assert [k.version for k in kept] == [2] * 4 and records == [None] * 4  # the agents hold them, not the run
+    assert results[-1].metrics["consensus_distance"] > 0 and results[-1].metrics["test_accuracy"] > 0.3

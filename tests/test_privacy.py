@@ -322,6 +322,17 @@ def test_a_model_dp_sgd_cannot_train_is_refused_with_the_fix():
 SAMPLE_DP = {"devices__per_round": 6, "devices__local": {"epochs": 1, "batch_size": 16, "lr": 0.1}}
 
 
+def assert_device_epsilons(client, run_id: str, plans, rounds: int) -> None:
+    """Each round's logged device epsilons (max, mean) are those of every device's steps so far,
+    composed here independently (``plans``: each device's (noise multiplier, rate, steps))."""
+    from fedray.agents.privacy import epsilon
+
+    for r in range(1, rounds + 1):
+        spent = [epsilon("rdp", [(z, q, steps * r)], 1e-5) for z, q, steps in plans]
+        assert history(client, run_id, "device_epsilon_max")[r - 1] == pytest.approx(max(spent))
+        assert history(client, run_id, "device_epsilon_mean")[r - 1] == pytest.approx(np.mean(spent))
+
+
 def device_plans(raw):
     from fedray.data import datasets, partition
 
@@ -340,10 +351,7 @@ def test_each_device_keeps_its_own_accountant_across_rounds(tracking_uri, tmp_pa
     job, plans = device_plans(raw)
     summary = run_job(job, yaml.safe_dump(raw), tracking_uri)
     client = MlflowClient(tracking_uri)
-    for r in (1, 2, 3):
-        spent = [epsilon("rdp", [(z, q, steps * r)], 1e-5) for z, q, steps in plans]
-        assert history(client, summary["run_id"], "device_epsilon_max")[r - 1] == pytest.approx(max(spent))
-        assert history(client, summary["run_id"], "device_epsilon_mean")[r - 1] == pytest.approx(np.mean(spent))
+    assert_device_epsilons(client, summary["run_id"], plans, 3)
     report = json.load(open(client.download_artifacts(summary["run_id"], "privacy_report.json", str(tmp_path))))
     assert report["level"] == "sample" and report["noise_multiplier"] == {"min": 1.1, "max": 1.1}
     assert report["epsilon"]["rdp"]["devices_trained"] == 6 and report["epsilon"]["rdp"]["max"] == pytest.approx(

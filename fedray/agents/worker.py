@@ -157,7 +157,7 @@ class DeviceWorker:
         ``params``) and what it publishes: its parameters (gossip), its predictions on the
         reference set (distill) or nothing (local). ``spent``: as in ``fit``."""
         exchange, peers = self._job.peers.exchange, self._job.peers
-        state = state or DeviceState()
+        state = self._record(agent, state)
         model, spec, initial = self._agents.of(agent)
         params = state.params if state.params is not None else initial
         received = await self._fetch(inputs)
@@ -187,25 +187,26 @@ class DeviceWorker:
         if accountant is not None:
             metrics.update(epsilon=accountant.epsilon(),
                            epsilon_next=accountant.epsilon((*accountant.history[-1][:2], planned)))
-        return metrics, state.advanced(params=params), published
+        return metrics, self._keep(agent, state.advanced(params=params)), published
 
     async def peer_mix(self, agent: int, round: int, inputs: list, weights: list[float], own_weight: float,
                        state: DeviceState | None = None) -> tuple[dict[str, float], DeviceState, np.ndarray]:
         """One more gossip step of ``agent`` in a round (``peers.gossip_steps``): its model mixed
         with ``inputs`` as in ``peer_round``, without training; returned as ``peer_round`` does."""
-        state = state or DeviceState()
+        state = self._record(agent, state)
         params = state.params if state.params is not None else self._agents.of(agent)[2]
         received = await self._fetch(inputs)
         mixed = peer.mix(params, own_weight, received, weights)
         return ({"received": float(sum(r.nbytes for r in received)), "published": float(mixed.nbytes)},
-                replace(state, params=mixed), mixed)
+                self._keep(agent, replace(state, params=mixed)), mixed)
 
     async def peer_evaluate(self, agent: int, inputs: list, weights: list[float], own_weight: float,
                             holdout: np.ndarray, state: DeviceState | None = None) -> list[tuple[int, float, int]]:
         """Evaluate ``agent``'s model (gossip: mixed with ``inputs`` as its next round will) on the
         samples ``holdout`` and on its local test split: ``[(samples, summed loss, correct)] x 2``."""
         model, spec, initial = self._agents.of(agent)
-        params = state.params if state is not None and state.params is not None else initial
+        state = self._record(agent, state)
+        params = state.params if state.params is not None else initial
         if self._job.peers.exchange == "gossip" and inputs:
             params = peer.mix(params, own_weight, await self._fetch(inputs), weights)
         spec.load(model, np.array(params, dtype=np.float32))
@@ -213,6 +214,19 @@ class DeviceWorker:
         _, (x_test, y_test) = self._device_data(agent)
         return [_scores(model, torch.from_numpy(x[holdout]), torch.from_numpy(y[holdout])),
                 _scores(model, x_test, y_test)]
+
+    def _record(self, agent: int, state: DeviceState | None) -> DeviceState:
+        """The record a task works on: the one it brought, or (deployment) the one the agent keeps."""
+        if self._held is not None:
+            state = self._held.get(agent)
+        return state or DeviceState()
+
+    def _keep(self, agent: int, state: DeviceState) -> DeviceState | None:
+        """The new record to return; in deployment kept here instead (None returned)."""
+        if self._held is None:
+            return state
+        self._held[agent] = state
+        return None
 
     async def _fetch(self, refs: list) -> list:
         """The values of ``refs``, awaited: meanwhile this worker runs other tasks (the one that

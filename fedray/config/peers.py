@@ -132,8 +132,6 @@ def check(job) -> None:
     for section, why in refused.items():
         if section in job.model_fields_set:
             raise ValueError(f"{section} does not apply to peers: {why}")
-    if devices.mode == "deployment":
-        raise ValueError("peers run in devices.mode 'simulation' (workers host the agents)")
     if devices.late != "drop":
         raise ValueError("peers: a late agent is skipped in its round (devices.late 'drop')")
     if job.privacy is not None and job.privacy.level != "sample":

@@ -97,8 +97,10 @@ class Peers:
         steps = job.peers.gossip_steps if self._exchange.average is None else 1
         for _ in range(steps - 1):  # more gossip steps: the agents mix again, without training
             mixed = self._wave(r, "peer_mix", np.flatnonzero(present), intake, sent, received)
-            present[[a for a in np.flatnonzero(present) if a not in mixed]] = False
-            self._exchange, cut = self._next_exchange(r, present)
+            failed = present.copy()
+            failed[list(mixed)] = False
+            present &= ~failed
+            self._exchange, cut = self._next_exchange(r, present, failed)
             dropped += cut
         metrics.update(participants=len(results), failures=intake.failed_tasks, dropped_links=dropped,
                        bytes_sent=float(sent.sum()), bytes_sent_mean=float(sent.mean()), bytes_sent_max=float(sent.max()),
@@ -149,9 +151,9 @@ class Peers:
             metrics["distill_loss"] = float(np.mean(distill))
         return metrics
 
-    def _next_exchange(self, r: int, present: np.ndarray) -> tuple[Exchange, int]:
+    def _next_exchange(self, r: int, present: np.ndarray, counted: np.ndarray | None = None) -> tuple[Exchange, int]:
         """The exchange after round ``r`` among the ``present`` agents, and how many of the graph's
-        links it drops (an end absent)."""
+        links it drops because an end is absent (an end among ``counted``, default all absent)."""
         graph = self.graph if self.graph is not None else graphs.random_matching(self._n, self._rng)
         every = self._job.peers.aggregate_every
         if every is not None and r % every == 0 and present.any():  # semi-decentralized: a global average
@@ -165,7 +167,8 @@ class Peers:
             return Exchange(mixing, average), 0
         mixing = graphs.without(graphs.metropolis_hastings(graph) if self._job.peers.exchange != "local"
                                 else np.eye(self._n), ~present)
-        cut = np.triu(graph & ~np.outer(present, present)).sum() if self._job.peers.exchange != "local" else 0
+        counted = ~present if counted is None else counted
+        cut = np.triu(graph & (counted[:, None] | counted[None, :])).sum() if self._job.peers.exchange != "local" else 0
         return Exchange(mixing), int(cut)
 
     def _evaluate(self) -> dict[str, float]:
@@ -175,8 +178,10 @@ class Peers:
         pool, records = self._pool, self._pool.records
         refs = [pool.submit("peer_evaluate", a, *self._exchange.inputs(a, self._published), self._holdout,
                             state=records.ref(a)) for a in range(self._n)]
-        consensus = pool.submit("peer_consensus", 0, list(range(self._n)),
-                                [records.ref(a) for a in range(self._n)], self._exchange.mixing, tag="consensus")
+        kept = pool.record_refs(list(range(self._n)))  # deployment: asked of the agents
+        mixing = self._exchange.mixing if self._job.peers.exchange == "gossip" else np.eye(self._n)  # others keep theirs
+        consensus = pool.submit("peer_consensus", 0, list(range(self._n)), [kept.get(a) for a in range(self._n)],
+                                mixing, tag="consensus")
         scores, distance, failed = {}, None, 0
         for done in pool.as_completed(refs + [consensus], time.monotonic() + self._job.devices.timeout_s):
             if done.failure is not None:
