@@ -105,17 +105,12 @@ class DeviceWorker:
         started = time.perf_counter()
         start = np.array(global_params, dtype=np.float32)  # writable copy
         (x, y), _ = self._device_data(device)
-        if self._held is not None:
-            state = self._held.get(device)
-        state = state or DeviceState()
+        state = self._record(device, state)
         self._spec.load(self._model, start)
         own = None if server_control is None else (state.control if state.control is not None else np.zeros_like(start))
         correction = None if own is None else torch.from_numpy(server_control - own)
-        planned, steps = round_steps(self._job, len(x), round, device)
-        local = self._local if steps == planned else replace(self._local, epochs=None, steps=steps)
-        accountant = None if self._sample_dp is None else self._accountant(device, round, len(x), spent)
-        dp_sgd = accountant and SampleDP(self._sample_dp.max_grad_norm, accountant.history[-1][0])
-        steps, loss = train(self._model, x, y, local, device_generator(self._seed, round, device), correction, dp_sgd)
+        steps, loss, epsilons = self._train(device, round, self._model, x, y, device_generator(self._seed, round, device),
+                                            correction, spent)
         delta = self._spec.flatten(self._model) - start
         control, changes = None, {}
         if own is not None:  # SCAFFOLD: the device's new c_i, and its change
@@ -137,16 +132,27 @@ class DeviceWorker:
         sealed = None
         if self._sealer is not None:  # the encrypted part carries the loss and the indicator too
             delta, sealed, loss, indicator = self._seal(device, round, len(x), steps, delta, loss, indicator, clip)
-        epsilons = (None, None) if accountant is None else (
-            accountant.epsilon(), accountant.epsilon((*accountant.history[-1][:2], planned)))
         payload = Update(device, round, len(x), steps, loss, delta, control, *epsilons,
                          below_clip=indicator, sealed=sealed).to_bytes()
         if self._speed is not None:
             seconds = training_seconds(self._speed, self._slowdown[device], steps, time.perf_counter() - started)
             await asyncio.sleep(sent_at + seconds - time.time())
-        if self._held is not None:
-            self._held[device], state = state, None
-        return payload, state
+        return payload, self._keep(device, state)
+
+    def _train(self, device: int, round: int, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+               generator: torch.Generator, correction: torch.Tensor | None, spent: list | None
+               ) -> tuple[int, float, tuple[float | None, float | None]]:
+        """``device``'s local training of ``round`` (its planned or partial steps; DP-SGD under
+        sample-level DP, charged to the history ``spent``): (steps, loss, (epsilon spent, epsilon
+        after one more round)), the epsilons None without DP."""
+        planned, steps = round_steps(self._job, len(x), round, device)
+        local = self._local if steps == planned else replace(self._local, epochs=None, steps=steps)
+        accountant = None if self._sample_dp is None else self._accountant(device, round, len(x), spent)
+        dp_sgd = accountant and SampleDP(self._sample_dp.max_grad_norm, accountant.history[-1][0])
+        steps, loss = train(model, x, y, local, generator, correction, dp_sgd)
+        epsilons = (None, None) if accountant is None else (
+            accountant.epsilon(), accountant.epsilon((*accountant.history[-1][:2], planned)))
+        return steps, loss, epsilons
 
     async def peer_round(self, agent: int, round: int, inputs: list, weights: list[float], own_weight: float,
                          state: DeviceState | None = None, spent: list | None = None
@@ -173,20 +179,15 @@ class DeviceWorker:
                                                    peers.distill.epochs, self._local.batch_size,
                                                    peers.distill.lr or self._local.lr, generator)
         (x, y), _ = self._device_data(agent)
-        planned, steps = round_steps(self._job, len(x), round, agent)
-        local = self._local if steps == planned else replace(self._local, epochs=None, steps=steps)
-        accountant = None if self._sample_dp is None else self._accountant(agent, round, len(x), spent)
-        dp_sgd = accountant and SampleDP(self._sample_dp.max_grad_norm, accountant.history[-1][0])
-        steps, loss = train(model, x, y, local, generator, None, dp_sgd)
+        steps, loss, (spent_now, spent_next) = self._train(agent, round, model, x, y, generator, None, spent)
         params = spec.flatten(model)
         published = {"gossip": params, "local": None}.get(exchange)
         if exchange == "distill":
             published = peer.soft_labels(model, self._reference, peers.distill.temperature)
         metrics.update(samples=len(x), steps=steps, loss=0.0 if self._job.privacy else loss,
                        published=0.0 if published is None else float(published.nbytes))
-        if accountant is not None:
-            metrics.update(epsilon=accountant.epsilon(),
-                           epsilon_next=accountant.epsilon((*accountant.history[-1][:2], planned)))
+        if spent_now is not None:
+            metrics.update(epsilon=spent_now, epsilon_next=spent_next)
         return metrics, self._keep(agent, state.advanced(params=params)), published
 
     async def peer_mix(self, agent: int, round: int, inputs: list, weights: list[float], own_weight: float,
