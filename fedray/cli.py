@@ -1,4 +1,4 @@
-"""The ``fedray`` command line: ``fedray run``, ``resume``, ``validate``, ``replay`` and ``privacy plan``."""
+"""The ``fedray`` command line: ``fedray run``, ``resume``, ``validate``, ``replay``, ``export`` and ``privacy plan``."""
 
 from __future__ import annotations
 
@@ -45,9 +45,9 @@ def _check_store(tracking_uri: str | None, job: JobSpec) -> str:
     return uri
 
 
-def _prepare(job_file: str, job: JobSpec):
-    """Load the job's data and try its model, as the run would in its first seconds; the
-    ``Prepared`` data and model."""
+def _prepare(job_file: str, job: JobSpec, tracking_uri: str | None = None):
+    """Load the job's data and try its model (from ``model.start``, read at ``tracking_uri``), as
+    the run would in its first seconds; the ``Prepared`` data and model."""
     import torch
 
     from fedray.platform.prepare import prepare
@@ -55,7 +55,7 @@ def _prepare(job_file: str, job: JobSpec):
     sys.path.insert(0, os.getcwd())  # user models import from here, as on Ray's workers
     torch.set_num_threads(1)
     try:
-        return prepare(job)
+        return prepare(job, tracking_uri)
     except JobError as e:
         raise click.ClickException(f"{job_file}: {e}") from None
 
@@ -68,8 +68,12 @@ def validate(job_file: str, overrides: tuple[str, ...], tracking_uri: str | None
     """Check JOB_FILE without running it: its fields, its data, its model on a real batch and the
     tracking store. Creates nothing."""
     job = _load(job_file, overrides)
-    _check_store(tracking_uri, job)
-    _prepare(job_file, job)
+    prepared = _prepare(job_file, job, _check_store(tracking_uri, job))
+    layout = prepared.layout
+    if job.model.adapted or job.personalization is not None:
+        click.echo(f"model: {layout.shared.size} values federated ({len(layout.shared.names)} parameters), "
+                   f"{len(layout.frozen)} parameters frozen, {len(layout.personal.names) * (layout.method != 'ditto')} "
+                   f"kept on each device" + (f"; starts from {job.model.start}" if job.model.start else ""))
     who = (f"{job.devices.per_round} of {job.devices.count} devices per round" if job.peers is None else
            f"{job.devices.count} agents, peer to peer ({job.peers.exchange} over {job.peers.graph.kind})")
     click.echo(f"{job_file}: valid job {job.name!r}: {job.rounds} rounds, {who}, dataset {job.data.dataset}")
@@ -87,8 +91,8 @@ def run(job_file: str, overrides: tuple[str, ...], tracking_uri: str | None, run
     end it as KILLED, keeping the rounds done."""
     job = _load(job_file, overrides)
     uri = _check_store(tracking_uri, job)  # before the data loads or Ray starts
-    _prepare(job_file, job)
-    _execute(job, Path(job_file).read_text(), uri, Path(runs_dir))
+    _prepare(job_file, job, uri)
+    _execute(job, Path(job_file).read_text(), uri, Path(runs_dir), source=job_file)
 
 
 _RUNS_DIR_HELP = "where each run keeps its journal (records MLflow has not taken yet) and its error log"
@@ -105,7 +109,6 @@ def resume(target: str, tracking_uri: str | None, runs_dir: str) -> None:
     import json
 
     from fedray.config import parse_job
-    from fedray.models.params import ParamSpec
     from fedray.platform import snapshot
     from fedray.platform.checkpoint import CheckpointError, CheckpointStore
 
@@ -116,10 +119,10 @@ def resume(target: str, tracking_uri: str | None, runs_dir: str) -> None:
     except (CheckpointError, JobError, KeyError, ValueError) as e:
         raise click.ClickException(f"cannot resume from {location}: {e}") from None
     uri = _check_store(tracking_uri or state["tracking_uri"], job)
-    prepared = _prepare(location, job)
+    prepared = _prepare(location, job, uri)
     run_id = location.rstrip("/").rsplit("/", 1)[-1]  # a run's checkpoints are in a folder named by its id
-    mine = snapshot.identity(run_id, job, ParamSpec.of(prepared.model), snapshot.data_digest(prepared.dataset.x,
-                                                                                               prepared.dataset.y))
+    mine = snapshot.identity(run_id, job, prepared.layout.shared, snapshot.data_digest(prepared.dataset.x,
+                                                                                         prepared.dataset.y))
     try:  # before anything is touched: the MLflow run, the checkpoint
         snapshot.check(state, mine, location)
     except CheckpointError as e:
@@ -154,17 +157,23 @@ def _checkpoint_location(target: str, tracking_uri: str | None) -> str:
     return CheckpointStore.of_run(path, target).location
 
 
-def _execute(job: JobSpec, job_yaml: str, uri: str, runs_dir: Path, resume: tuple[str, str] | None = None) -> None:
-    """Run (or, with ``resume``, continue) ``job``, printing its progress and summary."""
+def _execute(job: JobSpec, job_yaml: str, uri: str, runs_dir: Path, resume: tuple[str, str] | None = None,
+             source: str | None = None) -> None:
+    """Run (or, with ``resume``, continue) ``job`` (from the job file ``source``), printing its
+    progress and summary."""
     from fedray.platform.run import STOP, Interrupted, RunError, connect, run_job  # Ray loads only when a job runs
     from fedray.platform.store import TrackingError
 
+    from fedray import logs
+
+    logs.to_file(runs_dir / "fedray.log")  # not the console: dependencies' INFO lines and warnings
     started = time.monotonic()
     progress = _Progress(job.rounds, started)
     try:
         connect()
         STOP.install()  # after Ray's start, whose SIGTERM handler would dump a native stack trace
-        summary = run_job(job, job_yaml, uri, on_round=progress, runs_dir=runs_dir, resume=resume)
+        summary = run_job(job, job_yaml, uri, on_round=progress, runs_dir=runs_dir, resume=resume,
+                          source=(source, " ".join(["fedray", *sys.argv[1:]])) if source else None)
     except RunError as e:
         progress.close()
         raise click.ClickException(_failure(e, uri, runs_dir)) from None
@@ -216,6 +225,34 @@ def replay(journal: str, wait_s: float) -> None:
     if left:
         raise click.ClickException(f"run {run_id}: {left} records are still unsent; they stay in {journal}")
     click.echo(f"run {run_id}: everything sent to MLflow")
+
+
+@main.command()
+@click.argument("target")
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="the file to write [default: <run id>.onnx]")
+@click.option("--tracking-uri", default=None, help=_URI_HELP)
+def export(target: str, fmt: str, out: str | None, tracking_uri: str | None) -> None:
+    """Export a model fedray logged, for devices. TARGET: a run id, runs:/<run id>/model, or
+    models:/<name>/<version> (or @<alias>, or /latest). The file is checked with ONNX Runtime
+    against PyTorch on held-out inputs of the run's job, and logged to that run with the check."""
+    from fedray import logs
+    from fedray.platform.store import resolve_uri
+    from fedray.transfer.export import export_logged
+
+    logs.to_file(Path("fedray-runs") / "fedray.log")
+    sys.path.insert(0, os.getcwd())  # user models import from here
+    try:
+        path, check, run_id = export_logged(target, resolve_uri(tracking_uri), out and Path(out))
+    except (ValueError, JobError) as e:
+        raise click.ClickException(str(e)) from None
+    verdict = "within" if check["passed"] else "OVER"
+    click.echo(f"{path}: ONNX model of {check['model']} (run {run_id})\n  ONNX Runtime {check['onnxruntime']} vs "
+               f"PyTorch on {check['samples']} held-out inputs: max abs difference {check['max_abs_diff']:.3g}, "
+               f"{verdict} the tolerance {check['tolerance']:g}\n  logged to run {run_id} as onnx/{path.name} and "
+               "onnx/check.json")
+    if not check["passed"]:
+        raise click.ClickException(f"the exported model differs from PyTorch by {check['max_abs_diff']:.3g}")
 
 
 @main.group()

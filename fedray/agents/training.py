@@ -19,7 +19,8 @@ class LocalTraining:
 
     Exactly one of ``epochs`` (passes over the local data) or ``steps`` (mini-batch updates, cycling
     through the data) is set. ``momentum`` and ``weight_decay`` apply to SGD; ``weight_decay`` to Adam.
-    ``prox_mu > 0`` adds FedProx's proximal term (mu/2)||w - w_start||^2 to the loss.
+    ``prox_mu > 0`` adds FedProx's proximal term (mu/2)||w - w_start||^2 to the loss (Ditto's
+    personal model: (lambda/2)||v - w||^2, with the global ``w`` given to ``train`` as ``anchor``).
     """
 
     epochs: int | None = 1
@@ -69,7 +70,7 @@ def make_optimizer(model: nn.Module, cfg: LocalTraining) -> torch.optim.Optimize
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining,
           generator: torch.Generator, correction: torch.Tensor | None = None,
-          dp: SampleDP | None = None) -> tuple[int, float]:
+          dp: SampleDP | None = None, anchor: torch.Tensor | None = None) -> tuple[int, float]:
     """Train ``model`` in place on ``(x, y)`` with mini-batch updates.
 
     A fresh optimizer is made per call (optimizer state does not carry over rounds). Batches are
@@ -77,7 +78,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining
     inside the model (dropout) comes from ``generator``'s seed too, so a call is deterministic.
     ``correction`` (flat, in the order of the trainable parameters) is added to every gradient:
     SCAFFOLD's ``c - c_i``. With ``dp`` the steps are DP-SGD steps (``SampleDP``); the proximal
-    term and the correction, which do not touch the data, are added after the noise.
+    term and the correction, which do not touch the data, are added after the noise. ``anchor``
+    (flat, like ``correction``) is where the proximal term pulls (default: the starting weights).
     Returns ``(steps taken, mean training loss over those steps)``; the loss excludes the proximal term.
     """
     with torch.random.fork_rng(devices=[]):
@@ -85,23 +87,29 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining
         # formatting a stack trace for each (about 1 ms a call, as much as a small device's step)
         torch.default_generator.manual_seed(generator.initial_seed() ^ 0x5EED)
         if dp is None:
-            return _train(model, x, y, cfg, generator, correction)
+            return _train(model, x, y, cfg, generator, correction, anchor)
         secret = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
         with PerSampleClipping(model, dp.max_grad_norm) as clipping:
-            return _train(model, x, y, cfg, secret, correction, dp, clipping)
+            return _train(model, x, y, cfg, secret, correction, anchor, dp, clipping)
 
 
 def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining,
-           generator: torch.Generator, correction: torch.Tensor | None, dp: SampleDP | None = None,
-           clipping: PerSampleClipping | None = None) -> tuple[int, float]:
+           generator: torch.Generator, correction: torch.Tensor | None, anchor: torch.Tensor | None,
+           dp: SampleDP | None = None, clipping: PerSampleClipping | None = None) -> tuple[int, float]:
     n = len(x)
     if n == 0:
         raise ValueError("no local training samples")
     optimizer = make_optimizer(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    anchors = [p.detach().clone() for p in params] if cfg.prox_mu else []
-    corrections = [] if correction is None else [
-        c.view_as(p) for c, p in zip(torch.split(correction, [p.numel() for p in params]), params)]
+
+    def per_param(flat: torch.Tensor) -> list[torch.Tensor]:
+        if flat.numel() != sum(p.numel() for p in params):
+            raise ValueError(f"a flat vector of {flat.numel()} values for {sum(p.numel() for p in params)} trainable")
+        return [c.view_as(p) for c, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
+
+    anchors = [] if not cfg.prox_mu else per_param(anchor) if anchor is not None else [
+        p.detach().clone() for p in params]
+    corrections = [] if correction is None else per_param(correction)
     batches_per_epoch = -(-n // cfg.batch_size)
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * batches_per_epoch
     model.train()

@@ -27,10 +27,10 @@ from fedray.config.privacy import (client_level, count_noise, delta_noise_multip
                                    share_std)
 from fedray.config.secure import value_range
 from fedray.data.devices import Generated, Shards
-from fedray.models.params import ParamSpec
-from fedray.models.zoo import build_model
 from fedray.platform import strategies
 from fedray.secure.plan import SecurePlan, Sealer
+from fedray.transfer.layout import job_model
+from fedray.transfer.personal import Personal
 from fedray.update import Update
 
 
@@ -45,23 +45,24 @@ class DeviceWorker:
     An asyncio actor: calls on one worker train one at a time (training never awaits), but the time
     a device takes beyond its compute (``devices.speed``) is an ``await``, so the worker trains other
     devices meanwhile, as separate real devices would. ``data`` also holds the server's held-out set,
-    which workers evaluate in shares.
+    which workers evaluate in shares. ``initial``: the model's state dict at the start, when the job
+    starts from other weights (``model.start``).
     """
 
     def __init__(self, job: JobSpec, data: tuple[np.ndarray, np.ndarray], num_classes: int,
                  shards: Shards | Generated, attackers: frozenset[int] = frozenset(),
                  sealing: tuple[SecurePlan, bytes, dict[int, int]] | None = None, keeps_state: bool = False,
-                 reference: np.ndarray | None = None) -> None:
+                 reference: np.ndarray | None = None, initial: dict[str, np.ndarray] | None = None) -> None:
         torch.set_num_threads(1)
         x, y = data
         self._data, self._shards, self._num_classes = data, shards, num_classes
         self._attack, self._attackers = job.attack, attackers
         self._held: dict[int, DeviceState] | None = {} if keeps_state else None
-        self._model = build_model(job.model.name, job.model.class_, job.model.kwargs, x.shape[1:],
-                                  num_classes, job.seed)
-        self._spec = ParamSpec.of(self._model)
+        self._model, layout = job_model(job, x.shape[1:], num_classes, initial)
+        self._spec = layout.shared  # the federated parameters
         self._strategy = strategies.for_job(job)  # what it asks of training
         self._local = LocalTraining(**job.devices.local.model_dump(), prox_mu=self._strategy.prox_mu)
+        self._personal = Personal(self._model, layout, job.personalization, self._local)
         # a torch optimizer's first construction imports torch._dynamo (seconds): pay it at start-up,
         # which the pool waits for, rather than in the first round's deadline
         make_optimizer(self._model, self._local)
@@ -107,12 +108,14 @@ class DeviceWorker:
         (x, y), _ = self._device_data(device)
         state = self._record(device, state)
         self._spec.load(self._model, start)
+        self._personal.load(state)
         own = None if server_control is None else (state.control if state.control is not None else np.zeros_like(start))
         correction = None if own is None else torch.from_numpy(server_control - own)
-        steps, loss, epsilons = self._train(device, round, self._model, x, y, device_generator(self._seed, round, device),
-                                            correction, spent)
+        generator = device_generator(self._seed, round, device)
+        with self._personal.shared_training(x, y, generator):
+            steps, loss, epsilons = self._train(device, round, self._model, x, y, generator, correction, spent)
         delta = self._spec.flatten(self._model) - start
-        control, changes = None, {}
+        control, changes = None, self._personal.after(x, y, start, state, generator)
         if own is not None:  # SCAFFOLD: the device's new c_i, and its change
             scale = effective_steps(steps, self._local.momentum) * self._local.lr
             changes["control"] = self._strategy.control(own, server_control, delta, scale)
@@ -315,8 +318,23 @@ class DeviceWorker:
         return self._evaluate(global_params, torch.from_numpy(x[indices]), torch.from_numpy(y[indices]))
 
     def _evaluate(self, global_params: np.ndarray, x: torch.Tensor, y: torch.Tensor) -> tuple[int, float, int]:
-        self._spec.load(self._model, np.array(global_params, dtype=np.float32))
+        self._personal.personalized(global_params, None)  # the global model: the initial personal parameters
         return _scores(self._model, x, y)
+
+    async def evaluate_personal(self, device: int, round: int, global_params: np.ndarray,
+                                state: DeviceState | None = None, fine_tune: bool = False) -> dict[str, tuple]:
+        """Evaluate on ``device``'s local test split the global model, the device's personalized
+        model (its personal parameters, or Ditto model, from its ``state``) and (``fine_tune``) the
+        personalized model after ``personalization.finetune`` on its training split: ``{"global",
+        "personal", "finetuned": (samples, summed loss, correct)}``."""
+        (x, y), (x_test, y_test) = self._device_data(device)
+        scores = {"global": self._evaluate(global_params, x_test, y_test)}
+        self._personal.personalized(global_params, self._record(device, state))
+        scores["personal"] = _scores(self._model, x_test, y_test)
+        if fine_tune:
+            self._personal.fine_tune(x, y, device_generator(self._seed, round, device))
+            scores["finetuned"] = _scores(self._model, x_test, y_test)
+        return scores
 
 
 def _scores(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[int, float, int]:

@@ -58,6 +58,8 @@ class DataSpec(Section):
     partition: Partition = IIDPartition(kind="iid")
     test_fraction: Fraction = 0.2
     holdout: Fraction = 0.2
+    resize: Annotated[tuple[PositiveInt, PositiveInt], AsTuple] | None = Field(
+        None, description="images resized to (height, width), bilinear: e.g. digits' 8x8 to a 28x28 model's input")
 
     @model_validator(mode="after")
     def _check(self) -> DataSpec:

@@ -14,10 +14,11 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from fedray.config.base import Fraction, JobError, NotBlank, PositiveFloat, PositiveInt, Section, quorum
-from fedray.config import peers, privacy, secure, topology
+from fedray.config import peers, personalization, privacy, secure, topology
 from fedray.config.data import DataSpec
 from fedray.config.model import ModelSpec
 from fedray.config.peers import PeersSpec
+from fedray.config.personalization import PersonalizationSpec
 from fedray.config.privacy import PrivacySpec
 from fedray.config.secure import SecureSpec
 from fedray.config.strategy import ASYNC_STRATEGIES, FedAvg, StrategySpec
@@ -139,6 +140,10 @@ class EvaluationSpec(Section):
 class TrackingSpec(Section):
     experiment: Annotated[str, Field(max_length=500), NotBlank] = "fedray"  # MLflow's limit
     log_model: bool = True
+    register_: Annotated[str, Field(max_length=250), NotBlank] | None = Field(
+        None, alias="register", description="register the final model under this name in the MLflow model registry")
+    export: Literal["onnx"] | None = Field(None, description="also export the final model for devices (checked "
+                                                             "with ONNX Runtime) and log it to the run")
     wait_s: PositiveFloat = Field(60.0, description="how long the end of a run waits for a tracking store in trouble; "
                                                     "what it has not taken by then stays in the run's journal")
 
@@ -167,6 +172,7 @@ class JobSpec(Section):
     privacy: PrivacySpec | None = None
     secure: SecureSpec | None = None
     peers: PeersSpec | None = None
+    personalization: PersonalizationSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -210,6 +216,12 @@ class JobSpec(Section):
             raise ValueError("strategy fednova normalizes SGD steps; it needs devices.local.optimizer 'sgd'")
         if self.peers is not None:
             peers.check(self)
+        if self.personalization is not None:
+            personalization.check(self)
+        if (self.tracking.register_ or self.tracking.export) and not self.tracking.log_model:
+            raise ValueError("tracking.register and tracking.export need the final model: tracking.log_model true")
+        if self.peers is not None and (self.tracking.register_ or self.tracking.export):
+            raise ValueError("tracking.register and tracking.export apply to a global model; peers keep their own")
         if self.topology is not None:
             topology.check(self)
         if self.privacy is not None:

@@ -1,22 +1,32 @@
-"""The ``model`` section: a model of the zoo, or the user's own class."""
+"""The ``model`` section: a model of the zoo, or the user's own class; where its weights start
+(a pretrained model: transfer) and which of its parameters train."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from fedray.config.base import Section
+from fedray.config.base import NotBlank, Section
 
 # the zoo's models and the keyword arguments each takes (fedray.models.zoo builds them; a test
 # holds the two together)
-ZOO_KWARGS: dict[str, tuple[str, ...]] = {"logreg": (), "mlp": ("hidden",), "cnn": (), "small_cnn": ()}
+ZOO_KWARGS: dict[str, tuple[str, ...]] = {"logreg": (), "mlp": ("hidden",), "cnn": ("norm",), "small_cnn": ("norm",)}
+
+Patterns = list[Annotated[str, NotBlank]]
 
 
 class ModelSpec(Section):
     name: Literal["logreg", "mlp", "cnn", "small_cnn"] | None = None
     class_: str | None = Field(None, alias="class", description="user model as 'package.module:Class'")
     kwargs: dict[str, Any] = {}
+    start: Annotated[str, NotBlank] | None = Field(None, description=(
+        "start from these weights instead of the seed's: runs:/<run id>/model, models:/<name>/<version> or "
+        "models:/<name>@<alias> (an MLflow model fedray logged), or a .safetensors file or torch state dict"))
+    replace: Patterns = Field([], description="parameters (name patterns, e.g. '4.*') that start fresh instead of "
+                                              "from `start`: a new head, e.g. for a new number of classes")
+    freeze: Patterns = Field([], description="parameters (name patterns) that do not train and are not federated")
+    train: Patterns = Field([], description="only these parameters (name patterns) train; the rest are frozen")
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -27,4 +37,14 @@ class ModelSpec(Section):
             options = list(ZOO_KWARGS[self.name]) or "none"
             raise ValueError(f"model.kwargs for {self.name!r}: unexpected {', '.join(map(repr, unknown))}; "
                              f"it takes {options}")
+        if self.replace and self.start is None:
+            raise ValueError("model.replace starts parameters fresh instead of from model.start; give model.start")
+        if self.freeze and self.train:
+            raise ValueError("give model.freeze (what does not train) or model.train (what does), not both")
         return self
+
+    @property
+    def adapted(self) -> bool:
+        """Whether the model starts from other weights or trains only some of its parameters."""
+        return bool(self.start or self.freeze or self.train)
+

@@ -134,6 +134,9 @@ def check(job) -> None:
             raise ValueError(f"{section} does not apply to peers: {why}")
     if devices.late != "drop":
         raise ValueError("peers: a late agent is skipped in its round (devices.late 'drop')")
+    if any(model.adapted for model in [job.model, *peers.models]):
+        raise ValueError("peers: agents start from the seed's weights and train all of them (model.start, freeze "
+                         "and train apply to federated runs)")
     if job.privacy is not None and job.privacy.level != "sample":
         raise ValueError("peers compose with sample-level DP (each agent's DP-SGD, accounted per agent); "
                          "client-level DP noises a server's aggregate, which peers do not have")

@@ -31,8 +31,28 @@ class Dataset:
 
 
 def load(spec: DataSpec, seed: int) -> Dataset:
-    """Load the dataset a job names. Raises ValueError, starting with the field (``data.path``,
-    ``data.label_column``) and naming the file, when it cannot."""
+    """Load the dataset a job names (images resized to ``data.resize``). Raises ValueError,
+    starting with the field (``data.path``, ``data.label_column``, ``data.resize``) and naming the
+    file, when it cannot."""
+    data = _load(spec, seed)
+    if spec.resize is None:
+        return data
+    if data.x.ndim != 4:
+        raise ValueError(f"data.resize: samples of shape {data.input_shape} are not images (channels, height, width)")
+    return Dataset(resize(data.x, spec.resize), data.y, data.num_classes)
+
+
+def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Images ``(n, channels, height, width)`` resized to ``size`` by bilinear interpolation (with
+    antialiasing when shrinking), as float32."""
+    import torch
+    from torch.nn import functional as F
+
+    out = F.interpolate(torch.from_numpy(x), size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    return np.ascontiguousarray(out.numpy(), dtype=np.float32)
+
+
+def _load(spec: DataSpec, seed: int) -> Dataset:
     if spec.dataset == "digits":
         from sklearn.datasets import load_digits
 

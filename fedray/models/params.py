@@ -12,19 +12,24 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """Names and shapes of the federated parameters, in ``module.named_parameters()`` order.
+    """Names and shapes of some of a module's tensors (parameters or buffers), laid end to end in
+    one flat float32 vector.
 
-    Only trainable parameters (``requires_grad``) are federated; frozen parameters and buffers stay
-    where they are and are not part of the vector.
+    ``ParamSpec.of(module)`` is the federated vector: the trainable parameters (``requires_grad``)
+    in ``module.named_parameters()`` order; frozen parameters and buffers stay where they are.
     """
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
 
     @classmethod
-    def of(cls, module: nn.Module) -> ParamSpec:
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named))
+    def of(cls, module: nn.Module, names: list[str] | None = None) -> ParamSpec:
+        """The spec of ``names`` (parameters or buffers of ``module``, in that order); default its
+        trainable parameters."""
+        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+        if names is None:
+            names = [n for n, p in module.named_parameters() if p.requires_grad]
+        return cls(tuple(names), tuple(tuple(tensors[n].shape) for n in names))
 
     @property
     def size(self) -> int:
@@ -32,7 +37,7 @@ class ParamSpec:
         return sum(math.prod(s) for s in self.shapes)
 
     def _params(self, module: nn.Module) -> list[torch.Tensor]:
-        params = dict(module.named_parameters())
+        params = dict(module.named_parameters()) | dict(module.named_buffers())
         try:
             tensors = [params[n] for n in self.names]
         except KeyError as e:

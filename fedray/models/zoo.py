@@ -38,15 +38,27 @@ class ChannelsLast(nn.Module):
         return x.contiguous(memory_format=torch.channels_last)
 
 
+def _norm(kind: str | None, channels: int) -> list[nn.Module]:
+    """The normalization layer after a convolution: none, BatchNorm or GroupNorm (groups of 4 channels)."""
+    if kind is None:
+        return []
+    if kind == "batch":
+        return [nn.BatchNorm2d(channels)]
+    if kind == "group":
+        return [nn.GroupNorm(max(1, channels // 4), channels)]
+    raise ValueError(f"norm must be 'batch' or 'group', got {kind!r}")
+
+
 def _conv_net(input_shape: Sequence[int], num_classes: int, channels: Sequence[int], kernel: int,
-              hidden: int | None) -> nn.Module:
+              hidden: int | None, norm: str | None) -> nn.Module:
     if len(input_shape) != 3:
         raise ValueError(f"a CNN needs image input (channels, height, width), got shape {tuple(input_shape)}")
     layers: list[nn.Module] = [ChannelsLast()]
     c_in, (height, width) = input_shape[0], input_shape[1:]
     for c_out in channels:
         # pooling before ReLU computes the same function as after it, on a quarter of the elements
-        layers += [nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2), nn.MaxPool2d(2), nn.ReLU()]
+        layers += [nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2), *_norm(norm, c_out), nn.MaxPool2d(2),
+                   nn.ReLU()]
         c_in, height, width = c_out, height // 2, width // 2
     if height == 0 or width == 0:
         raise ValueError(f"input {tuple(input_shape)} is too small for {len(channels)} 2x2 poolings")
@@ -59,16 +71,17 @@ def _conv_net(input_shape: Sequence[int], num_classes: int, channels: Sequence[i
     return nn.Sequential(*layers).to(memory_format=torch.channels_last)
 
 
-def cnn(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+def cnn(input_shape: Sequence[int], num_classes: int, norm: str | None = None) -> nn.Module:
     """The CNN of the FedAvg paper: two 5x5 conv layers (32, 64), each with ReLU and 2x2 max-pooling,
-    a fully connected layer of 512 with ReLU, and the output layer."""
-    return _conv_net(input_shape, num_classes, channels=(32, 64), kernel=5, hidden=512)
+    a fully connected layer of 512 with ReLU, and the output layer. ``norm`` ('batch' or 'group')
+    adds a normalization layer after each convolution."""
+    return _conv_net(input_shape, num_classes, channels=(32, 64), kernel=5, hidden=512, norm=norm)
 
 
-def small_cnn(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+def small_cnn(input_shape: Sequence[int], num_classes: int, norm: str | None = None) -> nn.Module:
     """A small, fast CNN: two 3x3 conv layers (16, 32), each with ReLU and 2x2 max-pooling, then
-    the output layer."""
-    return _conv_net(input_shape, num_classes, channels=(16, 32), kernel=3, hidden=None)
+    the output layer. ``norm`` as for ``cnn``."""
+    return _conv_net(input_shape, num_classes, channels=(16, 32), kernel=3, hidden=None, norm=norm)
 
 
 ZOO: dict[str, Callable[..., nn.Module]] = {
@@ -98,8 +111,7 @@ def build_model(name: str | None, class_path: str | None, kwargs: dict, input_sh
                 num_classes: int, seed: int) -> nn.Module:
     """Build a zoo model by ``name`` or a user ``nn.Module`` by ``class_path`` with ``kwargs``.
 
-    The initial weights depend only on ``seed``, so every process builds the same model. A user
-    model with floating-point buffers is refused: they would not be federated.
+    The initial weights depend only on ``seed``, so every process builds the same model.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -108,10 +120,6 @@ def build_model(name: str | None, class_path: str | None, kwargs: dict, input_sh
         model = import_object(class_path)(**kwargs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"{class_path} built a {type(model).__name__}, not a torch.nn.Module")
-    buffers = [n for n, b in model.named_buffers() if b.is_floating_point()]
-    if buffers:
-        raise ValueError(f"{class_path} has floating-point buffers {buffers[:3]} (e.g. BatchNorm running "
-                         "statistics), which fedray does not federate yet; use GroupNorm or LayerNorm")
     return model
 
 

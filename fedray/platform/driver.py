@@ -4,16 +4,17 @@ the only process that talks to MLflow. A plain class; ``fedray.run`` makes it an
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
 from fedray.config import JobSpec
-from fedray.models.params import ParamSpec
 from fedray.config.privacy import client_level, min_participants, sampling_rate
 from fedray.platform import edge, plots, privacy, snapshot, strategies
 from fedray.platform.checkpoint import CheckpointStore
@@ -50,20 +51,21 @@ class Driver:
         """Set up the run whose MLflow run and journal ``run_dir`` holds (``tracking.start_run``);
         with ``resume`` (a checkpoint location), continue it from that checkpoint."""
         torch.set_num_threads(1)
-        self.job = job
-        dataset, split, self.model = prepare(job)
-        self.data_digest = snapshot.data_digest(dataset.x, dataset.y) if job.checkpoint else None
-        self._example = dataset.x[:2].copy()  # input example for the logged model's signature
-        self._train_sizes = split.train_sizes.tolist()
-        self.spec = ParamSpec.of(self.model)
-        self.strategy = strategies.for_job(job)
-        self.state = self.strategy.init(self.spec.flatten(self.model))
+        self.job, self._job_yaml = job, job_yaml
         self.tracker = Tracker(run_dir)
-        self.checkpoints = (CheckpointStore(resume) if resume else
-                            job.checkpoint and CheckpointStore.of_run(job.checkpoint.path, self.tracker.run_id))
         try:
+            dataset, split, self.model, self.layout, initial = prepare(job, self.tracker.uri)
+            self.data_digest = snapshot.data_digest(dataset.x, dataset.y) if job.checkpoint else None
+            self._example = dataset.x[:2].copy()  # input example for the logged model's signature
+            self._holdout = dataset.x[split.holdout[:256]]  # inputs an exported model is checked on
+            self._train_sizes = split.train_sizes.tolist()
+            self.spec = self.layout.shared  # the federated parameters
+            self.strategy = strategies.for_job(job)
+            self.state = self.strategy.init(self.spec.flatten(self.model))
+            self.checkpoints = (CheckpointStore(resume) if resume else
+                                job.checkpoint and CheckpointStore.of_run(job.checkpoint.path, self.tracker.run_id))
             if not resume:
-                self.tracker.log_params(job.flat())
+                self.tracker.log_params(job.flat() | _layout_params(self.layout))
                 self.tracker.log_text(job_yaml, "job.yaml")
             self.sealing = (Sealing(job, self.spec, self._train_sizes, self.strategy.weigh, self.tracker,
                                     self.checkpoints and self.checkpoints.location) if job.secure else None)
@@ -71,7 +73,8 @@ class Driver:
             self._check = {"size": size, "train_sizes": self._train_sizes, "expect_sealed": self.sealing is not None,
                            "expect_control": self.strategy.control_variates}
             self.pool, self.edges = edge.start_tiers(job, ray.put((dataset.x, dataset.y)), dataset.num_classes,
-                                                     split, size, self.sealing and self.sealing.tiers)
+                                                     split, size, self.sealing and self.sealing.tiers,
+                                                     initial and ray.put(initial))
             # where updates are folded: at the edges, or here
             self.tier = self.edges or Flat(job, self.strategy, self.pool, self._check, self.sealing and self.sealing.sums)
             self.evaluation = Evaluation(self.pool, (dataset.x, dataset.y), split.holdout, self.spec, self.model,
@@ -98,6 +101,7 @@ class Driver:
         self._edge_version: dict[int, int] = {}
         self.dispatched = 0
         self.checkpointed = 0  # rounds of the log in a checkpoint
+        self.personal_scores: dict[int, dict[str, float]] = {}  # each device's accuracies, at the last evaluation
         self.restored = snapshot.resume(self) if resume else None  # what was restored, in words
 
     @property
@@ -173,7 +177,12 @@ class Driver:
             federated = sampled if self.job.evaluation.federated else np.array([], dtype=np.int64)
             evaluation, evaluation_failures = self.evaluation(self.state.params, federated)
             metrics.update(evaluation)
-            if self.job.evaluation.federated:
+            if self.job.personalization is not None:  # every device: the global, personalized and fine-tuned models
+                evaluation, failures, self.personal_scores = self.evaluation.personal(
+                    self.state.params, self.job.devices.count, r, fine_tune=r == self.job.rounds)
+                metrics.update(evaluation)
+                evaluation_failures.update(failures)
+            if self.job.evaluation.federated or self.job.personalization is not None:
                 metrics["evaluation_failures"] = len(evaluation_failures)
         return completed, metrics, evaluation_failures
 
@@ -344,14 +353,16 @@ class Driver:
                     self.tracker.log_text(json.dumps(sorted(self.pool.attackers)), "attackers.json")
                 if self.peers and self.peers.scores:
                     self.tracker.log_text(json.dumps(self.peers.scores, indent=1), "agents.json")
+                if self.personal_scores:
+                    self.tracker.log_text(json.dumps(self.personal_scores, indent=1), "personalization.json")
                 plots.log_history(self.tracker, self.history, self.job.privacy is not None)
                 if self.stopped:
                     self.tracker.set_tag("fedray.stopped", self.stopped)
+                self.tracker.set_tag("mlflow.note.content", self._description(status))
                 if self.job.privacy is not None:
                     self.tracker.log_text(json.dumps(self.privacy_report(), indent=1), "privacy_report.json")
                 if self.job.tracking.log_model and status == "FINISHED" and self.peers is None:  # agents keep theirs
-                    self.spec.load(self.model, self.state.params)
-                    self.tracker.log_model(self.model, self._example)
+                    self._log_model()
             except BaseException:
                 end_status = "FAILED"
                 raise
@@ -373,9 +384,55 @@ class Driver:
             {"stopped": self.stopped} if self.stopped else {}) | ({"resumed": self.restored} if self.restored else {}) | {key: sum(h.metrics.get(key, 0) for h in self.history)
              for key in ("bytes_up", "bytes_down", "bytes_sent", "bytes_edge_cloud", "sim_comm_seconds") if any(key in h.metrics for h in self.history)}
 
+    def _description(self, status: str) -> str:
+        """The run's end-of-run summary, as its MLflow description (Markdown)."""
+        done = sum(h.completed for h in self.history)
+        lines = [f"**{self.job.name}**: {status.lower()}, {done}/{len(self.history)} rounds completed of "
+                 f"{self.job.rounds}" + (f"; stopped: {self.stopped}" if self.stopped else "")]
+        last = {k: v for h in self.history for k, v in h.metrics.items()}  # each metric's latest value
+        for key, label in (("test_accuracy", "test accuracy"), ("device_accuracy_personal", "personalized accuracy "
+                           "(device mean)"), ("device_accuracy_finetuned", "fine-tuned accuracy (device mean)"),
+                           ("epsilon", "epsilon"), ("device_epsilon_max", "device epsilon max")):
+            if key in last:
+                lines.append(f"- {label}: {last[key]:.4f}")
+        sent = sum(h.metrics.get("bytes_up", h.metrics.get("bytes_sent", 0)) for h in self.history)
+        lines.append(f"- bytes sent by devices: {sent / 1e6:.2f} MB; failures: "
+                     f"{sum(h.metrics.get('failures', 0) for h in self.history):g}")
+        return "\n".join(lines)
+
+    def _log_model(self) -> None:
+        """Log the final model (``model``: MLflow's PyTorch flavour and the weights a job can start
+        from), register it (``tracking.register``) and export it (``tracking.export``)."""
+        tracking = self.job.tracking
+        self.spec.load(self.model, self.state.params)
+        self.tracker.log_model(self.model, self._example)
+        if tracking.export == "onnx":
+            from fedray.transfer import export
+
+            with tempfile.TemporaryDirectory() as directory:
+                path = Path(directory) / "model.onnx"
+                check = export.to_onnx(self.model, self._holdout, path)
+                self.tracker.log_file(path, "onnx")
+            self.tracker.log_text(json.dumps(check, indent=1), "onnx/check.json")
+            self.tracker.set_tag("fedray.onnx_max_abs_diff", f"{check['max_abs_diff']:.3g}")
+        if tracking.register_:
+            last = self.history[-1].metrics if self.history else {}
+            tags = {k: f"{last[k]:.6g}" for k in ("test_accuracy", "test_loss", "epsilon") if k in last}
+            if self._device_epsilon:
+                tags["device_epsilon_max"] = f"{max(e for e, _ in self._device_epsilon.values()):.6g}"
+            tags |= {"fedray.job": self.job.name, "fedray.rounds": str(len(self.history))}
+            self.tracker.register(tracking.register_, f"{self._description('FINISHED')}\n\nrun {self.tracker.run_id}, "
+                                  f"job:\n```yaml\n{self._job_yaml}\n```", tags)
+
     def privacy_report(self) -> dict:
         """What the run's privacy rests on and what it spent, by each accountant."""
         if self.ledger is None:
             return privacy.sample_report(self.job, self._train_sizes, self._device_epsilon) | {
                 "rounds": len(self.history), "stopped": self.stopped}
         return privacy.client_report(self.job, self.ledger, self.clip) | {"stopped": self.stopped}
+
+
+def _layout_params(layout) -> dict[str, str]:
+    """What the model federates, keeps frozen and keeps on devices, as MLflow params."""
+    return {"model.federated_size": str(layout.shared.size), "model.frozen_parameters": str(len(layout.frozen)),
+            "model.personal_size": str(layout.personal.size if layout.method != "ditto" else layout.shared.size)}

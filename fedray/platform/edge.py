@@ -115,22 +115,24 @@ class EdgeAggregator:
         return report
 
 def start_tiers(job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Split, size: int,
-                sealing: tuple[SecurePlan, Any, bytes] | None = None) -> tuple[WorkerPool, Edges | None]:
+                sealing: tuple[SecurePlan, Any, bytes] | None = None, initial: ray.ObjectRef | None = None
+                ) -> tuple[WorkerPool, Edges | None]:
     """The device workers, and with a topology the edge actors, each edge and its devices' workers
     placed on the edge's nodes. ``size`` is what the tiers sum in plaintext; with encrypted
-    aggregation ``sealing`` is the plan, the key authority and its public context."""
+    aggregation ``sealing`` is the plan, the key authority and its public context. ``initial``:
+    the model's starting state dict (``model.start``)."""
     tree = job.topology
     authority = None if sealing is None else sealing[1]
     edges = None if sealing is None else (sealing[0], sealing[2])
     if tree is None:
-        return WorkerPool(job, data, num_classes, split, authority=authority), None
+        return WorkerPool(job, data, num_classes, split, authority=authority, initial=initial), None
     missing = topology.missing_placement(tree, ray.nodes())
     if missing:
         raise RuntimeError(f"topology.placement: no alive node offers {', '.join(missing)}; start edge nodes "
                            "with ray start --resources '{\"edge_0\": 1}' or --labels region=..., to match")
     if tree.assign == "colocated":
         pool = WorkerPool(job, data, num_classes, split, [(np.arange(job.devices.count), {"scheduling_strategy": "SPREAD"})],
-                          authority)
+                          authority, initial)
         edge_of_worker, nodes = topology.colocated(pool.workers.nodes(), tree.edges)
         edge_of = np.arange(job.devices.count) % tree.edges
         pool.regroup(edge_of, [np.flatnonzero(edge_of_worker == e).tolist() for e in range(tree.edges)])
@@ -139,7 +141,7 @@ def start_tiers(job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Spli
         edge_of = topology.assign(job)
         options = [topology.placement_options(tree, e) for e in range(tree.edges)]
         pool = WorkerPool(job, data, num_classes, split,
-                          [(np.flatnonzero(edge_of == e), options[e]) for e in range(tree.edges)], authority)
+                          [(np.flatnonzero(edge_of == e), options[e]) for e in range(tree.edges)], authority, initial)
     return pool, Edges(job, size, split.train_sizes.tolist(), options, edge_of.tolist(), pool, edges)
 
 

@@ -56,6 +56,33 @@ class Evaluation:
                            federated_test_loss=sum(loss for _, loss, _ in per_device) / samples)
         return metrics, failures
 
+    def personal(self, params: np.ndarray, count: int, r: int, fine_tune: bool
+                 ) -> tuple[dict[str, float], dict[int, str], dict[int, dict[str, float]]]:
+        """Personalization: each of the ``count`` devices evaluates the global ``params``, its
+        personalized model and (``fine_tune``) that model fine-tuned on its training split, on its
+        local test split (``DeviceWorker.evaluate_personal``). Returns the mean, standard deviation
+        and minimum over devices of each accuracy (``device_accuracy_global``, ``..._std``,
+        ``..._min``; ``personal``; ``finetuned``), ``{device: reason}`` for those that failed, and
+        each device's accuracies."""
+        ref = ray.put(params)
+        refs = [self._pool.submit("evaluate_personal", d, r, ref, state=self._pool.records.ref(d), fine_tune=fine_tune)
+                for d in range(count)]
+        scores, failures = {}, {}
+        for done in self._pool.as_completed(refs, time.monotonic() + self._timeout_s):
+            if done.failure is None:
+                scores[done.task.device] = {kind: c / n for kind, (n, _, c) in done.value.items() if n}
+            else:
+                failures[done.task.device] = done.failure
+        failures.update({done.task.device: done.failure for done in self._pool.expire(self._timeout_s, refs)})
+        metrics = {}
+        for kind in ("global", "personal", "finetuned"):
+            accuracies = [s[kind] for s in scores.values() if kind in s]
+            if accuracies:
+                metrics.update({f"device_accuracy_{kind}": float(np.mean(accuracies)),
+                                f"device_accuracy_{kind}_std": float(np.std(accuracies)),
+                                f"device_accuracy_{kind}_min": float(np.min(accuracies))})
+        return metrics, failures, dict(sorted(scores.items()))
+
     def _here(self, params: np.ndarray, indices: np.ndarray) -> tuple[int, float, int]:
         x, y = self._data
         self._spec.load(self._model, params)

@@ -67,11 +67,13 @@ class WorkerPool:
     device's state record (``DeviceState``, kept in ``records``) travels with the task. Deployment:
     one worker per device, which keeps the device's record itself. Under sample-level DP the pool
     keeps every device's spend (``spend``) and charges it in ``fit``. With encrypted aggregation
-    the key ``authority`` (an actor) starts the workers.
+    the key ``authority`` (an actor) starts the workers. ``initial``: the model's starting state
+    dict, when the job starts from other weights.
     """
 
     def __init__(self, job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Split,
-                 groups: list[tuple[np.ndarray, dict[str, Any]]] | None = None, authority: Any = None) -> None:
+                 groups: list[tuple[np.ndarray, dict[str, Any]]] | None = None, authority: Any = None,
+                 initial: ray.ObjectRef | None = None) -> None:
         count = job.devices.count
         self.deployment = job.devices.mode == "deployment"
         groups = groups or [(np.arange(count), {})]
@@ -100,7 +102,7 @@ class WorkerPool:
         self._cpus_per_worker = 1.0 if job.devices.scale_up else min(1.0, cpus / num_workers)
         self._actor_class = ray.remote(DeviceWorker)
         self.attackers = (choose_attackers(count, job.attack.fraction, job.seed) if job.attack else frozenset())
-        self._args, self._authority = (job, data, num_classes), authority
+        self._args, self._authority, self._initial = (job, data, num_classes), authority, initial
         self._peers = job.peers is not None
         self._devices = job.devices
         # sample-level DP: every device's spend, kept here, where no worker's failure can lose it
@@ -128,7 +130,7 @@ class WorkerPool:
         devices = np.flatnonzero(self.group_of == group)
         shards = self._split.of(devices)
         args = (*self._args, shards, self.attackers.intersection(devices.tolist()))
-        keeps = {"keeps_state": self.deployment, "reference": self._split.reference}
+        keeps = {"keeps_state": self.deployment, "reference": self._split.reference, "initial": self._initial}
         if self._authority is None:
             actor = self._actor_class.options(**options).remote(*args, **keeps)
         else:  # the key authority starts it, handing it its devices' tag seeds; args nested: data stays a ref

@@ -99,12 +99,13 @@ def connect() -> None:
 
 def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,
             on_round: Callable[[RoundResult], None] | None = None, runs_dir: Path = RUNS_DIR,
-            resume: tuple[str, str] | None = None) -> dict:
+            resume: tuple[str, str] | None = None, source: tuple[str, str] | None = None) -> dict:
     """Run ``job`` to completion and return the Driver's summary. ``tracking_uri`` as given by the
     user (None: ``MLFLOW_TRACKING_URI`` or MLflow's default). The MLflow run ends FINISHED; FAILED
     (keeping every round already logged) if the driver fails or no round completed, raising
     ``RunError``; KILLED on KeyboardInterrupt, raising ``Interrupted``. ``resume``: (run id,
-    checkpoint location) of a run to continue from its checkpoint, in the same MLflow run."""
+    checkpoint location) of a run to continue from its checkpoint, in the same MLflow run.
+    ``source``: (job file, command line) the run is tagged with (MLflow's source)."""
     connect()
     if ray.get_runtime_context().runtime_env.get("working_dir") and is_relative_local(
             tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
@@ -113,7 +114,8 @@ def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,
                       "absolute path", stacklevel=2)
     with STOP.hold():
         if resume is None:
-            run_dir = start_run(resolve_uri(tracking_uri), job.tracking.experiment, job.name, runs_dir.resolve())
+            run_dir = start_run(resolve_uri(tracking_uri), job.tracking.experiment, job.name, runs_dir.resolve(),
+                                run_tags(job, source))
         else:
             run_dir = reopen_run(resolve_uri(tracking_uri), resume[0], runs_dir.resolve())
     history: list[RoundResult] = []
@@ -155,6 +157,26 @@ def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,
             ray.kill(driver)  # its workers share its fate
         if job.devices.scale_up:  # the pool's request to the autoscaler ends with the run
             request_resources(bundles=[])
+
+
+def run_tags(job: JobSpec, source: tuple[str, str] | None) -> dict[str, str]:
+    """The tags a run starts with, to filter and compare runs in the MLflow UI: its source (the job
+    file, and the command), strategy, privacy level, secure scheme, topology and personalization."""
+    privacy = "none" if job.privacy is None else (
+        "sample" if job.privacy.level == "sample" else f"client-{job.privacy.mode}")
+    if job.peers is not None:
+        topology = f"peers-{job.peers.graph.kind}"
+    else:
+        topology = "flat" if job.topology is None else f"edges-{job.topology.edges}"
+    tags = {"fedray.strategy": f"peers-{job.peers.exchange}" if job.peers else job.strategy.name,
+            "fedray.privacy": privacy, "fedray.secure": job.secure.scheme if job.secure else "none",
+            "fedray.topology": topology, "fedray.dataset": job.data.dataset,
+            "fedray.personalization": job.personalization.method if job.personalization else "none",
+            "fedray.start": job.model.start or "seed"}
+    if source is not None:
+        job_file, command = source
+        tags |= {"mlflow.source.name": job_file, "mlflow.source.type": "LOCAL", "fedray.command": command}
+    return tags
 
 
 def _end_without_driver(driver, run_dir: Path, status: str, error: str | None, history: list[RoundResult],

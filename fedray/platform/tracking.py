@@ -28,14 +28,14 @@ _BATCH_PARAMS = 100
 _REFUSED = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"})  # the record is bad: retrying won't help
 
 
-def start_run(uri: str, experiment: str, run_name: str, runs_dir: Path) -> Path:
-    """Create a RUNNING MLflow run (the store must answer now, else TrackingError) and its journal
-    directory ``runs_dir/<run id>``; return the directory."""
+def start_run(uri: str, experiment: str, run_name: str, runs_dir: Path, tags: dict[str, str] | None = None) -> Path:
+    """Create a RUNNING MLflow run with ``tags`` (the store must answer now, else TrackingError) and
+    its journal directory ``runs_dir/<run id>``; return the directory."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
     try:
-        run_id = client.create_run(experiment_id(client, experiment, uri), run_name=run_name).info.run_id
+        run_id = client.create_run(experiment_id(client, experiment, uri), run_name=run_name, tags=tags).info.run_id
     except Exception as e:  # noqa: BLE001 - the store failed since it was checked
         raise TrackingError(f"tracking store {uri}: cannot create the run: {cause(e)}") from None
     directory = runs_dir / run_id
@@ -130,19 +130,33 @@ class Tracker:
         figure.savefig(buffer, format=Path(path).suffix[1:])
         self._file(path, buffer.getvalue())
 
+    def log_file(self, path: Path, directory: str) -> None:
+        """Log the file ``path`` under the artifact ``directory`` (copied into the journal first)."""
+        self._file(f"{directory}/{Path(path).name}", Path(path).read_bytes())
+
     def log_model(self, model: Any, example: np.ndarray) -> None:
-        """Save ``model`` as an MLflow PyTorch model (signature from ``example``) in the journal and
-        log it as the run's ``model`` artifact: ``runs:/<run id>/model`` loads it."""
+        """Save ``model`` as an MLflow PyTorch model (signature from ``example``), with its state
+        dict in ``weights.safetensors`` (what a job can start from, read without unpickling), in
+        the journal and log it as the run's ``model`` artifact: ``runs:/<run id>/model`` loads it."""
         import mlflow.pytorch
         import torch
         from mlflow.models import infer_signature
+
+        from fedray.transfer import weights
 
         with torch.no_grad():
             output = model(torch.from_numpy(example)).numpy()
         local = self.directory / "files" / str(len(self._records)) / "model"
         mlflow.pytorch.save_model(model, local, input_example=example, signature=infer_signature(example, output),
                                   pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        weights.save(model, local / weights.WEIGHTS)
         self._append({"op": "artifacts", "local": f"{local.parent.name}/model", "path": "model"})
+
+    def register(self, name: str, description: str, tags: dict[str, str]) -> None:
+        """Register the run's ``model`` artifact (``log_model`` first) as a new version of ``name``
+        in the MLflow model registry, with ``description`` and ``tags``; ``models:/<name>/<version>``
+        then loads it."""
+        self._append({"op": "register", "name": name, "description": description, "tags": tags})
 
     def finish(self, status: str = "FINISHED", wait_s: float = 60.0) -> int:
         """End the run with ``status`` (FINISHED, FAILED or KILLED), then ``close``. A second
@@ -238,6 +252,14 @@ class Tracker:
             client.log_artifact(run, str(self.directory / "files" / first["local"]), first["path"] or None)
         elif op == "artifacts":
             client.log_artifacts(run, str(self.directory / "files" / first["local"]), first["path"])
+        elif op == "register":
+            try:
+                client.create_registered_model(first["name"])
+            except Exception as e:  # noqa: BLE001 - a name registered before takes the new version
+                if getattr(e, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            client.create_model_version(first["name"], f"{client.get_run(run).info.artifact_uri}/model", run_id=run,
+                                        tags=first["tags"], description=first["description"])
         elif op == "end":
             client.set_terminated(run, first["status"], first["timestamp"])
         self._advance(1)
