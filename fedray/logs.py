@@ -10,13 +10,17 @@ from pathlib import Path
 
 DEPENDENCIES = ("ray", "mlflow", "alembic", "torch", "opacus", "onnxscript", "onnx_ir", "urllib3", "py.warnings")
 _PACKAGE = Path(__file__).parent
+_installed: list[Path] = []
 
 
 def to_file(path: Path) -> None:
     """Send the dependencies' log records to ``path`` (appended; errors also to the console) and
-    warnings raised outside fedray to it too."""
+    warnings raised outside fedray to it too. Once per process: later calls change nothing."""
+    if _installed:
+        return
+    _installed.append(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    into_file = logging.FileHandler(path, encoding="utf-8")
+    into_file = logging.FileHandler(path, encoding="utf-8", delay=True)
     into_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.ERROR)

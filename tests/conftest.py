@@ -77,3 +77,27 @@ def start_driver(tracking_uri: str, **overrides):
 def history(client, run_id: str, key: str) -> list[float]:
     """A run's values of metric ``key`` in step order."""
     return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+@pytest.fixture
+def local_driver(ray_session, tmp_path):
+    """Makes a Driver in this process (not an actor), so that the test can reach into its pool;
+    its workers, which this process owns, are killed after the test (or they would hold the CPUs)."""
+    import yaml
+
+    from fedray.config import parse_job
+    from fedray.platform.driver import Driver
+    from fedray.platform.tracking import start_run
+
+    made = []
+
+    def make(raw: dict):
+        job = parse_job(raw)
+        run_dir = start_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "tests", job.name, tmp_path)
+        made.append(Driver(job, str(run_dir), yaml.safe_dump(raw)))
+        return made[-1]
+
+    yield make
+    for driver in made:
+        for actor in driver.pool.workers.actors:
+            ray.kill(actor)

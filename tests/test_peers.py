@@ -110,27 +110,6 @@ def test_what_peers_do_not_compose_with_is_refused_with_the_reason(change, messa
         parse_job(peer_job(**change))
 
 
-@pytest.fixture
-def local_driver(ray_session, tmp_path):
-    """Makes a Driver in this process (not an actor), so that the test can reach into its pool;
-    its workers, which this process owns, are killed after the test (or they would hold the CPUs)."""
-    from fedray.platform.driver import Driver
-    from fedray.platform.tracking import start_run
-
-    made = []
-
-    def make(raw: dict):
-        job = parse_job(raw)
-        run_dir = start_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "tests", job.name, tmp_path)
-        made.append(Driver(job, str(run_dir), yaml.safe_dump(raw)))
-        return made[-1]
-
-    yield make
-    for driver in made:
-        for actor in driver.pool.workers.actors:
-            ray.kill(actor)
-
-
 def _fetched_arrays(value) -> list[int]:
     """The sizes of the arrays in a fetched value."""
     if isinstance(value, np.ndarray):

@@ -18,11 +18,14 @@ import numpy as np
 class DeviceState:
     """``version``: how many of the device's trainings went into the run (its record changes only
     with an accepted update). ``control``: SCAFFOLD's control variate ``c_i`` (None: zero).
-    ``params``: in peer-to-peer learning, the agent's own model (None: not trained yet)."""
+    ``params``: in peer-to-peer learning, the agent's own model (None: not trained yet).
+    ``personal``: under personalization, the parameters the device keeps of its own (its head,
+    its normalization layers, or Ditto's personal model; None: not trained yet)."""
 
     version: int = 0
     control: np.ndarray | None = None
     params: np.ndarray | None = None
+    personal: np.ndarray | None = None
 
     def advanced(self, **changes) -> DeviceState:
         """The record after one more training, with ``changes``."""

@@ -77,7 +77,7 @@ def export_logged(target: str, tracking_uri: str, out: Path | None) -> tuple[Pat
 
     model_uri = target if target.startswith(("runs:/", "models:/")) else f"runs:/{target}/model"
     client = MlflowClient(tracking_uri)
-    run_id = _run_of(client, model_uri)
+    run_id, _ = weights.logged_by(model_uri, tracking_uri)
     try:
         job_file = download_artifacts(artifact_uri=f"runs:/{run_id}/job.yaml", tracking_uri=tracking_uri)
         import yaml
@@ -100,24 +100,3 @@ def export_logged(target: str, tracking_uri: str, out: Path | None) -> tuple[Pat
         (Path(directory) / "check.json").write_text(json.dumps(check, indent=1))
         client.log_artifact(run_id, str(Path(directory) / "check.json"), "onnx")
     return path, check, run_id
-
-
-def _run_of(client, model_uri: str) -> str:
-    """The id of the run that logged ``model_uri``. Raises ValueError when the registry or the
-    store does not know it."""
-    rest = model_uri.split(":/", 1)[1].strip("/")
-    try:
-        if model_uri.startswith("runs:/"):
-            return client.get_run(rest.split("/", 1)[0]).info.run_id
-        name, sep, alias = rest.partition("@")
-        if sep:
-            return client.get_model_version_by_alias(name, alias).run_id
-        name, _, version = rest.rpartition("/")
-        if version == "latest":
-            found = client.search_model_versions(f"name='{name}'", order_by=["version_number DESC"], max_results=1)
-            if not found:
-                raise ValueError(f"no version of registered model {name!r}")
-            return found[0].run_id
-        return client.get_model_version(name, version).run_id
-    except Exception as e:  # noqa: BLE001 - MLflow's errors: no such run, model or version
-        raise ValueError(f"{model_uri}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None

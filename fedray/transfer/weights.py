@@ -54,17 +54,49 @@ def load(source: str, tracking_uri: str | None = None) -> dict[str, torch.Tensor
     return state
 
 
+def logged_by(uri: str, tracking_uri: str | None) -> tuple[str, str]:
+    """For the MLflow model ``uri`` (``runs:/<run id>/<path>``, ``models:/<name>/<version>``,
+    ``models:/<name>@<alias>`` or ``models:/<name>/latest``, looked up in the registry of
+    ``tracking_uri``): (the run that logged it, the artifact URI it is stored at). Raises
+    ValueError naming ``uri`` when the store or registry does not know it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    rest = uri.split(":/", 1)[1].strip("/")
+    try:
+        if uri.startswith("runs:/"):
+            run_id, _, path = rest.partition("/")
+            return run_id, f"{client.get_run(run_id).info.artifact_uri}/{path}".rstrip("/")
+        name, sep, alias = rest.partition("@")
+        if sep:
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = rest.rpartition("/")
+            if number == "latest":
+                found = client.search_model_versions(f"name='{name}'", order_by=["version_number DESC"], max_results=1)
+                if not found:
+                    raise ValueError(f"Registered Model with name={name} has no version")
+                version = found[0]
+            else:
+                version = client.get_model_version(name, number)
+        return version.run_id, client.get_model_version_download_uri(version.name, version.version)
+    except Exception as e:  # noqa: BLE001 - MLflow's errors: no such run, model, version or store
+        raise ValueError(f"{uri}: cannot find it at {tracking_uri or 'the tracking store'}: "
+                         f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+
+
 def _download(uri: str, tracking_uri: str | None) -> Path:
     """The weights file of the MLflow model ``uri``, downloaded to a temporary directory."""
     import tempfile
 
     from mlflow.artifacts import download_artifacts
 
+    _, location = logged_by(uri, tracking_uri)
     try:
-        local = Path(download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="fedray-start-"),
+        local = Path(download_artifacts(artifact_uri=location, dst_path=tempfile.mkdtemp(prefix="fedray-start-"),
                                         tracking_uri=tracking_uri))
-    except Exception as e:  # noqa: BLE001 - MLflow's errors: no such run, model, version or store
-        raise ValueError(f"{uri}: cannot download it from {tracking_uri or 'the tracking store'}: "
+    except Exception as e:  # noqa: BLE001 - MLflow's errors: a store that does not answer
+        raise ValueError(f"{uri}: cannot download it from {location}: "
                          f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
     weights = local / WEIGHTS if local.is_dir() else local
     if not weights.is_file():
