@@ -105,7 +105,10 @@ def test_a_locked_database_delays_records_and_loses_none(tmp_path):
     code, output = cli.finish()
     assert code == 0 and "30/30 rounds completed" in output and "Traceback" not in output
     assert_complete(MlflowClient(f"sqlite:///{db}"), run_id(output), 30)
-    assert not (tmp_path / "fedray-runs").exists()  # everything sent: no journal left
+    assert [p.name for p in (tmp_path / "fedray-runs").iterdir()] == ["fedray.log"]  # everything sent: no journal
+    # the console is fedray's: Ray's and MLflow's INFO lines and warnings are in the log file
+    assert "INFO" not in output and "WARNING" not in output, output
+    assert "Started a local Ray instance" in (tmp_path / "fedray-runs" / "fedray.log").read_text()
 
 
 def test_a_store_down_at_the_end_leaves_a_journal_that_replay_sends(tmp_path):

@@ -216,6 +216,11 @@ def test_pretrain_register_transfer_and_export(tmp_path, tracking_uri, monkeypat
     check = json.loads(open(download_artifacts(f"runs:/{summary['run_id']}/onnx/check.json",
                                                tracking_uri=tracking_uri)).read())
     assert check["passed"] and check["max_abs_diff"] <= 1e-4 and check["samples"] > 100
+    import onnxruntime
+
+    onnx_file = download_artifacts(f"runs:/{summary['run_id']}/onnx/model.onnx", tracking_uri=tracking_uri)
+    x = datasets.load(parse_job(transfer).data, 0).x[:5]  # the logged file alone runs (no external data)
+    assert onnxruntime.InferenceSession(onnx_file).run(None, {"input": x})[0].shape == (5, 10)
 
     # runs:/ works as models:/ does; a model of another input size names the head's shapes; a
     # missing one says so
@@ -248,7 +253,7 @@ def test_personal_parameters_stay_on_devices_and_survive_a_worker(local_driver, 
     driver = local_driver(small_job(model={"name": "mlp", "kwargs": {"hidden": [16]}}, rounds=3,
                                     devices={"count": 4, "per_round": 4, "workers": 2},
                                     data={"dataset": "digits", "partition": {"kind": "dirichlet", "alpha": 0.1}},
-                                    personalization={"method": "fedper", "finetune": {"epochs": 1}}))
+                                    personalization={"method": "fedper", "finetune": {"epochs": 1}, "export": [1]}))
     layout = driver.layout
     assert layout.personal.names == ("3.weight", "3.bias") and "3.weight" not in layout.shared.names
     for r in (1, 2):
@@ -269,3 +274,40 @@ def test_personal_parameters_stay_on_devices_and_survive_a_worker(local_driver, 
     assert before[0]["personal"] > before[0]["global"] + 0.2  # the head is what personalizes
     last = driver.run_round(3)
     assert last.completed and {"device_accuracy_personal", "device_accuracy_finetuned_std"} <= set(last.metrics)
+
+    # on request, a device's personalized model is exported, on its worker, checked on its own inputs
+    summary = driver.finish("FINISHED")
+    local = download_artifacts(f"runs:/{summary['run_id']}/personal", tracking_uri=summary["tracking_uri"])
+    check = json.loads(open(f"{local}/device_1.json").read())
+    assert check["passed"] and check["samples"] > 0
+    import onnxruntime
+
+    x = driver.holdout_inputs[:20]
+    personalized = onnxruntime.InferenceSession(f"{local}/device_1.onnx").run(None, {"input": x})[0]
+    driver.spec.load(driver.model, driver.state.params)
+    with torch.no_grad():
+        global_logits = driver.model(torch.from_numpy(x)).numpy()
+    assert np.abs(personalized - global_logits).max() > 0.1  # its own head, not the global model's
+
+
+def test_gradual_unfreezing_grows_the_federated_vector(local_driver):
+    spec = ModelSpec(name="mlp", kwargs={"hidden": [16]}, train=["3"], unfreeze={2: ["1.bias"], 3: ["1.weight"]})
+    model = build_model("mlp", None, {"hidden": [16]}, (1, 8, 8), 10, seed=0)
+    assert [lay_out(model, spec, round=r).frozen for r in (1, 2, 3)] == [("1.weight", "1.bias"), ("1.weight",), ()]
+    with pytest.raises(ValueError, match=r"model.unfreeze.3: \['3'\] match no parameter still frozen"):
+        lay_out(model, ModelSpec(name="mlp", train=["3"], unfreeze={3: ["3"]}))
+    with pytest.raises(JobError, match="model.unfreeze changes the size of the federated vector.*checkpoint"):
+        parse_job(small_job(model=spec.model_dump(by_alias=True), checkpoint={}, rounds=3))
+
+    driver = local_driver(small_job(model={"name": "mlp", "kwargs": {"hidden": [16]}, "train": ["3"],
+                                           "unfreeze": {2: ["1"]}}, rounds=2, strategy={"name": "fedavgm"}))
+    initial = _state(driver.model)
+    first = driver.run_round(1)
+    assert first.completed and first.metrics["federated_size"] == 16 * 10 + 10
+    driver.spec.load(driver.model, driver.state.params)
+    assert torch.equal(driver.model.state_dict()["1.weight"], initial["1.weight"])  # frozen in round 1
+    second = driver.run_round(2)
+    assert second.completed and second.metrics["federated_size"] == 64 * 16 + 16 + 16 * 10 + 10
+    assert second.metrics["test_accuracy"] > first.metrics["test_accuracy"] + 0.05
+    driver.spec.load(driver.model, driver.state.params)
+    assert not torch.equal(driver.model.state_dict()["1.weight"], initial["1.weight"])  # trained from round 2

@@ -29,7 +29,7 @@ from fedray.config.secure import value_range
 from fedray.data.devices import Generated, Shards
 from fedray.platform import strategies
 from fedray.secure.plan import SecurePlan, Sealer
-from fedray.transfer.layout import job_model
+from fedray.transfer.layout import job_model, lay_out
 from fedray.transfer.personal import Personal
 from fedray.update import Update
 
@@ -107,6 +107,7 @@ class DeviceWorker:
         start = np.array(global_params, dtype=np.float32)  # writable copy
         (x, y), _ = self._device_data(device)
         state = self._record(device, state)
+        self._use(start)
         self._spec.load(self._model, start)
         self._personal.load(state)
         own = None if server_control is None else (state.control if state.control is not None else np.zeros_like(start))
@@ -317,7 +318,20 @@ class DeviceWorker:
         x, y = self._data
         return self._evaluate(global_params, torch.from_numpy(x[indices]), torch.from_numpy(y[indices]))
 
+    def _use(self, params: np.ndarray) -> None:
+        """Gradual unfreezing (``model.unfreeze``): lay the model out for the stage whose federated
+        vector ``params`` is (each stage's is longer than the one before)."""
+        if len(params) == self._spec.size:
+            return
+        for r in [1, *sorted(self._job.model.unfreeze)]:
+            layout = lay_out(self._model, self._job.model, self._job.personalization, r)
+            if layout.shared.size == len(params):
+                self._spec, self._personal = layout.shared, Personal(self._model, layout, None, self._local)
+                return
+        raise ValueError(f"a global model of {len(params)} values fits no stage of model.unfreeze")
+
     def _evaluate(self, global_params: np.ndarray, x: torch.Tensor, y: torch.Tensor) -> tuple[int, float, int]:
+        self._use(global_params)
         self._personal.personalized(global_params, None)  # the global model: the initial personal parameters
         return _scores(self._model, x, y)
 
@@ -335,6 +349,22 @@ class DeviceWorker:
             self._personal.fine_tune(x, y, device_generator(self._seed, round, device))
             scores["finetuned"] = _scores(self._model, x_test, y_test)
         return scores
+
+    async def export_personal(self, device: int, global_params: np.ndarray, state: DeviceState | None = None
+                              ) -> tuple[bytes, dict]:
+        """``device``'s personalized model (as ``evaluate_personal``) as ONNX bytes, and the check
+        of ONNX Runtime against PyTorch on its own test inputs (``export.to_onnx``)."""
+        import tempfile
+        from pathlib import Path
+
+        from fedray.transfer import export
+
+        (x, _), (x_test, _) = self._device_data(device)
+        self._personal.personalized(global_params, self._record(device, state))
+        with tempfile.TemporaryDirectory() as directory:
+            path = Path(directory) / "model.onnx"
+            check = export.to_onnx(self._model, (x_test if len(x_test) else x).numpy(), path)
+            return path.read_bytes(), check
 
 
 def _scores(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[int, float, int]:

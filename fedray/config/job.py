@@ -14,7 +14,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from fedray.config.base import Fraction, JobError, NotBlank, PositiveFloat, PositiveInt, Section, quorum
-from fedray.config import peers, personalization, privacy, secure, topology
+from fedray.config import model, peers, personalization, privacy, secure, topology
 from fedray.config.data import DataSpec
 from fedray.config.model import ModelSpec
 from fedray.config.peers import PeersSpec
@@ -218,6 +218,7 @@ class JobSpec(Section):
             peers.check(self)
         if self.personalization is not None:
             personalization.check(self)
+        model.check(self)
         if (self.tracking.register_ or self.tracking.export) and not self.tracking.log_model:
             raise ValueError("tracking.register and tracking.export need the final model: tracking.log_model true")
         if self.peers is not None and (self.tracking.register_ or self.tracking.export):
@@ -228,9 +229,9 @@ class JobSpec(Section):
             privacy.check(self)
         if self.secure is not None:
             secure.check(self)
-        for model in [self.model, *(self.peers.models if self.peers else [])]:
-            if model.name in ("cnn", "small_cnn") and known_flat:
-                raise ValueError(f"model.name {model.name!r} needs image input (channels, height, width); "
+        for spec in [self.model, *(self.peers.models if self.peers else [])]:
+            if spec.name in ("cnn", "small_cnn") and known_flat:
+                raise ValueError(f"model.name {spec.name!r} needs image input (channels, height, width); "
                                  f"dataset {self.data.dataset!r} is not shaped so")
         return self
 

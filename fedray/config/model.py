@@ -27,6 +27,9 @@ class ModelSpec(Section):
                                               "from `start`: a new head, e.g. for a new number of classes")
     freeze: Patterns = Field([], description="parameters (name patterns) that do not train and are not federated")
     train: Patterns = Field([], description="only these parameters (name patterns) train; the rest are frozen")
+    unfreeze: dict[Annotated[int, Field(gt=1)], Patterns] = Field({}, description=(
+        "gradual unfreezing: from round R on, the frozen parameters matching these patterns train (and are "
+        "federated) too, e.g. {4: ['8'], 8: ['1', '4']}; the server optimizer's state restarts then"))
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -41,6 +44,8 @@ class ModelSpec(Section):
             raise ValueError("model.replace starts parameters fresh instead of from model.start; give model.start")
         if self.freeze and self.train:
             raise ValueError("give model.freeze (what does not train) or model.train (what does), not both")
+        if self.unfreeze and not (self.freeze or self.train):
+            raise ValueError("model.unfreeze thaws frozen parameters: give model.freeze or model.train")
         return self
 
     @property
@@ -48,3 +53,21 @@ class ModelSpec(Section):
         """Whether the model starts from other weights or trains only some of its parameters."""
         return bool(self.start or self.freeze or self.train)
 
+
+
+def check(job) -> None:
+    """Gradual unfreezing against the rest of the job: the federated vector grows at its rounds,
+    which what keeps vectors of the old size cannot follow. Raises ValueError naming the field."""
+    if not job.model.unfreeze:
+        return
+    late = sorted(r for r in job.model.unfreeze if r > job.rounds)
+    if late:
+        raise ValueError(f"model.unfreeze: rounds {late} come after the job's last ({job.rounds})")
+    refused = {"personalization": job.personalization is not None, "topology": job.topology is not None,
+               "secure": job.secure is not None, "checkpoint": job.checkpoint is not None,
+               f"strategy {job.strategy.name}": job.strategy.name in ("scaffold", "fedasync", "fedbuff")}
+    for what, present in refused.items():
+        if present:
+            raise ValueError(f"model.unfreeze changes the size of the federated vector during the run; {what} keeps "
+                             "vectors of the first size (edges' sums, encryption plans, control variates, "
+                             "checkpoints, asynchronous model versions, personal layouts): not supported together")

@@ -32,6 +32,9 @@ class PersonalizationSpec(Section):
     lam: PositiveFloat = Field(0.1, alias="lambda", description="ditto: weight of (lambda/2)||v - w||^2, the pull "
                                                                "of the personal model v towards the global w")
     finetune: FineTuneSpec = FineTuneSpec()
+    export: list[Annotated[int, Field(ge=0)]] = Field([], description=(
+        "devices whose personalized model is exported to ONNX at the end (on their own worker, checked on their "
+        "own test inputs) and logged as personal/device_<id>.onnx"))
 
     @model_validator(mode="after")
     def _check(self) -> PersonalizationSpec:
@@ -54,6 +57,9 @@ def check(job) -> None:
         raise ValueError("personalization with privacy is not supported: personal training and each device's "
                          "evaluation on its own split release statistics of its data that privacy does not account")
     method = job.personalization.method
+    beyond = [d for d in job.personalization.export if d >= job.devices.count]
+    if beyond:
+        raise ValueError(f"personalization.export: devices {beyond} do not exist (devices.count is {job.devices.count})")
     if job.strategy.name == "scaffold" and method in ("fedper", "fedbn"):
         raise ValueError(f"strategy scaffold corrects the gradients of the shared parameters; personalization "
                          f"{method} trains personal ones with them (use fedrep, ditto or none)")

@@ -4,11 +4,9 @@ the only process that talks to MLflow. A plain class; ``fedray.run`` makes it an
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import ray
@@ -16,7 +14,7 @@ import torch
 
 from fedray.config import JobSpec
 from fedray.config.privacy import client_level, min_participants, sampling_rate
-from fedray.platform import edge, plots, privacy, snapshot, strategies
+from fedray.platform import edge, outputs, privacy, snapshot, strategies
 from fedray.platform.checkpoint import CheckpointStore
 from fedray.platform.evaluation import Evaluation
 from fedray.platform.flat import Flat
@@ -29,6 +27,7 @@ from fedray.platform.prepare import prepare
 from fedray.platform.sealing import Sealing
 from fedray.platform.strategies import AsyncStrategy
 from fedray.platform.tracking import Tracker
+from fedray.transfer.layout import lay_out
 
 
 @dataclass
@@ -51,13 +50,13 @@ class Driver:
         """Set up the run whose MLflow run and journal ``run_dir`` holds (``tracking.start_run``);
         with ``resume`` (a checkpoint location), continue it from that checkpoint."""
         torch.set_num_threads(1)
-        self.job, self._job_yaml = job, job_yaml
+        self.job, self.job_yaml = job, job_yaml
         self.tracker = Tracker(run_dir)
         try:
             dataset, split, self.model, self.layout, initial = prepare(job, self.tracker.uri)
             self.data_digest = snapshot.data_digest(dataset.x, dataset.y) if job.checkpoint else None
-            self._example = dataset.x[:2].copy()  # input example for the logged model's signature
-            self._holdout = dataset.x[split.holdout[:256]]  # inputs an exported model is checked on
+            self.example = dataset.x[:2].copy()  # input example for the logged model's signature
+            self.holdout_inputs = dataset.x[split.holdout[:256]]  # inputs an exported model is checked on
             self._train_sizes = split.train_sizes.tolist()
             self.spec = self.layout.shared  # the federated parameters
             self.strategy = strategies.for_job(job)
@@ -65,7 +64,7 @@ class Driver:
             self.checkpoints = (CheckpointStore(resume) if resume else
                                 job.checkpoint and CheckpointStore.of_run(job.checkpoint.path, self.tracker.run_id))
             if not resume:
-                self.tracker.log_params(job.flat() | _layout_params(self.layout))
+                self.tracker.log_params(job.flat() | outputs.layout_params(self.layout))
                 self.tracker.log_text(job_yaml, "job.yaml")
             self.sealing = (Sealing(job, self.spec, self._train_sizes, self.strategy.weigh, self.tracker,
                                     self.checkpoints and self.checkpoints.location) if job.secure else None)
@@ -166,6 +165,8 @@ class Driver:
             metrics.update(staleness_mean=float(np.mean(intake.staleness)), staleness_max=max(intake.staleness))
             self.staleness.update(intake.staleness)
         metrics.update(bytes_up=intake.bytes_up, failures=intake.failed_tasks, round_failed=float(not completed))
+        if self.job.model.unfreeze:
+            metrics["federated_size"] = self.spec.size
         if self.edges is not None:
             metrics["edge_failures"] = len(intake.edge_failures)
         if self.ledger is not None:  # every round sampled devices and may release a model: it is accounted
@@ -188,6 +189,8 @@ class Driver:
 
     def _sync_round(self, r: int, intake: Intake) -> tuple[bool, dict[str, float], np.ndarray]:
         devices = self.job.devices
+        if r in self.job.model.unfreeze:
+            self._unfreeze(r)
         # devices still training for an earlier round (late updates carried over) sit this one out
         busy = [t.device for t in self.pool.pending.values()]
         if self.ledger is not None:  # the accountant assumes Poisson sampling (and nothing is carried over)
@@ -234,6 +237,16 @@ class Driver:
             self.state, diagnostics = self.strategy.apply(self.state, partial)
             metrics.update(diagnostics)
         return completed, metrics, sampled
+
+    def _unfreeze(self, r: int) -> None:
+        """Gradual unfreezing: from round ``r`` the parameters ``model.unfreeze`` thaws train and
+        are federated. The global model grows by their (still initial) values; the server
+        optimizer's state restarts with it."""
+        self.spec.load(self.model, self.state.params)
+        self.layout = lay_out(self.model, self.job.model, self.job.personalization, r)
+        self.spec = self.evaluation.spec = self.layout.shared
+        self.state = replace(self.strategy.init(self.spec.flatten(self.model)), round=self.state.round)
+        self._check["size"] = self.spec.size
 
     def _async_step(self, intake: Intake) -> tuple[bool, dict[str, float], np.ndarray]:
         """Fold arrivals, keeping ``concurrency`` devices training, until the buffer is full; then
@@ -347,22 +360,7 @@ class Driver:
             try:
                 if self.checkpoints:
                     self.checkpoints.wait()  # the last checkpoint is whole before the run ends
-                if self.staleness:
-                    self.tracker.log_text(json.dumps(dict(sorted(self.staleness.items()))), "staleness.json")
-                if self.pool.attackers:
-                    self.tracker.log_text(json.dumps(sorted(self.pool.attackers)), "attackers.json")
-                if self.peers and self.peers.scores:
-                    self.tracker.log_text(json.dumps(self.peers.scores, indent=1), "agents.json")
-                if self.personal_scores:
-                    self.tracker.log_text(json.dumps(self.personal_scores, indent=1), "personalization.json")
-                plots.log_history(self.tracker, self.history, self.job.privacy is not None)
-                if self.stopped:
-                    self.tracker.set_tag("fedray.stopped", self.stopped)
-                self.tracker.set_tag("mlflow.note.content", self._description(status))
-                if self.job.privacy is not None:
-                    self.tracker.log_text(json.dumps(self.privacy_report(), indent=1), "privacy_report.json")
-                if self.job.tracking.log_model and status == "FINISHED" and self.peers is None:  # agents keep theirs
-                    self._log_model()
+                outputs.log_end(self, status)
             except BaseException:
                 end_status = "FAILED"
                 raise
@@ -384,46 +382,6 @@ class Driver:
             {"stopped": self.stopped} if self.stopped else {}) | ({"resumed": self.restored} if self.restored else {}) | {key: sum(h.metrics.get(key, 0) for h in self.history)
              for key in ("bytes_up", "bytes_down", "bytes_sent", "bytes_edge_cloud", "sim_comm_seconds") if any(key in h.metrics for h in self.history)}
 
-    def _description(self, status: str) -> str:
-        """The run's end-of-run summary, as its MLflow description (Markdown)."""
-        done = sum(h.completed for h in self.history)
-        lines = [f"**{self.job.name}**: {status.lower()}, {done}/{len(self.history)} rounds completed of "
-                 f"{self.job.rounds}" + (f"; stopped: {self.stopped}" if self.stopped else "")]
-        last = {k: v for h in self.history for k, v in h.metrics.items()}  # each metric's latest value
-        for key, label in (("test_accuracy", "test accuracy"), ("device_accuracy_personal", "personalized accuracy "
-                           "(device mean)"), ("device_accuracy_finetuned", "fine-tuned accuracy (device mean)"),
-                           ("epsilon", "epsilon"), ("device_epsilon_max", "device epsilon max")):
-            if key in last:
-                lines.append(f"- {label}: {last[key]:.4f}")
-        sent = sum(h.metrics.get("bytes_up", h.metrics.get("bytes_sent", 0)) for h in self.history)
-        lines.append(f"- bytes sent by devices: {sent / 1e6:.2f} MB; failures: "
-                     f"{sum(h.metrics.get('failures', 0) for h in self.history):g}")
-        return "\n".join(lines)
-
-    def _log_model(self) -> None:
-        """Log the final model (``model``: MLflow's PyTorch flavour and the weights a job can start
-        from), register it (``tracking.register``) and export it (``tracking.export``)."""
-        tracking = self.job.tracking
-        self.spec.load(self.model, self.state.params)
-        self.tracker.log_model(self.model, self._example)
-        if tracking.export == "onnx":
-            from fedray.transfer import export
-
-            with tempfile.TemporaryDirectory() as directory:
-                path = Path(directory) / "model.onnx"
-                check = export.to_onnx(self.model, self._holdout, path)
-                self.tracker.log_file(path, "onnx")
-            self.tracker.log_text(json.dumps(check, indent=1), "onnx/check.json")
-            self.tracker.set_tag("fedray.onnx_max_abs_diff", f"{check['max_abs_diff']:.3g}")
-        if tracking.register_:
-            last = self.history[-1].metrics if self.history else {}
-            tags = {k: f"{last[k]:.6g}" for k in ("test_accuracy", "test_loss", "epsilon") if k in last}
-            if self._device_epsilon:
-                tags["device_epsilon_max"] = f"{max(e for e, _ in self._device_epsilon.values()):.6g}"
-            tags |= {"fedray.job": self.job.name, "fedray.rounds": str(len(self.history))}
-            self.tracker.register(tracking.register_, f"{self._description('FINISHED')}\n\nrun {self.tracker.run_id}, "
-                                  f"job:\n```yaml\n{self._job_yaml}\n```", tags)
-
     def privacy_report(self) -> dict:
         """What the run's privacy rests on and what it spent, by each accountant."""
         if self.ledger is None:
@@ -431,8 +389,3 @@ class Driver:
                 "rounds": len(self.history), "stopped": self.stopped}
         return privacy.client_report(self.job, self.ledger, self.clip) | {"stopped": self.stopped}
 
-
-def _layout_params(layout) -> dict[str, str]:
-    """What the model federates, keeps frozen and keeps on devices, as MLflow params."""
-    return {"model.federated_size": str(layout.shared.size), "model.frozen_parameters": str(len(layout.frozen)),
-            "model.personal_size": str(layout.personal.size if layout.method != "ditto" else layout.shared.size)}

@@ -19,11 +19,12 @@ SHARE = 256  # held-out samples per evaluation task (a multiple of evaluate's ba
 class Evaluation:
     """Evaluates models on the held-out samples ``holdout`` of ``data = (x, y)`` and on devices'
     test splits, with ``pool``'s workers; ``model`` (with its ``spec``) evaluates here a share
-    whose worker failed. Tasks that do not answer within ``timeout_s`` fail."""
+    whose worker failed (``spec`` changes with gradual unfreezing). Tasks that do not answer
+    within ``timeout_s`` fail."""
 
     def __init__(self, pool: WorkerPool, data: tuple[np.ndarray, np.ndarray], holdout: np.ndarray, spec: ParamSpec,
                  model: torch.nn.Module, timeout_s: float) -> None:
-        self._pool, self._data, self._spec, self._model, self._timeout_s = pool, data, spec, model, timeout_s
+        self._pool, self._data, self.spec, self._model, self._timeout_s = pool, data, spec, model, timeout_s
         # shares of a fixed size: the sums, and so the metrics, do not depend on the number of workers
         self._shares = [holdout[i:i + SHARE] for i in range(0, len(holdout), SHARE)]
         self._holdout_size = len(holdout)
@@ -85,6 +86,6 @@ class Evaluation:
 
     def _here(self, params: np.ndarray, indices: np.ndarray) -> tuple[int, float, int]:
         x, y = self._data
-        self._spec.load(self._model, params)
+        self.spec.load(self._model, params)
         loss, correct = evaluate(self._model, torch.from_numpy(x[indices]), torch.from_numpy(y[indices]))
         return len(indices), loss, correct

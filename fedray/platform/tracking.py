@@ -125,14 +125,13 @@ class Tracker:
     def log_text(self, text: str, path: str) -> None:
         self._file(path, text.encode())
 
+    def log_bytes(self, data: bytes, path: str) -> None:
+        self._file(path, data)
+
     def log_figure(self, figure: Any, path: str) -> None:
         buffer = io.BytesIO()
         figure.savefig(buffer, format=Path(path).suffix[1:])
         self._file(path, buffer.getvalue())
-
-    def log_file(self, path: Path, directory: str) -> None:
-        """Log the file ``path`` under the artifact ``directory`` (copied into the journal first)."""
-        self._file(f"{directory}/{Path(path).name}", Path(path).read_bytes())
 
     def log_model(self, model: Any, example: np.ndarray) -> None:
         """Save ``model`` as an MLflow PyTorch model (signature from ``example``), with its state

@@ -25,7 +25,8 @@ def to_onnx(model: nn.Module, inputs: np.ndarray, path: Path) -> dict:
     model.eval()
     example = torch.from_numpy(np.ascontiguousarray(inputs[:2], dtype=np.float32))
     with _quiet():
-        torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["input"], output_names=["logits"],
+        torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False, input_names=["input"],
+                          output_names=["logits"],
                           dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = np.ascontiguousarray(inputs, dtype=np.float32)

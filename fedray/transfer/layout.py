@@ -37,20 +37,30 @@ def head(model: nn.Module) -> list[str]:
     return [f"{last}.{n}" if last else n for n, _ in model.get_submodule(last).named_parameters(recurse=False)]
 
 
-def lay_out(model: nn.Module, spec: ModelSpec, personalization: PersonalizationSpec | None = None) -> Layout:
-    """Freeze ``model``'s parameters as ``spec.freeze`` / ``spec.train`` say (``requires_grad``) and
-    split the rest into shared and personal. Raises ValueError naming a pattern that matches no
-    parameter, a parameter both frozen and personal, floating-point buffers that would be neither
+def lay_out(model: nn.Module, spec: ModelSpec, personalization: PersonalizationSpec | None = None,
+            round: int = 1) -> Layout:
+    """Freeze ``model``'s parameters as ``spec.freeze`` / ``spec.train`` say, less those
+    ``spec.unfreeze`` has thawed by ``round`` (``requires_grad``), and split the rest into shared
+    and personal. Raises ValueError naming a pattern that matches no parameter (or, unfreeze, no
+    frozen one), a parameter both frozen and personal, floating-point buffers that would be neither
     federated nor kept (BatchNorm statistics outside FedBN), or a model with nothing to federate."""
     names = [n for n, _ in model.named_parameters()]
+    thawing = [(f"model.unfreeze.{r}", patterns) for r, patterns in sorted(spec.unfreeze.items())]
     for field, patterns in (("model.freeze", spec.freeze), ("model.train", spec.train),
-                            ("personalization.personal", personalization.personal if personalization else [])):
+                            ("personalization.personal", personalization.personal if personalization else []),
+                            *thawing):
         for pattern in patterns:
             if not any(matches(n, [pattern]) for n in names):
                 shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
                 raise ValueError(f"{field}: {pattern!r} matches no parameter of the model ({shown})")
     frozen = [n for n in names if matches(n, spec.freeze)] if spec.freeze else (
         [n for n in names if not matches(n, spec.train)] if spec.train else [])
+    remaining = frozen
+    for r, patterns in sorted(spec.unfreeze.items()):
+        still = [n for n in remaining if not matches(n, patterns)]
+        if len(still) == len(remaining):
+            raise ValueError(f"model.unfreeze.{r}: {patterns} match no parameter still frozen then")
+        remaining, frozen = still, still if r <= round else frozen
     for name, p in model.named_parameters():
         p.requires_grad_(name not in frozen)
     method = personalization.method if personalization else "none"
