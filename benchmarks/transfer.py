@@ -4,8 +4,9 @@
 
 Transfer (MNIST -> digits): jobs/mnist_pretrain.yaml trains the FedAvg paper's CNN on MNIST and
 registers it; then jobs/digits_transfer.yaml's digits devices train (a) from the seed, (b) from the
-registered model with a new head, everything training, (c) the same with the backbone frozen (only
-the head trains and is sent). Printed: each one's accuracy on the held-out set per round, the
+registered model with a new head, everything training (at local lr 0.03 against the job's 0.1:
+fine-tuning takes a smaller step), (c) the same with the backbone frozen (only the head trains
+and is sent). Printed: each one's accuracy on the held-out set per round, the
 rounds (b) and (c) need to reach (a)'s final accuracy, against (a)'s rounds, and the bytes each
 device sends up per round.
 
@@ -28,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 from fedray.config import load_job  # noqa: E402
 from fedray.platform.run import connect, run_job  # noqa: E402
 
-TRANSFER = {
+TRANSFER = {  # each at its learning rate: fine-tuning pretrained layers takes a smaller one
     "from scratch": ["model.start=null", "model.replace=[]", "model.train=[]"],
-    "transfer, all layers train": ["model.train=[]"],
+    "transfer, all layers train": ["model.train=[]", "devices.local.lr=0.03"],
     "transfer, backbone frozen": [],
 }
 PERSONAL = {

@@ -311,3 +311,28 @@ def test_gradual_unfreezing_grows_the_federated_vector(local_driver):
     assert second.metrics["test_accuracy"] > first.metrics["test_accuracy"] + 0.05
     driver.spec.load(driver.model, driver.state.params)
     assert not torch.equal(driver.model.state_dict()["1.weight"], initial["1.weight"])  # trained from round 2
+
+
+def test_only_what_trains_is_encrypted_and_noised():
+    from fedray.agents.training import SampleDP
+    from fedray.secure.plan import SecurePlan
+
+    plans = {}
+    for train_only in ([], ["8"]):
+        job = parse_job(small_job(model={"name": "small_cnn", "train": train_only},
+                                  secure={"preset": "balanced", "min_clients": 3}))
+        shared = prepare(job).layout.shared
+        plans[len(train_only)] = SecurePlan.of(job, shared.names, [int(np.prod(s)) for s in shared.shapes], [100],
+                                               lambda n: n).summary()
+    assert plans[1]["encrypted_values"] == 10 * 128 + 10  # the head alone
+    assert plans[0]["encrypted_values"] == plans[1]["encrypted_values"] + 16 * 9 + 16 + 32 * 16 * 9 + 32
+    assert plans[1]["ciphertexts_per_update"] < plans[0]["ciphertexts_per_update"]
+
+    model = build_model("small_cnn", None, {}, (1, 8, 8), 10, seed=0)  # DP-SGD's noise only where it trains
+    lay_out(model, ModelSpec(name="small_cnn", train=["8"]))
+    before = _state(model)
+    data = datasets.load(parse_job(small_job()).data, 0)
+    train(model, torch.from_numpy(data.x[:64]), torch.from_numpy(data.y[:64]), LocalTraining(batch_size=16),
+          torch.Generator(), dp=SampleDP(max_grad_norm=1.0, noise_multiplier=1.0))
+    assert all(torch.equal(model.state_dict()[n], before[n]) for n in ("1.weight", "1.bias", "4.weight", "4.bias"))
+    assert not torch.equal(model.state_dict()["8.weight"], before["8.weight"])
