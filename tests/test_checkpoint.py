@@ -344,13 +344,12 @@ def test_a_resumed_encrypted_run_cannot_decrypt_again_what_was_decrypted_before(
 def secure_plan(job):
     import math
 
-    from fedray.models.params import ParamSpec
     from fedray.platform import strategies
     from fedray.platform.prepare import prepare
     from fedray.secure.plan import SecurePlan
 
-    _, split, model = prepare(job)
-    spec = ParamSpec.of(model)
+    prepared = prepare(job)
+    split, spec = prepared.split, prepared.layout.shared
     weigh = strategies.for_job(job).weigh
     return SecurePlan.of(job, spec.names, [math.prod(s) for s in spec.shapes], split.train_sizes.tolist(),
                          lambda samples: weigh(samples, 1)[0])

@@ -236,11 +236,14 @@ from fedray.config import parse_job
 parse_job({job!r})
 parse_job({small_job(strategy={"name": "krum", "byzantine": 1}, devices__count=8, devices__per_round=8, devices__min_completion=1.0)!r})
 parse_job({small_job(devices__per_round=6, peers={"exchange": "distill", "graph": {"kind": "small_world"}, "models": [{"name": "mlp"}]})!r})
+parse_job({small_job(model={"name": "mlp", "start": "models:/m/1", "replace": ["3"], "train": ["3"], "unfreeze": {2: ["1"]}}, data={"dataset": "digits", "resize": [4, 4]}, personalization=None, tracking={"register": "m", "export": "onnx"})!r})
+parse_job({small_job(personalization={"method": "fedrep", "export": [1]})!r})
 outside = sorted(m for m in sys.modules if m.startswith(("fedray.", "torch", "ray", "mlflow", "tenseal", "opacus"))
                  and not m.startswith("fedray.config"))
 assert not outside, outside
 import fedray.platform.strategies, fedray.platform.aggregation, fedray.platform.privacy, fedray.platform.robust
 import fedray.agents.privacy, fedray.agents.state, fedray.agents.graphs, fedray.agents.peer, fedray.secure.packing, fedray.data.partition, fedray.data.devices, fedray.update
+import fedray.transfer.layout, fedray.transfer.personal, fedray.transfer.weights
 assert not [m for m in ("ray", "mlflow") if m in sys.modules]
 """
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)

@@ -115,8 +115,12 @@ def test_cnn_rejects_flat_input():
 
 
 def test_user_model_with_buffers_is_refused():
-    with pytest.raises(ValueError, match="floating-point buffers.*BatchNorm"):
-        build_model(None, "torch.nn:BatchNorm1d", {"num_features": 3}, (3,), 2, 0)
+    from fedray.config.model import ModelSpec
+    from fedray.transfer.layout import lay_out
+
+    model = build_model(None, "torch.nn:BatchNorm1d", {"num_features": 3}, (3,), 2, 0)
+    with pytest.raises(ValueError, match="floating-point buffers.*BatchNorm.*personalization.method fedbn"):
+        lay_out(model, ModelSpec(**{"class": "torch.nn:BatchNorm1d"}))
 
 
 def test_dropout_is_deterministic_given_the_generator():

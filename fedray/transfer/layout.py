@@ -84,7 +84,7 @@ def lay_out(model: nn.Module, spec: ModelSpec, personalization: PersonalizationS
                          "are not federated: keep them on each device (personalization.method fedbn) or use "
                          "GroupNorm or LayerNorm (the zoo's CNNs: model.kwargs.norm group)")
     shared = [n for n in names if n not in frozen and n not in personal]
-    if not shared:
+    if names and not shared:  # (a model with no parameters at all: check_output says so)
         raise ValueError("no parameter is both trainable and shared, so there is nothing to federate "
                          "(see model.freeze, model.train and personalization.personal)")
     return Layout(ParamSpec.of(model, shared), ParamSpec.of(model, shared if method == "ditto" else personal),
