@@ -433,11 +433,12 @@ def test_who_takes_part_is_secret_under_client_level_dp(tracking_uri, tmp_path):
     fails; nor does any device send its un-noised training loss."""
     from test_run import poisoned_digits
 
-    summary = run(tracking_uri, rounds=6, privacy={"level": "client", "noise_multiplier": 1.0, "sampling_rate": 0.5},
+    # 12 rounds: the poisoned device is sampled in none of them with odds 0.5^12 < 1e-3
+    summary = run(tracking_uri, rounds=12, privacy={"level": "client", "noise_multiplier": 1.0, "sampling_rate": 0.5},
                   **poisoned_digits(tmp_path / "one.npz", [5]))
     client = MlflowClient(tracking_uri)
     seeded = np.random.default_rng([0, 1])  # what the driver drew from before: job seed 0
-    from_seed = [len(privacy.poisson_sample(seeded, 6, 0.5)) for _ in range(6)]
+    from_seed = [len(privacy.poisson_sample(seeded, 6, 0.5)) for _ in range(12)]
     sampled = [p + f for p, f in zip(history(client, summary["run_id"], "participants"),
                                      history(client, summary["run_id"], "failures"))]
     assert sampled != from_seed  # equal by chance: odds < 1e-3

@@ -191,7 +191,10 @@ def test_sigterm_ends_the_run_killed_with_its_rounds(tmp_path):
 def test_ctrl_c_during_setup_leaves_no_run_running(tmp_path):
     db = tmp_path / "mlflow.db"
     cli = Cli("run", str(write_job(tmp_path, rounds=30)), "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)
-    cli.wait_for(r"Updating database tables")  # MLflow has made the database: the run is being created
+    log, deadline = tmp_path / "fedray-runs" / "fedray.log", time.monotonic() + 120
+    while not (log.exists() and "Updating database tables" in log.read_text()):  # MLflow's line, in the log file
+        assert time.monotonic() < deadline and cli.process.poll() is None, cli.output
+        time.sleep(0.05)  # MLflow has made the database: the run is being created
     time.sleep(0.5)  # the driver is starting
     cli.process.send_signal(signal.SIGINT)
     code, output = cli.finish()

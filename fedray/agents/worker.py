@@ -326,7 +326,8 @@ class DeviceWorker:
         for r in [1, *sorted(self._job.model.unfreeze)]:
             layout = lay_out(self._model, self._job.model, self._job.personalization, r)
             if layout.shared.size == len(params):
-                self._spec, self._personal = layout.shared, Personal(self._model, layout, None, self._local)
+                self._spec = layout.shared
+                self._personal = Personal(self._model, layout, self._job.personalization, self._local)
                 return
         raise ValueError(f"a global model of {len(params)} values fits no stage of model.unfreeze")
 
