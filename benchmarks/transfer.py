@@ -1,6 +1,7 @@
 """Federated transfer and personalization, side by side.
 
-    .venv/bin/python benchmarks/transfer.py [--rounds 20] [--personal-rounds 30]
+    .venv/bin/python benchmarks/transfer.py [--rounds 20] [--personal-rounds 30] [--per-round 20 5]
+                                            [--skip-transfer]
 
 Transfer (MNIST -> digits): jobs/mnist_pretrain.yaml trains the FedAvg paper's CNN on MNIST and
 registers it; then jobs/digits_transfer.yaml's digits devices train (a) from the seed, (b) from the
@@ -11,9 +12,10 @@ rounds (b) and (c) need to reach (a)'s final accuracy, against (a)'s rounds, and
 device sends up per round.
 
 Personalization (jobs/mnist_personalized.yaml: 20 MNIST devices, Dirichlet(0.1) labels): FedAvg,
-FedPer, FedRep, FedBN (the CNN with BatchNorm) and Ditto; each device's accuracy on its own test
-split of the global model, its personalized model and that model fine-tuned for one epoch (for
-FedAvg: FedAvg + fine-tuning), as the mean over devices, their standard deviation and minimum.
+FedPer, FedRep, FedBN (the CNN with BatchNorm) and Ditto, with all 20 devices in every round and
+with 5 of them (partial participation); each device's accuracy on its own test split of the global
+model, its personalized model and that model fine-tuned for one epoch (for FedAvg: FedAvg +
+fine-tuning), as the mean over devices, their standard deviation and minimum.
 """
 
 from __future__ import annotations
@@ -74,15 +76,16 @@ def transfer(rounds: int, uri: str) -> None:
         print(f"  {label:30s} " + " ".join(f"{a:.3f}" for a in curve))
 
 
-def personalization(rounds: int, uri: str) -> None:
+def personalization(rounds: int, per_round: int, uri: str) -> None:
     rows = {}
     for label, overrides in PERSONAL.items():
-        print(f"{label} ...", file=sys.stderr, flush=True)
+        print(f"{label}, {per_round} per round ...", file=sys.stderr, flush=True)
         rows[label] = _run("mnist_personalized.yaml", [f"rounds={rounds}", f"evaluation.every={rounds}",
-                                                       "tracking.experiment=bench", *overrides], uri)[-1].metrics
+                                                       f"devices.per_round={per_round}", "tracking.experiment=bench",
+                                                       *overrides], uri)[-1].metrics
     baseline = rows["FedAvg"]["device_accuracy_global"]
-    print(f"\nMNIST, 20 devices, Dirichlet(0.1), {rounds} rounds: accuracy on each device's own test split "
-          "(mean over devices +- std, min)")
+    print(f"\nMNIST, 20 devices ({per_round} per round), Dirichlet(0.1), {rounds} rounds: accuracy on each device's "
+          "own test split (mean over devices +- std, min)")
     print(f"{'method':8s} {'global model':>22s} {'personalized':>22s} {'+ fine-tuning':>22s} {'best - FedAvg':>14s}")
     for label, m in rows.items():
         cells = [f"{m[f'device_accuracy_{k}']:.4f} +- {m[f'device_accuracy_{k}_std']:.3f} "
@@ -96,12 +99,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=20, help="transfer rounds on digits")
     p.add_argument("--personal-rounds", type=int, default=30)
+    p.add_argument("--per-round", type=int, nargs="+", default=[20, 5], help="devices per round, personalization")
+    p.add_argument("--skip-transfer", action="store_true")
     args = p.parse_args()
     connect()
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
-        transfer(args.rounds, uri)
-        personalization(args.personal_rounds, uri)
+        if not args.skip_transfer:
+            transfer(args.rounds, uri)
+        for per_round in args.per_round:
+            personalization(args.personal_rounds, per_round, uri)
 
 
 if __name__ == "__main__":
