@@ -27,7 +27,9 @@ class Update:
     would have spent after one more round like its last. Under adaptive clipping ``below_clip`` is
     +1/2 if the device's delta was within the clip bound, else -1/2 (plus its noise share when distributed).
     With encrypted aggregation, ``delta`` holds only the plaintext coordinates and ``sealed`` the
-    encrypted rest (``fedray.secure``), which nobody but the key authority can read.
+    encrypted rest (``fedray.secure``), which nobody but the key authority can read. Under
+    compression, ``delta`` is the encoded bytes (uint8) until the receiver decodes it
+    (``fedray.compression``), and ``residual_norm`` is the norm of what error feedback holds back.
     """
 
     device_id: int
@@ -41,18 +43,19 @@ class Update:
     epsilon_next: float | None = None
     below_clip: float | None = None
     sealed: bytes | None = None
+    residual_norm: float | None = None
 
     def to_bytes(self) -> bytes:
         header = {"device_id": self.device_id, "round": self.round, "num_samples": self.num_samples,
                   "local_steps": self.local_steps, "train_loss": self.train_loss,
                   "dtype": str(self.delta.dtype), "length": int(self.delta.size),
-                  "control": self.control is not None}
-        header |= {name: value for name in ("epsilon", "epsilon_next", "below_clip")  # only when set: DP runs
+                  "control": 0 if self.control is None else int(self.control.size)}
+        header |= {name: value for name in ("epsilon", "epsilon_next", "below_clip", "residual_norm")  # only when set: DP runs
                    if (value := getattr(self, name)) is not None}
         if self.sealed is not None:
             header["sealed"] = len(self.sealed)
         blob = json.dumps(header).encode()
-        control = b"" if self.control is None else self.control.astype(self.delta.dtype).tobytes()
+        control = b"" if self.control is None else self.control.astype(np.float32).tobytes()
         return _HEADER_LEN.pack(len(blob)) + blob + self.delta.tobytes() + control + (self.sealed or b"")
 
     @classmethod
@@ -64,14 +67,14 @@ class Update:
             if not isinstance(header, dict):
                 raise ValueError(f"header is a {type(header).__name__}, not an object")
             dtype, length = np.dtype(header.pop("dtype")), int(header.pop("length"))
-            vectors = 2 if header.pop("control") is True else 1
-            sealed = int(header.pop("sealed", 0))
+            controls, sealed = int(header.pop("control")), int(header.pop("sealed", 0))
             offset = _HEADER_LEN.size + n
-            if len(payload) - offset != vectors * length * dtype.itemsize + sealed or sealed < 0:
-                raise ValueError(f"payload holds {len(payload) - offset} bytes for {vectors} x {length} x {dtype}"
-                                 f" and {sealed} encrypted bytes")
-            delta, control = (np.frombuffer(payload, dtype=dtype, count=length, offset=offset + i * length * dtype.itemsize)
-                              if i < vectors else None for i in range(2))
+            if len(payload) - offset != length * dtype.itemsize + 4 * controls + sealed or min(sealed, controls) < 0:
+                raise ValueError(f"payload holds {len(payload) - offset} bytes for {length} x {dtype}, {controls} "
+                                 f"float32 control values and {sealed} encrypted bytes")
+            delta = np.frombuffer(payload, dtype=dtype, count=length, offset=offset)
+            control = (np.frombuffer(payload, dtype=np.float32, count=controls, offset=offset + length * dtype.itemsize)
+                       if controls else None)
             return cls(delta=delta, control=control, sealed=payload[len(payload) - sealed:] if sealed else None, **header)
         except (struct.error, TypeError, KeyError, ValueError, OverflowError, RecursionError) as e:
             raise ValueError(f"malformed update payload: {e}") from e
@@ -110,7 +113,7 @@ def rejection_reason(update: Update, *, expected_device: int, expected_round: in
         return f"below_clip is {update.below_clip!r}, expected a finite number"
     if (update.epsilon is None) != (update.epsilon_next is None):
         return "epsilon and epsilon_next come together"
-    for name in ("epsilon", "epsilon_next"):
+    for name in ("epsilon", "epsilon_next", "residual_norm"):
         value = getattr(update, name)
         if value is not None and (type(value) is not float or not value >= 0 or not math.isfinite(value)):
             return f"{name} is {value!r}, expected a finite number >= 0"

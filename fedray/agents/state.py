@@ -20,12 +20,14 @@ class DeviceState:
     with an accepted update). ``control``: SCAFFOLD's control variate ``c_i`` (None: zero).
     ``params``: in peer-to-peer learning, the agent's own model (None: not trained yet).
     ``personal``: under personalization, the parameters the device keeps of its own (its head,
-    its normalization layers, or Ditto's personal model; None: not trained yet)."""
+    its normalization layers, or Ditto's personal model; None: not trained yet). ``residual``:
+    under compression with error feedback, what its codecs have not sent yet (None: nothing)."""
 
     version: int = 0
     control: np.ndarray | None = None
     params: np.ndarray | None = None
     personal: np.ndarray | None = None
+    residual: np.ndarray | None = None
 
     def advanced(self, **changes) -> DeviceState:
         """The record after one more training, with ``changes``."""

@@ -14,7 +14,8 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from fedray.config.base import Fraction, JobError, NotBlank, PositiveFloat, PositiveInt, Section, quorum
-from fedray.config import model, peers, personalization, privacy, secure, topology
+from fedray.config import compression, model, peers, personalization, privacy, secure, topology
+from fedray.config.compression import CompressionSpec
 from fedray.config.data import DataSpec
 from fedray.config.model import ModelSpec
 from fedray.config.peers import PeersSpec
@@ -173,6 +174,7 @@ class JobSpec(Section):
     secure: SecureSpec | None = None
     peers: PeersSpec | None = None
     personalization: PersonalizationSpec | None = None
+    compression: CompressionSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -229,6 +231,8 @@ class JobSpec(Section):
             privacy.check(self)
         if self.secure is not None:
             secure.check(self)
+        if self.compression is not None:
+            compression.check(self)
         for spec in [self.model, *(self.peers.models if self.peers else [])]:
             if spec.name in ("cnn", "small_cnn") and known_flat:
                 raise ValueError(f"model.name {spec.name!r} needs image input (channels, height, width); "

@@ -12,6 +12,7 @@ import numpy as np
 import ray
 import torch
 
+from fedray.compression.codecs import Chain
 from fedray.config import JobSpec
 from fedray.config.privacy import client_level, min_participants, sampling_rate
 from fedray.platform import edge, outputs, privacy, snapshot, strategies
@@ -69,11 +70,12 @@ class Driver:
             self.sealing = (Sealing(job, self.spec, self._train_sizes, self.strategy.weigh, self.tracker,
                                     self.checkpoints and self.checkpoints.location) if job.secure else None)
             size = self.spec.size if self.sealing is None else len(self.sealing.plan.plain)  # summed in plaintext
+            codec = job.compression and Chain.of(job, self.spec.shapes)  # decodes compressed updates
             self._check = {"size": size, "train_sizes": self._train_sizes, "expect_sealed": self.sealing is not None,
-                           "expect_control": self.strategy.control_variates}
+                           "expect_control": self.strategy.control_variates, "codec": codec}
             self.pool, self.edges = edge.start_tiers(job, ray.put((dataset.x, dataset.y)), dataset.num_classes,
                                                      split, size, self.sealing and self.sealing.tiers,
-                                                     initial and ray.put(initial))
+                                                     initial and ray.put(initial), codec)
             # where updates are folded: at the edges, or here
             self.tier = self.edges or Flat(job, self.strategy, self.pool, self._check, self.sealing and self.sealing.sums)
             self.evaluation = Evaluation(self.pool, (dataset.x, dataset.y), split.holdout, self.spec, self.model,
@@ -165,6 +167,10 @@ class Driver:
             metrics.update(staleness_mean=float(np.mean(intake.staleness)), staleness_max=max(intake.staleness))
             self.staleness.update(intake.staleness)
         metrics.update(bytes_up=intake.bytes_up, failures=intake.failed_tasks, round_failed=float(not completed))
+        if self.job.compression is not None and intake.uploads:  # float32 bytes of the vectors per byte received
+            metrics["compression_ratio"] = 4 * self.spec.size * len(intake.uploads) / intake.bytes_up
+        if intake.residual_norms:
+            metrics["residual_norm_mean"] = float(np.mean(intake.residual_norms))
         if self.job.model.unfreeze:
             metrics["federated_size"] = self.spec.size
         if self.edges is not None:

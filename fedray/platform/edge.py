@@ -17,6 +17,7 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from fedray.compression.codecs import Chain
 from fedray.config import JobSpec
 from fedray.data.partition import Split
 from fedray.platform import strategies, topology
@@ -45,11 +46,11 @@ class EdgeAggregator:
     """Edge ``edge`` of a job. A plain class; ``Edges`` makes it an actor."""
 
     def __init__(self, job: JobSpec, edge: int, size: int, train_sizes: list[int],
-                 sealing: tuple[SecurePlan, bytes] | None = None) -> None:
+                 sealing: tuple[SecurePlan, bytes] | None = None, codec: Chain | None = None) -> None:
         self.edge = edge
         self._strategy = strategies.for_job(job)
         self._check = {"size": size, "train_sizes": train_sizes, "expect_control": self._strategy.control_variates,
-                       "expect_sealed": sealing is not None}
+                       "expect_sealed": sealing is not None, "codec": codec}
         self._size = size
         self._sums = None if sealing is None else SumLoader(*sealing)  # encrypted aggregation: add ciphertexts
         self._edge_rounds = job.topology.edge_rounds
@@ -115,12 +116,12 @@ class EdgeAggregator:
         return report
 
 def start_tiers(job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Split, size: int,
-                sealing: tuple[SecurePlan, Any, bytes] | None = None, initial: ray.ObjectRef | None = None
-                ) -> tuple[WorkerPool, Edges | None]:
+                sealing: tuple[SecurePlan, Any, bytes] | None = None, initial: ray.ObjectRef | None = None,
+                codec: Chain | None = None) -> tuple[WorkerPool, Edges | None]:
     """The device workers, and with a topology the edge actors, each edge and its devices' workers
     placed on the edge's nodes. ``size`` is what the tiers sum in plaintext; with encrypted
     aggregation ``sealing`` is the plan, the key authority and its public context. ``initial``:
-    the model's starting state dict (``model.start``)."""
+    the model's starting state dict (``model.start``); ``codec``: the edges' decoder, under compression."""
     tree = job.topology
     authority = None if sealing is None else sealing[1]
     edges = None if sealing is None else (sealing[0], sealing[2])
@@ -142,7 +143,7 @@ def start_tiers(job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Spli
         options = [topology.placement_options(tree, e) for e in range(tree.edges)]
         pool = WorkerPool(job, data, num_classes, split,
                           [(np.flatnonzero(edge_of == e), options[e]) for e in range(tree.edges)], authority, initial)
-    return pool, Edges(job, size, split.train_sizes.tolist(), options, edge_of.tolist(), pool, edges)
+    return pool, Edges(job, size, split.train_sizes.tolist(), options, edge_of.tolist(), pool, edges, codec)
 
 
 class Edges:
@@ -152,8 +153,9 @@ class Edges:
     replaced it) is down; its devices fail for the round without being asked to train."""
 
     def __init__(self, job: JobSpec, size: int, train_sizes: list[int], options: list[dict[str, Any]],
-                 edge_of: list[int], pool: WorkerPool, sealing: tuple[SecurePlan, bytes] | None = None) -> None:
-        self._job, self._size, self._train_sizes = job, size, train_sizes
+                 edge_of: list[int], pool: WorkerPool, sealing: tuple[SecurePlan, bytes] | None = None,
+                 codec: Chain | None = None) -> None:
+        self._job, self._size, self._train_sizes, self._codec = job, size, train_sizes, codec
         self._sealing, self._sums = sealing, None if sealing is None else SumLoader(*sealing)
         self.edge_of, self._pool = edge_of, pool
         self.group = ActorGroup(self._spawn, options, "edge")
@@ -161,7 +163,7 @@ class Edges:
 
     def _spawn(self, e: int, placement: dict[str, Any]) -> Any:
         return ray.remote(EdgeAggregator).options(num_cpus=0, max_restarts=0, **placement).remote(
-            self._job, e, self._size, self._train_sizes, self._sealing)
+            self._job, e, self._size, self._train_sizes, self._sealing, self._codec)
 
     def run_round(self, r: int, sampled: np.ndarray, refs: list[ray.ObjectRef], options: dict[str, Any], down: int,
                   intake: Intake) -> tuple[Partial, list, dict[str, float]]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from fedray.compression.codecs import Chain
 from fedray.platform.aggregation import Partial
 from fedray.platform.pool import Done
 from fedray.update import Update, rejection_reason
@@ -32,6 +33,7 @@ class Intake:
     folded: list[int] = field(default_factory=list)  # asynchronous: the devices whose updates were folded
     stale_dropped: int = 0  # asynchronous: valid updates staler than strategy.max_staleness
     device_epsilon: dict[int, tuple[float, float]] = field(default_factory=dict)  # sample-level DP: spent, next
+    residual_norms: list[float] = field(default_factory=list)  # compression: the accepted updates' error feedback
 
     @property
     def bytes_up(self) -> int:
@@ -42,8 +44,9 @@ class Intake:
         self.failed_tasks += 1
 
     def accept(self, done: Done, expected_round: int, *, size: int, train_sizes: list[int],
-               expect_control: bool, expect_sealed: bool = False) -> Update | None:
-        """The valid Update a finished task returned, or None with the reason in ``failures``."""
+               expect_control: bool, expect_sealed: bool = False, codec: Chain | None = None) -> Update | None:
+        """The valid Update a finished task returned (its delta decoded by ``codec``, under
+        compression), or None with the reason in ``failures``."""
         d = done.task.device
         if done.failure is not None:
             self.fail(d, done.failure)
@@ -57,6 +60,15 @@ class Intake:
         told = (update.epsilon, update.epsilon_next)  # kept even if the update is rejected: it was sent
         if all(type(e) is float and math.isfinite(e) and e >= 0 for e in told):
             self.device_epsilon[d] = told
+        if codec is not None:
+            if update.delta.dtype != np.uint8:
+                self.fail(d, f"rejected: device {d} sent a {update.delta.dtype} delta; this run's updates are compressed")
+                return None
+            try:
+                update = replace(update, delta=codec.decode(update.delta, expected_round, d))
+            except ValueError as e:
+                self.fail(d, f"rejected: device {d}'s compressed update: {e}")
+                return None
         reason = rejection_reason(update, expected_device=d, expected_round=expected_round, expected_size=size,
                                   expected_samples=train_sizes[d], expect_control=expect_control,
                                   expect_sealed=expect_sealed)
@@ -66,6 +78,8 @@ class Intake:
         self.loss_sum += update.train_loss * update.num_samples
         self.samples += update.num_samples
         self.accepted.append(d)
+        if update.residual_norm is not None:
+            self.residual_norms.append(update.residual_norm)
         return update
 
     def fold_arrival(self, done: Done, staleness: int, strategy: Any, partial: Partial,
@@ -93,3 +107,4 @@ class Intake:
         self.folded += other.folded
         self.stale_dropped += other.stale_dropped
         self.device_epsilon.update(other.device_epsilon)
+        self.residual_norms += other.residual_norms
