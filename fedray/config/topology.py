@@ -66,9 +66,12 @@ class TopologySpec(Section):
 
 
 class Link(Section):
-    """A network link: a transfer of ``b`` bytes takes ``latency_ms / 1000 + 8 b / (bandwidth_mbps 10^6)`` s."""
+    """A network link: a transfer of ``b`` bytes takes ``latency_ms / 1000 + 8 b / (bandwidth_mbps 10^6)`` s
+    down, and the same at ``up_mbps`` up (towards the cloud)."""
 
     bandwidth_mbps: PositiveFloat
+    up_mbps: PositiveFloat | None = Field(None, description="bandwidth towards the cloud; default bandwidth_mbps "
+                                                            "(home and mobile uplinks are often slower)")
     latency_ms: Annotated[float, Field(ge=0)] = 0.0
 
 

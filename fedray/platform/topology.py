@@ -58,18 +58,19 @@ def missing_placement(topology: TopologySpec, nodes: list[dict]) -> list[str]:
     return []
 
 
-def transfer_seconds(link: Link, nbytes: int) -> float:
-    return link.latency_ms / 1e3 + 8 * nbytes / (link.bandwidth_mbps * 1e6)
+def transfer_seconds(link: Link, nbytes: int, up: bool = False) -> float:
+    """Seconds to send ``nbytes`` over ``link``, down or (``up``) towards the cloud."""
+    return link.latency_ms / 1e3 + 8 * nbytes / ((up and link.up_mbps or link.bandwidth_mbps) * 1e6)
 
 
 def flat_seconds(network: NetworkSpec, down: int, uploads: list[int]) -> float:
     """A flat round's communication time: every device downloads ``down`` bytes and uploads its
     bytes over its own path through both tiers; the round waits for the slowest device."""
 
-    def path(nbytes: int) -> float:
-        return transfer_seconds(network.device_edge, nbytes) + transfer_seconds(network.edge_cloud, nbytes)
+    def path(nbytes: int, up: bool) -> float:
+        return transfer_seconds(network.device_edge, nbytes, up) + transfer_seconds(network.edge_cloud, nbytes, up)
 
-    return max((path(down) + path(up) for up in uploads), default=0.0)
+    return max((path(down, False) + path(sent, True) for sent in uploads), default=0.0)
 
 
 def edge_seconds(network: NetworkSpec, down: int, rounds: list[list[int]], up: int) -> float:
@@ -77,6 +78,6 @@ def edge_seconds(network: NetworkSpec, down: int, rounds: list[list[int]], up: i
     round the model down to its devices and their ``rounds[k]`` uploads back (waiting for the
     slowest), then its ``up`` bytes to the cloud."""
     device_edge = network.device_edge
-    device_time = sum(max((transfer_seconds(device_edge, down) + transfer_seconds(device_edge, u) for u in uploads),
-                          default=0.0) for uploads in rounds)
-    return transfer_seconds(network.edge_cloud, down) + device_time + transfer_seconds(network.edge_cloud, up)
+    device_time = sum(max((transfer_seconds(device_edge, down) + transfer_seconds(device_edge, u, True)
+                           for u in uploads), default=0.0) for uploads in rounds)
+    return transfer_seconds(network.edge_cloud, down) + device_time + transfer_seconds(network.edge_cloud, up, True)

@@ -1,0 +1,105 @@
+"""Update compression, side by side, on the MNIST non-IID job (jobs/mnist_noniid.yaml).
+
+    .venv/bin/python benchmarks/compression.py [--rounds 50] [--only NAME ...]
+
+Every codec chain trains the same job from the same seed (100 devices, Dirichlet(0.5) labels, 10
+per round, the small CNN). A simulated network gives each device a 10 Mbit/s downlink and a
+1 Mbit/s uplink, and the edge-cloud link 1 Gbit/s, so each round's communication time follows from
+the bytes actually sent (``sim_comm_seconds``). Printed per chain:
+
+- up ratio: float32 bytes of an uncompressed update over the bytes sent (the serialized payload,
+  header included), as the run's ``bytes_up`` counts them;
+- final accuracy: the held-out accuracy averaged over the last 5 rounds (one round's value swings
+  by a point or more on non-IID data), and its difference from float32's;
+- rounds to target and simulated communication time to target, against float32's; the target is
+  float32's final accuracy less 2 points, which every useful chain should reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedray.config import load_job  # noqa: E402
+from fedray.platform.run import connect, run_job  # noqa: E402
+
+NETWORK = "network={device_edge: {bandwidth_mbps: 10, up_mbps: 1}, edge_cloud: {bandwidth_mbps: 1000}}"
+TOP1 = "{kind: topk, fraction: 0.01}"
+CHAINS = {
+    "float32": None,
+    "entropy": "[{kind: entropy}]",
+    "q8 + entropy": "[{kind: quantize, bits: 8}, {kind: entropy}]",
+    "q4 + entropy": "[{kind: quantize, bits: 4}, {kind: entropy}]",
+    "q2 + entropy": "[{kind: quantize, bits: 2}, {kind: entropy}]",
+    "sign + entropy": "[{kind: sign}, {kind: entropy}]",
+    "lowrank r2 + q8": "[{kind: lowrank, rank: 2}, {kind: quantize, bits: 8}, {kind: entropy}]",
+    "randk 10% + q8": "[{kind: randk, fraction: 0.1}, {kind: quantize, bits: 8}, {kind: entropy}]",
+    "topk 10% + q8 + entropy": "[{kind: topk, fraction: 0.1}, {kind: quantize, bits: 8}, {kind: entropy}]",
+    "topk 1% + q4 + entropy": f"[{TOP1}, {{kind: quantize, bits: 4}}, {{kind: entropy}}]",
+    "topk 1% + q4, no EF": f"[{TOP1}, {{kind: quantize, bits: 4}}, {{kind: entropy}}]",
+    "topk 1% + q4, DGC warm-up": f"[{TOP1}, {{kind: quantize, bits: 4}}, {{kind: entropy}}]",
+}
+EXTRA = {"topk 1% + q4, no EF": ["compression.error_feedback=false"],
+         "topk 1% + q4, DGC warm-up": ["compression.warmup_rounds=5"]}
+
+
+def run(name: str, rounds: int, uri: str) -> list:
+    overrides = [f"rounds={rounds}", "tracking.experiment=bench-compression", "tracking.log_model=false", NETWORK]
+    if CHAINS[name] is not None:
+        overrides.append(f"compression={{uplink: {CHAINS[name]}}}")
+    job = load_job(ROOT / "jobs" / "mnist_noniid.yaml", overrides + EXTRA.get(name, []))
+    log = []
+    run_job(job, job.model_dump_json(), uri, on_round=log.append)
+    return [h.metrics for h in log]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--only", nargs="*", default=[], help="chains to run (float32 always runs)")
+    args = parser.parse_args()
+    names = ["float32"] + [n for n in CHAINS if n != "float32" and (not args.only or n in args.only)]
+    connect()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        for name in names:
+            print(f"{name} ...", file=sys.stderr, flush=True)
+            results[name] = run(name, args.rounds, uri)
+
+    def final(metrics: list) -> float:
+        return sum(m["test_accuracy"] for m in metrics[-5:]) / len(metrics[-5:])
+
+    def per_update(metrics: list) -> float:
+        return sum(m["bytes_up"] for m in metrics) / sum(m["participants"] for m in metrics)
+
+    def to_target(metrics: list, target: float) -> tuple[int | None, float]:
+        seconds = 0.0
+        for r, m in enumerate(metrics, 1):
+            seconds += m["sim_comm_seconds"]
+            if m["test_accuracy"] >= target:
+                return r, seconds
+        return None, float("nan")
+
+    base = results["float32"]
+    target = final(base) - 0.02
+    base_rounds, base_seconds = to_target(base, target)
+    print(f"\nMNIST non-IID (100 devices, Dirichlet 0.5, 10 per round), {args.rounds} rounds; uplink 1 Mbit/s, "
+          f"downlink 10 Mbit/s; target accuracy {target:.4f} (float32's final less 2 points)")
+    print(f"{'chain':28s} {'bytes/update':>12s} {'up ratio':>9s} {'final acc':>9s} {'vs f32':>7s} "
+          f"{'rounds':>6s} {'comm s':>8s} {'time ratio':>10s}")
+    for name, metrics in results.items():
+        rounds, seconds = to_target(metrics, target)
+        print(f"{name:28s} {per_update(metrics):12.0f} {per_update(base) / per_update(metrics):9.1f} "
+              f"{final(metrics):9.4f} {100 * (final(metrics) - final(base)):+6.2f}p {rounds or '-':>6} "
+              f"{seconds:8.2f} {seconds / base_seconds:10.3f}")
+    print(f"(float32 reaches the target in round {base_rounds}, after {base_seconds:.2f} s of communication)")
+
+
+if __name__ == "__main__":
+    main()
