@@ -40,6 +40,9 @@ CHAINS = {
     "lowrank r2 + q8": "[{kind: lowrank, rank: 2}, {kind: quantize, bits: 8}, {kind: entropy}]",
     "randk 10% + q8": "[{kind: randk, fraction: 0.1}, {kind: quantize, bits: 8}, {kind: entropy}]",
     "topk 10% + q8 + entropy": "[{kind: topk, fraction: 0.1}, {kind: quantize, bits: 8}, {kind: entropy}]",
+    "topk 5% + q2 + entropy": "[{kind: topk, fraction: 0.05}, {kind: quantize, bits: 2}, {kind: entropy}]",
+    "topk 2% + q4 + entropy": "[{kind: topk, fraction: 0.02}, {kind: quantize, bits: 4}, {kind: entropy}]",
+    "q1 + entropy": "[{kind: quantize, bits: 1}, {kind: entropy}]",
     "topk 1% + q4 + entropy": f"[{TOP1}, {{kind: quantize, bits: 4}}, {{kind: entropy}}]",
     "topk 1% + q4, no EF": f"[{TOP1}, {{kind: quantize, bits: 4}}, {{kind: entropy}}]",
     "topk 1% + q4, DGC warm-up": f"[{TOP1}, {{kind: quantize, bits: 4}}, {{kind: entropy}}]",
@@ -48,8 +51,8 @@ EXTRA = {"topk 1% + q4, no EF": ["compression.error_feedback=false"],
          "topk 1% + q4, DGC warm-up": ["compression.warmup_rounds=5"]}
 
 
-def run(name: str, rounds: int, uri: str) -> list:
-    overrides = [f"rounds={rounds}", "tracking.experiment=bench-compression", "tracking.log_model=false", NETWORK]
+def run(name: str, rounds: int, uri: str, extra: list[str]) -> list:
+    overrides = [*extra, f"rounds={rounds}", "tracking.experiment=bench-compression", "tracking.log_model=false", NETWORK]
     if CHAINS[name] is not None:
         overrides.append(f"compression={{uplink: {CHAINS[name]}}}")
     job = load_job(ROOT / "jobs" / "mnist_noniid.yaml", overrides + EXTRA.get(name, []))
@@ -62,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--only", nargs="*", default=[], help="chains to run (float32 always runs)")
+    parser.add_argument("--set", nargs="*", default=[], help="overrides of the job for every chain, as fedray run's")
     args = parser.parse_args()
     names = ["float32"] + [n for n in CHAINS if n != "float32" and (not args.only or n in args.only)]
     connect()
@@ -70,7 +74,7 @@ def main() -> None:
         uri = f"sqlite:///{tmp}/mlflow.db"
         for name in names:
             print(f"{name} ...", file=sys.stderr, flush=True)
-            results[name] = run(name, args.rounds, uri)
+            results[name] = run(name, args.rounds, uri, args.set)
 
     def final(metrics: list) -> float:
         return sum(m["test_accuracy"] for m in metrics[-5:]) / len(metrics[-5:])
@@ -90,7 +94,8 @@ def main() -> None:
     target = final(base) - 0.02
     base_rounds, base_seconds = to_target(base, target)
     print(f"\nMNIST non-IID (100 devices, Dirichlet 0.5, 10 per round), {args.rounds} rounds; uplink 1 Mbit/s, "
-          f"downlink 10 Mbit/s; target accuracy {target:.4f} (float32's final less 2 points)")
+          f"downlink 10 Mbit/s; target accuracy {target:.4f} (float32's final less 2 points)"
+          + (f"; with {' '.join(args.set)}" if args.set else ""))
     print(f"{'chain':28s} {'bytes/update':>12s} {'up ratio':>9s} {'final acc':>9s} {'vs f32':>7s} "
           f"{'rounds':>6s} {'comm s':>8s} {'time ratio':>10s}")
     for name, metrics in results.items():

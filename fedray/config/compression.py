@@ -97,9 +97,6 @@ def check(job) -> None:
     if job.secure is not None:
         raise ValueError(f"compression {kinds} with secure aggregation is not supported yet: a sum of ciphertexts "
                          "needs every device to send the same coordinates, which independent sparsification breaks")
-    if job.privacy is not None and job.privacy.level == "client" and job.privacy.mode == "distributed":
-        raise ValueError("compression with privacy.mode 'distributed' is not supported: each device's noise share "
-                         "is dense, so what it sends cannot be sparse, and quantizing it is not accounted")
     if job.model.unfreeze:
         raise ValueError("compression codes the federated vector, which model.unfreeze grows during the run; "
                          "drop one of them")
