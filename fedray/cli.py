@@ -1,4 +1,4 @@
-"""The ``fedray`` command line: ``fedray run``, ``resume``, ``validate``, ``replay``, ``export`` and ``privacy plan``."""
+"""The ``fedray`` command line: ``init``, ``run``, ``resume``, ``validate``, ``replay``, ``export``, ``privacy plan``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from fedray.choose import init
 from fedray.config import JobError, JobSpec, load_job
 from fedray.config.job import MAX_ROUNDS
 
@@ -28,6 +29,9 @@ def _load(path: str, overrides: tuple[str, ...]) -> JobSpec:
 @click.version_option(package_name="fedray")
 def main() -> None:
     """fedray: federated training on Ray, tracked in MLflow."""
+
+
+main.add_command(init)
 
 
 _URI_HELP = "MLflow tracking URI [default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here]"
@@ -295,11 +299,9 @@ def plan(job_file: str, overrides: tuple[str, ...], rounds: int | None) -> None:
 
 
 def _too_long(kind: str, steps: int) -> bool:
-    """Whether ``kind`` is prv and ``steps`` too many for it (said so): its grid, and memory, grow
-    with them."""
+    """Whether ``kind`` is prv and ``steps`` too many for its grid and memory (said so)."""
     if kind == "prv" and steps > PRV_MAX_STEPS:
-        click.echo(f"  prv: not computed for more than {PRV_MAX_STEPS} compositions (its memory grows with them); "
-                   "the rdp bound holds")
+        click.echo(f"  prv: not computed for more than {PRV_MAX_STEPS} compositions (its memory grows); the rdp bound holds")
         return True
     return False
 
@@ -384,10 +386,8 @@ def _print_summary(job: JobSpec, s: dict, seconds: float) -> None:
     if job.secure is not None:
         tree += (f"\n  encrypted       {job.secure.scheme}: only sums of >= {job.secure.min_clients} devices were "
                  "decrypted (split and parameters in secure.json)")
-    if "stopped" in s:
-        tree += f"\n  stopped early   {s['stopped']}"
-    if "resumed" in s:
-        tree += f"\n  resumed at      {s['resumed']}"
+    for key, label in (("stopped", "stopped early"), ("resumed", "resumed at")):
+        tree += f"\n  {label:15s} {s[key]}" if key in s else ""
     wire = (f"bytes up/down   {s['bytes_up'] / 1e6:.2f} MB / {s['bytes_down'] / 1e6:.2f} MB" if job.peers is None
             else f"peer to peer    {s.get('bytes_sent', 0) / 1e6:.2f} MB sent agent to agent, none through the driver")
     accuracy = "test accuracy" if job.peers is None else "agents' mean  "

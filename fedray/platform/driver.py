@@ -44,6 +44,7 @@ class RoundResult:
     flagged: list[int] = field(default_factory=list)  # devices a robust rule flagged as suspect
     edge_failures: dict[int, str] = field(default_factory=dict)
     tracking: str = ""  # records not yet in MLflow, and why
+    updates: list[int] = field(default_factory=list)  # devices whose updates were accepted (not under client DP)
 
 
 class Driver:
@@ -106,7 +107,7 @@ class Driver:
         self.restored = snapshot.resume(self) if resume else None  # what was restored, in words
 
     @property
-    def _device_epsilon(self) -> dict[int, tuple[float, float]]:
+    def device_epsilon(self) -> dict[int, tuple[float, float]]:
         """Sample level: each device that has trained, (epsilon spent, after one more round)."""
         return {} if self.pool.spend is None else self.pool.spend.view()
 
@@ -139,15 +140,16 @@ class Driver:
             metrics["workers"] = len(self.pool.workers.up())
         if self.pool.spend is not None:  # sample level: what devices were charged, or told more
             self.pool.spend.told(intake.device_epsilon)
-        if self._device_epsilon:
-            spent = [e for e, _ in self._device_epsilon.values()]
+        if self.device_epsilon:
+            spent = [e for e, _ in self.device_epsilon.values()]
             metrics.update(device_epsilon_max=max(spent), device_epsilon_mean=float(np.mean(spent)))
         metrics["round_seconds"] = time.perf_counter() - start
         self.tracker.log_metrics(metrics, step=r)
         failures = {} if self.ledger is not None else dict(sorted(intake.failures.items()))  # client DP: counts
         waiting = f"{self.tracker.backlog} records wait for MLflow: {self.tracker.trouble}" if self.tracker.trouble else ""
         result = RoundResult(r, completed, metrics, failures, dict(sorted(evaluation_failures.items())), intake.flagged,
-                             dict(sorted(intake.edge_failures.items())), waiting)
+                             dict(sorted(intake.edge_failures.items())), waiting,
+                             [] if self.ledger is not None else sorted(set(intake.accepted)))
         self.history.append(result)
         if self.checkpoints and (r % self.job.checkpoint.every == 0 or r == self.job.rounds):
             self.checkpoints.save_later(*snapshot.take(self))  # written while the next round trains
@@ -167,6 +169,11 @@ class Driver:
             metrics.update(staleness_mean=float(np.mean(intake.staleness)), staleness_max=max(intake.staleness))
             self.staleness.update(intake.staleness)
         metrics.update(bytes_up=intake.bytes_up, failures=intake.failed_tasks, round_failed=float(not completed))
+        # the share of the round's sampled devices (asynchronous: of the step's finished tasks) that sent a valid update
+        accepted, asked = (len(intake.accepted), len(intake.accepted) + intake.failed_tasks) if isinstance(
+            self.strategy, AsyncStrategy) else (len(set(intake.accepted) & set(sampled.tolist())), len(sampled))
+        if asked:
+            metrics["update_rate"] = accepted / asked
         if self.job.compression is not None and intake.uploads:  # float32 bytes of the vectors per byte received
             metrics["compression_ratio"] = 4 * self.spec.size * len(intake.uploads) / intake.bytes_up
         if intake.residual_norms:
@@ -338,7 +345,7 @@ class Driver:
 
     def stop_reason(self, r: int) -> str | None:
         """Why round ``r`` must not run (``privacy.budget_stop``), or None; once stopped, stays so."""
-        self.stopped = self.stopped or privacy.budget_stop(self.job, self.ledger, self._device_epsilon, r)
+        self.stopped = self.stopped or privacy.budget_stop(self.job, self.ledger, self.device_epsilon, r)
         return self.stopped
 
     def evaluate(self) -> dict[str, float]:
@@ -372,26 +379,12 @@ class Driver:
                 raise
             finally:
                 self.tracker.finish(end_status, self.job.tracking.wait_s)
-        last = self.history[-1].metrics if self.history else {}
-        return {
-            "run_id": self.tracker.run_id,
-            "tracking_uri": self.tracker.uri,
-            "unlogged": self.tracker.backlog,  # records left in the journal, for ``fedray replay``
-            "journal": str(self.tracker.directory),
-            "rounds": len(self.history),
-            "completed_rounds": sum(h.completed for h in self.history),
-            "test_accuracy": last.get("test_accuracy"),
-            "test_loss": last.get("test_loss"),
-            "failures": sum(h.metrics["failures"] for h in self.history),
-        } | ({} if self.ledger is None else {"epsilon": self.ledger.epsilon()}) | (
-            {"device_epsilon_max": max(e for e, _ in self._device_epsilon.values())} if self._device_epsilon else {}) | (
-            {"stopped": self.stopped} if self.stopped else {}) | ({"resumed": self.restored} if self.restored else {}) | {key: sum(h.metrics.get(key, 0) for h in self.history)
-             for key in ("bytes_up", "bytes_down", "bytes_sent", "bytes_edge_cloud", "sim_comm_seconds") if any(key in h.metrics for h in self.history)}
+        return outputs.summary(self)
 
     def privacy_report(self) -> dict:
         """What the run's privacy rests on and what it spent, by each accountant."""
         if self.ledger is None:
-            return privacy.sample_report(self.job, self._train_sizes, self._device_epsilon) | {
+            return privacy.sample_report(self.job, self._train_sizes, self.device_epsilon) | {
                 "rounds": len(self.history), "stopped": self.stopped}
         return privacy.client_report(self.job, self.ledger, self.clip) | {"stopped": self.stopped}
 

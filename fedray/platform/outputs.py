@@ -36,6 +36,8 @@ def log_end(driver: Driver, status: str) -> None:
         tracker.log_text(json.dumps(driver.peers.scores, indent=1), "agents.json")
     if driver.personal_scores:
         tracker.log_text(json.dumps(driver.personal_scores, indent=1), "personalization.json")
+    if driver.peers is None:
+        tracker.log_text(json.dumps(participation(driver), indent=1), "participation.json")
     plots.log_history(tracker, driver.history, job.privacy is not None)
     if driver.stopped:
         tracker.set_tag("fedray.stopped", driver.stopped)
@@ -46,6 +48,44 @@ def log_end(driver: Driver, status: str) -> None:
         log_model(driver)
     if status == "FINISHED" and job.personalization is not None and job.personalization.export:
         export_personal(driver, job.personalization.export)
+
+
+def summary(driver: Driver) -> dict:
+    """What ``Driver.finish`` returns: the run, its rounds, its last accuracy, what it spent and sent."""
+    history, tracker = driver.history, driver.tracker
+    last = history[-1].metrics if history else {}
+    out = {"run_id": tracker.run_id, "tracking_uri": tracker.uri,
+           "unlogged": tracker.backlog,  # records left in the journal, for ``fedray replay``
+           "journal": str(tracker.directory), "rounds": len(history),
+           "completed_rounds": sum(h.completed for h in history),
+           "test_accuracy": last.get("test_accuracy"), "test_loss": last.get("test_loss"),
+           "failures": sum(h.metrics["failures"] for h in history)}
+    if driver.ledger is not None:
+        out["epsilon"] = driver.ledger.epsilon()
+    if driver.device_epsilon:
+        out["device_epsilon_max"] = max(e for e, _ in driver.device_epsilon.values())
+    out |= {key: value for key, value in (("stopped", driver.stopped), ("resumed", driver.restored)) if value}
+    return out | {key: sum(h.metrics.get(key, 0) for h in history) for key in
+                  ("bytes_up", "bytes_down", "bytes_sent", "bytes_edge_cloud", "sim_comm_seconds")
+                  if any(key in h.metrics for h in history)}
+
+
+def participation(driver: Driver) -> dict:
+    """How often devices answered: the per-round update rate's mean and minimum and, unless who
+    took part must stay secret (client-level DP), per device the updates accepted from it and
+    its failures."""
+    rates = [h.metrics["update_rate"] for h in driver.history if "update_rate" in h.metrics]
+    out = {"rounds": len(driver.history), "update_rate_mean": sum(rates) / len(rates) if rates else None,
+           "update_rate_min": min(rates, default=None)}
+    if driver.ledger is not None:
+        return out
+    devices: dict[int, dict[str, int]] = {}
+    for h in driver.history:
+        for d in h.updates:
+            devices.setdefault(d, {"updates": 0, "failures": 0})["updates"] += 1
+        for d in h.failures:
+            devices.setdefault(d, {"updates": 0, "failures": 0})["failures"] += 1
+    return out | {"devices": {str(d): devices[d] for d in sorted(devices)}}
 
 
 def latest(driver: Driver) -> dict[str, float]:
