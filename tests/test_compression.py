@@ -65,13 +65,22 @@ def test_sign_sends_the_mean_magnitude_with_each_sign():
 
 def test_topk_keeps_the_largest_coordinates_exactly_and_sends_their_positions():
     x = vector()
-    c = chain({"kind": "topk", "fraction": 0.05})
+    c = chain({"kind": "topk", "fraction": 0.05, "per_layer": False})
     k = c.kept(1)
     assert k == 385  # 5% of 7690, rounded half up
     decoded = roundtrip(c, x)
     kept = np.argsort(-np.abs(x))[:k]
     np.testing.assert_array_equal(decoded[kept], x[kept])
     assert np.count_nonzero(decoded) == k
+    x[:160] *= 1e-3  # the first layer's update is small: chosen per layer, it still sends its 5%
+    decoded, offset = roundtrip(chain({"kind": "topk", "fraction": 0.05}), x), 0
+    for shape in SHAPES:
+        n = int(np.prod(shape))
+        block, sent = x[offset:offset + n], decoded[offset:offset + n]
+        kept = np.argsort(-np.abs(block))[:max(1, int(np.floor(0.05 * n + 0.5)))]
+        np.testing.assert_array_equal(sent[kept], block[kept])
+        assert np.count_nonzero(sent) == len(kept)
+        offset += n
     # positions go as varint gaps: fewer bytes than 4 per position
     assert len(c.encode(x, 1, 0, np.random.default_rng(0))) < 5 + 4 + 4 * k + 2 * k
 
@@ -121,7 +130,7 @@ def test_entropy_coding_is_lossless_and_only_kept_when_smaller():
 
 
 def test_warm_up_ramps_the_kept_fraction_down_to_its_target():
-    c = chain({"kind": "topk", "fraction": 0.01}, warmup_rounds=4)
+    c = chain({"kind": "topk", "fraction": 0.01, "per_layer": False}, warmup_rounds=4)
     kept = [c.kept(r) for r in range(1, 7)]
     assert kept == sorted(kept, reverse=True) and kept[0] > 0.3 * SIZE
     assert kept[3:] == [round(0.01 * SIZE)] * 3

@@ -54,12 +54,18 @@ class Chain:
         return sum(math.prod(s) for s in self.shapes)
 
     def kept(self, round: int) -> int:
-        """How many coordinates top-k or random-k keep in ``round`` (1-based): their fraction,
+        """How many coordinates top-k or random-k keep in ``round`` (1-based)."""
+        return sum(self._blocks(round)[1])
+
+    def _blocks(self, round: int) -> tuple[list[int], list[int]]:
+        """Where the blocks top-k or random-k choose in start (top-k per layer: each parameter;
+        else the whole vector), and how many coordinates each keeps in ``round``: their fraction,
         or during the warm-up ``fraction^(round / warmup_rounds)``."""
         fraction = self.sparsify.fraction
         if round < self.warmup_rounds:
             fraction = fraction ** (round / self.warmup_rounds)
-        return max(1, min(self.size, round_half_up(fraction * self.size)))
+        sizes = [math.prod(s) for s in self.shapes] if getattr(self.sparsify, "per_layer", False) else [self.size]
+        return [0, *np.cumsum(sizes)[:-1].tolist()], [max(1, min(n, round_half_up(fraction * n))) for n in sizes]
 
     # the chain
 
@@ -141,10 +147,11 @@ class Chain:
             return b"", x
         if stage.kind == "lowrank":
             return b"", _factorize(x, self.shapes, stage.rank, np.random.default_rng([self.seed, round, device, 12]))
-        k = self.kept(round)
         if stage.kind == "randk":
-            return b"", x[self._coordinates(round, device, k)]
-        index = np.sort(np.argpartition(np.abs(x), len(x) - k)[len(x) - k:]) if k < len(x) else np.arange(len(x))
+            return b"", x[self._coordinates(round, device, self.kept(round))]
+        starts, kept = self._blocks(round)
+        index = np.concatenate([start + _largest(x[start:end], k) for start, end, k
+                                in zip(starts, [*starts[1:], len(x)], kept)])
         return varint(np.diff(index, prepend=0)), x[index]
 
     def _unsparsify(self, positions: bytes, values: np.ndarray, round: int, device: int) -> np.ndarray:
@@ -203,6 +210,11 @@ class Chain:
         levels = unpack_bits(data[_RANGE.size:], stage.bits, count)
         step = (hi - lo) / (2 ** stage.bits - 1)
         return (lo + levels * np.float64(step)).astype(np.float32)
+
+
+def _largest(x: np.ndarray, k: int) -> np.ndarray:
+    """The sorted positions of the ``k`` entries of ``x`` largest in magnitude."""
+    return np.sort(np.argpartition(np.abs(x), len(x) - k)[len(x) - k:]) if k < len(x) else np.arange(len(x))
 
 
 def round_half_up(value: float) -> int:
