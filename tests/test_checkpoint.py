@@ -144,10 +144,13 @@ def test_a_killed_driver_resumes_bit_identical(tmp_path, tracking_uri, strategy,
     """The driver process dies (SIGKILL) after round 2; resuming from its checkpoint gives the same
     final parameters as an uninterrupted run: SCAFFOLD's device control variates (in deployment
     mode read from and handed back to the devices) and server control, the sampler and the round
-    log all come back."""
+    log all come back. The fedavg run compresses its updates (top-k, 4 bits): the devices'
+    error-feedback residuals come back with their records."""
     from fedray.platform.run import RunError, run_job
 
-    raw, _ = write_job(tmp_path, strategy={"name": strategy}, devices__per_round=3)
+    compression = {"uplink": [{"kind": "topk", "fraction": 0.1}, {"kind": "quantize", "bits": 4}]}
+    raw, _ = write_job(tmp_path, strategy={"name": strategy}, devices__per_round=3,
+                       **({"compression": compression} if strategy == "fedavg" else {}))
     if mode == "deployment":
         raw["devices"] = {k: v for k, v in raw["devices"].items() if k != "workers"} | {"mode": mode}
     job = parse_job(raw)
@@ -164,10 +167,10 @@ def test_a_killed_driver_resumes_bit_identical(tmp_path, tracking_uri, strategy,
     assert client.get_run(run).info.status == "FINISHED"
     for key in COMPARED:
         assert last_per_step(client, run, key) == history(client, whole["run_id"], key), key
-    if strategy == "scaffold":
-        state, changes = CheckpointStore(location).load()
-        records = {d: r for change in changes for d, r in change["records"].items()}
-        assert len(records) == 6 and all(r["control"].shape == state["server"]["params"].shape for r in records.values())
+    state, changes = CheckpointStore(location).load()
+    records = {d: r for change in changes for d, r in change["records"].items()}
+    kept = "control" if strategy == "scaffold" else "residual"
+    assert len(records) == 6 and all(r[kept].shape == state["server"]["params"].shape for r in records.values())
 
 
 def killed_and_checkpointed(tmp_path, tracking_uri, raw, after: int, once_written: str | None = None

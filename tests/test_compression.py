@@ -65,7 +65,7 @@ def test_sign_sends_the_mean_magnitude_with_each_sign():
 
 def test_topk_keeps_the_largest_coordinates_exactly_and_sends_their_positions():
     x = vector()
-    c = chain({"kind": "topk", "fraction": 0.05, "per_layer": False})
+    c = chain({"kind": "topk", "fraction": 0.05})
     k = c.kept(1)
     assert k == 385  # 5% of 7690, rounded half up
     decoded = roundtrip(c, x)
@@ -73,7 +73,7 @@ def test_topk_keeps_the_largest_coordinates_exactly_and_sends_their_positions():
     np.testing.assert_array_equal(decoded[kept], x[kept])
     assert np.count_nonzero(decoded) == k
     x[:160] *= 1e-3  # the first layer's update is small: chosen per layer, it still sends its 5%
-    decoded, offset = roundtrip(chain({"kind": "topk", "fraction": 0.05}), x), 0
+    decoded, offset = roundtrip(chain({"kind": "topk", "fraction": 0.05, "per_layer": True}), x), 0
     for shape in SHAPES:
         n = int(np.prod(shape))
         block, sent = x[offset:offset + n], decoded[offset:offset + n]
@@ -130,7 +130,7 @@ def test_entropy_coding_is_lossless_and_only_kept_when_smaller():
 
 
 def test_warm_up_ramps_the_kept_fraction_down_to_its_target():
-    c = chain({"kind": "topk", "fraction": 0.01, "per_layer": False}, warmup_rounds=4)
+    c = chain({"kind": "topk", "fraction": 0.01}, warmup_rounds=4)
     kept = [c.kept(r) for r in range(1, 7)]
     assert kept == sorted(kept, reverse=True) and kept[0] > 0.3 * SIZE
     assert kept[3:] == [round(0.01 * SIZE)] * 3
@@ -298,3 +298,30 @@ def test_compressed_rounds_survive_worker_replacement_with_the_residuals_in_the_
     client = MlflowClient(summary["tracking_uri"])
     ratios = history(client, summary["run_id"], "compression_ratio")
     assert len(ratios) == 3 and all(r > 5 for r in ratios)  # 650 values: the header weighs
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_edges_decode_compressed_arrivals_of_an_asynchronous_run(tracking_uri):
+    """FedBuff through two edges with compressed updates: each edge decodes and folds its devices'
+    arrivals; every server step completes, and the run's participation is recorded per device."""
+    import json
+
+    from mlflow.artifacts import download_artifacts
+
+    from fedray.platform.run import run_job
+
+    raw = small_job(rounds=4, topology={"edges": 2}, strategy={"name": "fedbuff", "concurrency": 4, "buffer_size": 2},
+                    compression={"uplink": [{"kind": "randk", "fraction": 0.2}, {"kind": "quantize", "bits": 8},
+                                            {"kind": "entropy"}]})
+    job = parse_job(raw)
+    log = []
+    summary = run_job(job, job.model_dump_json(), tracking_uri, on_round=log.append)
+    assert summary["completed_rounds"] == 4 and summary["failures"] == 0
+    for step in log:
+        assert step.metrics["compression_ratio"] > 3 and step.metrics["update_rate"] == 1.0
+        assert sum(v for k, v in step.metrics.items() if k.startswith("participants_edge_")) == 2
+    local = download_artifacts(f"runs:/{summary['run_id']}/participation.json", tracking_uri=tracking_uri)
+    participation = json.loads(open(local).read())
+    assert participation["update_rate_min"] == 1.0
+    assert sum(d["updates"] for d in participation["devices"].values()) == sum(len(s.updates) for s in log) >= 8
+    assert all(d["failures"] == 0 for d in participation["devices"].values())

@@ -14,13 +14,13 @@ Share = Annotated[float, Field(gt=0, le=1)]
 
 
 class TopK(Section):
-    """Send the ``fraction`` of coordinates largest in magnitude, with their positions: of each
-    parameter (``per_layer``), or of the whole vector."""
+    """Send the ``fraction`` of coordinates largest in magnitude, with their positions: of the
+    whole vector, or of each parameter (``per_layer``)."""
 
     kind: Literal["topk"]
     fraction: Share = 0.01
-    per_layer: bool = Field(True, description="choose within each parameter, so that layers whose updates are "
-                                              "small in magnitude still send their share")
+    per_layer: bool = Field(False, description="choose within each parameter, so that layers whose updates are "
+                                               "small in magnitude still send their share")
 
 
 class RandK(Section):

@@ -149,7 +149,7 @@ class Driver:
         waiting = f"{self.tracker.backlog} records wait for MLflow: {self.tracker.trouble}" if self.tracker.trouble else ""
         result = RoundResult(r, completed, metrics, failures, dict(sorted(evaluation_failures.items())), intake.flagged,
                              dict(sorted(intake.edge_failures.items())), waiting,
-                             [] if self.ledger is not None else sorted(set(intake.accepted)))
+                             [] if self.ledger is not None else sorted(intake.accepted))
         self.history.append(result)
         if self.checkpoints and (r % self.job.checkpoint.every == 0 or r == self.job.rounds):
             self.checkpoints.save_later(*snapshot.take(self))  # written while the next round trains
