@@ -9,7 +9,8 @@ per round, the small CNN), with 5 local epochs (``--set``): as shipped, one epoc
 the bytes actually sent (``sim_comm_seconds``). Printed per chain:
 
 - up ratio: float32 bytes of an uncompressed update over the bytes sent (the serialized payload,
-  header included), as the run's ``bytes_up`` counts them;
+  header included), as the run's ``bytes_up`` counts them; "down" chains also compress the
+  broadcast (``compression.downlink``);
 - final accuracy: the held-out accuracy averaged over the last 5 rounds (one round's value swings
   by a point or more on non-IID data), and its difference from float32's;
 - rounds to target and simulated communication time to target, against float32's; the target is
@@ -38,6 +39,7 @@ CHAINS = {
     "q8 + entropy": "[{kind: quantize, bits: 8}, {kind: entropy}]",
     "q4 + entropy": f"[{Q4}]",
     "q2 + entropy": "[{kind: quantize, bits: 2}, {kind: entropy}]",
+    "q2 + entropy, q4 down": "[{kind: quantize, bits: 2}, {kind: entropy}]",
     "q1 + entropy": "[{kind: quantize, bits: 1}, {kind: entropy}]",
     "sign + entropy": "[{kind: sign}, {kind: entropy}]",
     "lowrank r2 + q8": "[{kind: lowrank, rank: 2}, {kind: quantize, bits: 8}, {kind: entropy}]",
@@ -50,7 +52,8 @@ CHAINS = {
     "topk 1% + q4, no EF": f"[{TOP1}, {Q4}]",
     "topk 1% + q4, DGC warm-up": f"[{TOP1}, {Q4}]",
 }
-EXTRA = {"topk 1% + q4, no EF": ["compression.error_feedback=false"],
+EXTRA = {"q2 + entropy, q4 down": ["compression.downlink=[{kind: quantize, bits: 4}, {kind: entropy}]"],
+         "topk 1% + q4, no EF": ["compression.error_feedback=false"],
          "topk 1% + q4, DGC warm-up": ["compression.warmup_rounds=5"]}
 
 
@@ -100,11 +103,12 @@ def main() -> None:
     print(f"\nMNIST non-IID (100 devices, Dirichlet 0.5, 10 per round), {args.rounds} rounds; uplink 1 Mbit/s, "
           f"downlink 10 Mbit/s; target accuracy {target:.4f} (float32's final less 2 points)"
           + (f"; with {' '.join(args.set)}" if args.set else ""))
-    print(f"{'chain':28s} {'bytes/update':>12s} {'up ratio':>9s} {'final acc':>9s} {'vs f32':>7s} "
+    print(f"{'chain':28s} {'bytes/update':>12s} {'up ratio':>9s} {'KB down':>8s} {'final acc':>9s} {'vs f32':>7s} "
           f"{'rounds':>6s} {'comm s':>8s} {'time ratio':>10s}")
     for name, metrics in results.items():
         rounds, seconds = to_target(metrics, target)
-        print(f"{name:28s} {per_update(metrics):12.0f} {per_update(base) / per_update(metrics):9.1f} "
+        down = sum(m["bytes_down"] for m in metrics) / 1e3
+        print(f"{name:28s} {per_update(metrics):12.0f} {per_update(base) / per_update(metrics):9.1f} {down:8.0f} "
               f"{final(metrics):9.4f} {100 * (final(metrics) - final(base)):+6.2f}p {rounds or '-':>6} "
               f"{seconds:8.2f} {seconds / base_seconds:10.3f}")
     print(f"(float32 reaches the target in round {base_rounds}, after {base_seconds:.2f} s of communication)")

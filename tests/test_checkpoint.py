@@ -144,11 +144,13 @@ def test_a_killed_driver_resumes_bit_identical(tmp_path, tracking_uri, strategy,
     """The driver process dies (SIGKILL) after round 2; resuming from its checkpoint gives the same
     final parameters as an uninterrupted run: SCAFFOLD's device control variates (in deployment
     mode read from and handed back to the devices) and server control, the sampler and the round
-    log all come back. The fedavg run compresses its updates (top-k, 4 bits): the devices'
-    error-feedback residuals come back with their records."""
+    log all come back. The fedavg run compresses its updates (top-k, 4 bits) and its broadcasts (8
+    bits): the devices' error-feedback residuals come back with their records, the view devices
+    hold and what each has applied with the driver's state."""
     from fedray.platform.run import RunError, run_job
 
-    compression = {"uplink": [{"kind": "topk", "fraction": 0.1}, {"kind": "quantize", "bits": 4}]}
+    compression = {"uplink": [{"kind": "topk", "fraction": 0.1}, {"kind": "quantize", "bits": 4}],
+                   "downlink": [{"kind": "quantize", "bits": 8}]}
     raw, _ = write_job(tmp_path, strategy={"name": strategy}, devices__per_round=3,
                        **({"compression": compression} if strategy == "fedavg" else {}))
     if mode == "deployment":

@@ -224,11 +224,39 @@ def test_malformed_compressed_updates_are_rejected_naming_the_device():
     assert intake.failures[len(cases)] == f"rejected: device {len(cases)} sent a float32 delta; this run's updates are compressed"
 
 
+def test_the_downlink_sends_each_device_what_it_missed_and_keeps_the_error():
+    """Devices that missed rounds download every message since (or the whole view, when smaller)
+    and all hold the server's view; what the messages drop stays in model - view and is sent later."""
+    from fedray.platform.downlink import Downlink
+
+    c = chain({"kind": "topk", "fraction": 0.1}, {"kind": "quantize", "bits": 4})
+    model = vector()
+    downlink = Downlink(c, model, 4, seed=0)
+    errors, last = [], {d: 0 for d in range(4)}  # the messages each device has applied
+    for r, devices in enumerate([[0], [1], [0, 1], [2], [0]], 1):
+        model = model + 0.05 * vector(r)
+        view, downloads = downlink.send(model, np.array(devices))
+        errors.append(np.linalg.norm(model - view))
+        for d, got in zip(devices, downloads):
+            assert got == sum(downlink.sizes[last[d]:]) > 0  # the messages after the last it applied
+            last[d] = r
+    assert downlink.sizes[0] < SIZE  # a tenth of the values, 4 bits each, with positions
+    assert max(errors) < 3 * errors[0]  # the error is carried, not accumulated
+    eight_bits = Downlink(chain({"kind": "quantize", "bits": 8}), model, 2, seed=0)
+    for r in range(1, 6):
+        _, downloads = eight_bits.send(model + 0.05 * vector(r), np.array([0] if r < 5 else [0, 1]))
+    assert downloads == [eight_bits.sizes[-1], 4 * SIZE]  # device 1 missed 5 messages: the whole view is smaller
+
+
 @pytest.mark.parametrize("extra, message", [
     ({"compression": {"uplink": [{"kind": "quantize"}, {"kind": "topk"}]}}, "out of order"),
     ({"compression": {"uplink": [{"kind": "topk"}, {"kind": "randk"}]}}, "out of order or repeats"),
     ({"compression": {"uplink": [{"kind": "quantize", "bits": 3}]}}, "bits"),
-    ({"compression": {"uplink": []}}, "uplink"),
+    ({"compression": {"uplink": []}}, "needs uplink or downlink"),
+    ({"compression": {"downlink": [{"kind": "entropy"}, {"kind": "sign"}]}}, "downlink .* out of order"),
+    ({"compression": {"downlink": [{"kind": "quantize"}]}, "topology": {"edges": 2}}, "synchronous rounds without"),
+    ({"compression": {"downlink": [{"kind": "quantize"}]}, "privacy": {"level": "client", "clip": 1.0,
+      "noise_multiplier": 1.0}}, "who took part"),
     ({"compression": {"uplink": [{"kind": "sign"}], "warmup_rounds": 3}}, "neither"),
     ({"compression": {"uplink": [{"kind": "topk"}]}, "secure": {"scheme": "ckks"}}, "same coordinates"),
     ({"compression": {"uplink": [{"kind": "topk"}]}, "peers": {"graph": {"kind": "ring"}}, "devices__per_round": 6},
@@ -272,9 +300,10 @@ def test_a_device_clips_what_it_sends_under_client_level_dp_and_keeps_the_residu
 def test_compressed_rounds_survive_worker_replacement_with_the_residuals_in_the_records(local_driver):
     """Two runs from one seed, one with every worker killed and replaced after round 1, end with
     the same model bit for bit: the residuals live in the device records, not in the workers. The
-    metrics say how much smaller the updates were and how much error feedback holds."""
+    metrics say how much smaller the updates (and the 8-bit broadcasts) were and how much error
+    feedback holds."""
     raw = small_job(rounds=3, compression={"uplink": [{"kind": "topk", "fraction": 0.05}, {"kind": "quantize", "bits": 4},
-                                                     {"kind": "entropy"}]})
+                                                     {"kind": "entropy"}], "downlink": [{"kind": "quantize", "bits": 8}]})
     finals = []
     for replace in (False, True):
         driver = local_driver(raw)
@@ -291,6 +320,8 @@ def test_compressed_rounds_survive_worker_replacement_with_the_residuals_in_the_
         finals.append(driver.state.params.copy())
         metrics = results[-1].metrics
         assert metrics["compression_ratio"] > 5 and metrics["residual_norm_mean"] > 0
+        # round 1's 4 devices each download its 8-bit message, about a quarter of the float32 model
+        assert results[0].metrics["bytes_down"] == 4 * driver.downlink.sizes[0] < 0.3 * 4 * 4 * driver.spec.size
         summary = driver.finish("FINISHED")
         for actor in driver.pool.workers.actors:  # their CPUs, for the next run's workers
             ray.kill(actor)

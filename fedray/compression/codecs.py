@@ -41,11 +41,11 @@ class Chain:
     warmup_rounds: int = 0
 
     @classmethod
-    def of(cls, job, shapes) -> Chain:
-        """The uplink chain of ``job`` (its ``compression`` section) for parameters of ``shapes``."""
+    def of(cls, job, shapes, stages: list | None = None) -> Chain:
+        """The chain of ``stages`` (default the job's ``compression.uplink``) for parameters of ``shapes``."""
         from fedray.config.compression import ORDER
 
-        steps = {ORDER[s.kind]: s for s in job.compression.uplink}
+        steps = {ORDER[s.kind]: s for s in (job.compression.uplink if stages is None else stages)}
         return cls(tuple(tuple(s) for s in shapes), steps.get(0), steps.get(1), steps.get(2), job.seed,
                    job.compression.warmup_rounds)
 

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from fedray.config.base import PositiveInt, Section
+from fedray.config.strategy import ASYNC_STRATEGIES
 
 Share = Annotated[float, Field(gt=0, le=1)]
 
@@ -66,9 +67,11 @@ ORDER = {"topk": 0, "randk": 0, "lowrank": 0, "quantize": 1, "sign": 1, "entropy
 
 
 class CompressionSpec(Section):
-    uplink: list[Stage] = Field(min_length=1, description=(
+    uplink: list[Stage] = Field([], description=(
         "the codecs each update goes through, in order: at most one of topk, randk, lowrank; then at most one of "
         "quantize, sign; then optionally entropy"))
+    downlink: list[Stage] = Field([], description=(
+        "the codecs the broadcast model's change goes through (as uplink); the server keeps what they drop"))
     error_feedback: bool = Field(True, description=(
         "what a lossy codec drops is kept in the device's state record and added to its next update"))
     warmup_rounds: Annotated[int, Field(ge=0)] = Field(0, description=(
@@ -77,18 +80,17 @@ class CompressionSpec(Section):
 
     @model_validator(mode="after")
     def _check(self) -> CompressionSpec:
-        steps = [ORDER[s.kind] for s in self.uplink]
-        if steps != sorted(set(steps)):
-            kinds = [s.kind for s in self.uplink]
-            raise ValueError(f"compression.uplink {kinds} is out of order or repeats a step: give at most one of "
-                             "topk, randk, lowrank, then at most one of quantize, sign, then entropy")
-        if self.warmup_rounds and self.uplink[0].kind not in ("topk", "randk"):
-            raise ValueError("compression.warmup_rounds ramps the sparsity of topk or randk; the chain has neither")
+        if not self.uplink and not self.downlink:
+            raise ValueError("compression needs uplink or downlink codecs")
+        for name, chain in (("uplink", self.uplink), ("downlink", self.downlink)):
+            steps = [ORDER[s.kind] for s in chain]
+            if steps != sorted(set(steps)):
+                raise ValueError(f"compression.{name} {[s.kind for s in chain]} is out of order or repeats a step: "
+                                 "give at most one of topk, randk, lowrank, then at most one of quantize, sign, "
+                                 "then entropy")
+        if self.warmup_rounds and not any(c and c[0].kind in ("topk", "randk") for c in (self.uplink, self.downlink)):
+            raise ValueError("compression.warmup_rounds ramps the sparsity of topk or randk; the chains have neither")
         return self
-
-    @property
-    def lossy(self) -> bool:
-        return any(s.kind != "entropy" for s in self.uplink)
 
 
 def check(job) -> None:
@@ -100,6 +102,12 @@ def check(job) -> None:
     if job.secure is not None:
         raise ValueError(f"compression {kinds} with secure aggregation is not supported yet: a sum of ciphertexts "
                          "needs every device to send the same coordinates, which independent sparsification breaks")
+    if job.compression.downlink and (job.strategy.name in ASYNC_STRATEGIES or job.topology is not None):
+        raise ValueError("compression.downlink applies to synchronous rounds without a topology for now: "
+                         "asynchronous devices train from different versions, and edges would relay the messages")
+    if job.compression.downlink and job.privacy is not None and job.privacy.level == "client":
+        raise ValueError("compression.downlink with client-level DP is not supported: which messages each device "
+                         "has applied tells who took part in which round, which client-level DP keeps secret")
     if job.model.unfreeze:
         raise ValueError("compression codes the federated vector, which model.unfreeze grows during the run; "
                          "drop one of them")

@@ -17,6 +17,7 @@ from fedray.config import JobSpec
 from fedray.config.privacy import client_level, min_participants, sampling_rate
 from fedray.platform import edge, outputs, privacy, snapshot, strategies
 from fedray.platform.checkpoint import CheckpointStore
+from fedray.platform.downlink import Downlink
 from fedray.platform.evaluation import Evaluation
 from fedray.platform.flat import Flat
 from fedray.config.base import quorum
@@ -63,6 +64,8 @@ class Driver:
             self.spec = self.layout.shared  # the federated parameters
             self.strategy = strategies.for_job(job)
             self.state = self.strategy.init(self.spec.flatten(self.model))
+            self.downlink = job.compression and job.compression.downlink and Downlink(
+                Chain.of(job, self.spec.shapes, job.compression.downlink), self.state.params, job.devices.count, job.seed)
             self.checkpoints = (CheckpointStore(resume) if resume else
                                 job.checkpoint and CheckpointStore.of_run(job.checkpoint.path, self.tracker.run_id))
             if not resume:
@@ -71,7 +74,7 @@ class Driver:
             self.sealing = (Sealing(job, self.spec, self._train_sizes, self.strategy.weigh, self.tracker,
                                     self.checkpoints and self.checkpoints.location) if job.secure else None)
             size = self.spec.size if self.sealing is None else len(self.sealing.plan.plain)  # summed in plaintext
-            codec = job.compression and Chain.of(job, self.spec.shapes)  # decodes compressed updates
+            codec = job.compression and job.compression.uplink and Chain.of(job, self.spec.shapes)  # decodes updates
             self._check = {"size": size, "train_sizes": self._train_sizes, "expect_sealed": self.sealing is not None,
                            "expect_control": self.strategy.control_variates, "codec": codec}
             self.pool, self.edges = edge.start_tiers(job, ray.put((dataset.x, dataset.y)), dataset.num_classes,
@@ -215,10 +218,13 @@ class Driver:
         per_round = 1 if self.edges is None else self.job.topology.edge_rounds  # trainings (edge rounds)
         snapshot.charge_ahead(self, r, [(int(d), (r - 1) * per_round + k + 1) for d in sampled for k in range(per_round)])
         broadcast = [self.state.params] + ([self.state.buffers[0]] if self.strategy.control_variates else [])
+        down = sum(v.nbytes for v in broadcast)  # what a device downloads (compressed downlink: on average)
+        if self.downlink is not None:  # devices train from the view the compressed messages build
+            broadcast[0], downloads = self.downlink.send(self.state.params, sampled)
+            down += sum(downloads) / max(1, len(sampled)) - broadcast[0].nbytes
         refs = [ray.put(v) for v in broadcast]
         adaptive = self.ledger is not None and self.job.privacy.adaptive_clip is not None
         options = {"clip": self.clip} if adaptive else {}  # fit's keyword arguments
-        down = sum(v.nbytes for v in broadcast)
         partial, raw, metrics = self.tier.run_round(r, sampled, refs, options, down, intake)
         accepted = partial.count + len(raw)
         if self.ledger is None:

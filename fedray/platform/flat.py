@@ -29,7 +29,7 @@ class Flat:
     def run_round(self, r: int, sampled: np.ndarray, refs: list[ray.ObjectRef], options: dict[str, Any], down: int,
                   intake: Intake) -> tuple[Partial, list[Update], dict[str, float]]:
         """Train round ``r``'s ``sampled`` devices (``refs``: the broadcast objects, ``options``:
-        keyword arguments of ``fit``, ``down``: bytes a device downloads) and fold their updates:
+        keyword arguments of ``fit``, ``down``: bytes a device downloads, on average) and fold their updates:
         the Partial of a linear strategy, or the raw updates for a robust rule; and the round's
         metrics so far. Late updates of the last round join if they arrive."""
         pool, strategy = self._pool, self._strategy

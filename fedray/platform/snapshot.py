@@ -64,6 +64,7 @@ def take(driver: Driver) -> tuple[dict, Callable[[], dict]]:
         "staleness": [[t, n] for t, n in sorted(driver.staleness.items())],
         "dispatched": driver.dispatched,
         "stopped": driver.stopped,
+        "downlink": driver.downlink and driver.downlink.state(),
     }
     rounds = [asdict(h) for h in driver.history[driver.checkpointed:]]
     driver.checkpointed = len(driver.history)
@@ -139,6 +140,8 @@ def restore(driver: Driver, state: dict, changes: list[dict], charges: list[tupl
     driver.checkpointed = len(driver.history)
     driver.staleness = Counter({t: n for t, n in state["staleness"]})
     driver.dispatched, driver.stopped, driver.clip = state["dispatched"], state["stopped"], state["clip"]
+    if driver.downlink:
+        driver.downlink.restore(state["downlink"])
     records, spend = {}, {}
     for change in changes:
         records.update({int(d): DeviceState.from_dict(r) for d, r in change["records"].items()})
