@@ -94,7 +94,8 @@ def test_a_run_that_trains_nothing_fails_and_logs_no_model(tmp_path, tracking_ur
     client = MlflowClient(tracking_uri)
     run = client.get_run(result.output.split("MLflow run ")[1].split()[0])
     assert run.info.status == "FAILED" and run.data.tags["fedray.error"].startswith("no round completed")
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"job.yaml", "rounds.json", "accuracy_loss.png"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"job.yaml", "rounds.json", "accuracy_loss.png",
+                                                                        "participation.json"}
 
 
 def _listening_socket():

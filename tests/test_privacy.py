@@ -429,8 +429,8 @@ def test_device_spend_survives_a_killed_worker(tracking_uri):
 @pytest.mark.usefixtures("ray_session")
 def test_who_takes_part_is_secret_under_client_level_dp(tracking_uri, tmp_path):
     """Client level: the Poisson sample is not drawn from the logged seed (the run's round sizes are
-    not those the seed's generator draws), and the round log names no device, though one always
-    fails; nor does any device send its un-noised training loss."""
+    not those the seed's generator draws), and neither the round log nor the participation record
+    names a device, though one always fails; nor does any device send its un-noised training loss."""
     from test_run import poisoned_digits
 
     # 12 rounds: the poisoned device is sampled in none of them with odds 0.5^12 < 1e-3
@@ -443,7 +443,10 @@ def test_who_takes_part_is_secret_under_client_level_dp(tracking_uri, tmp_path):
                                      history(client, summary["run_id"], "failures"))]
     assert sampled != from_seed  # equal by chance: odds < 1e-3
     rounds = json.load(open(client.download_artifacts(summary["run_id"], "rounds.json", str(tmp_path))))
-    assert all(r["failures"] == {} for r in rounds) and sum(r["metrics"]["failures"] for r in rounds) > 0
+    assert all(r["failures"] == {} and r["updates"] == [] for r in rounds)
+    assert sum(r["metrics"]["failures"] for r in rounds) > 0
+    participation = json.load(open(client.download_artifacts(summary["run_id"], "participation.json", str(tmp_path))))
+    assert "devices" not in participation and participation["update_rate_min"] < 1 < 2 * participation["update_rate_mean"]
     assert "train_loss" not in client.get_run(summary["run_id"]).data.metrics
 
 
