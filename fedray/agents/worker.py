@@ -80,7 +80,7 @@ class DeviceWorker:
         self._sample_dp = sample_level(job)
         self._job = job
         self._sealer = None if sealing is None else Sealer(*sealing)
-        self._codec = job.compression and job.compression.uplink and Chain.of(job, self._spec.shapes)
+        self._codec = Chain.of(job, self._spec.shapes) if job.compression and job.compression.uplink else None
         if job.peers is not None:  # the agents' models, and the public reference set they distill on
             self._agents = peer.Architectures(job.peers.models or [job.model], x.shape[1:], num_classes, job.seed)
             self._reference = None if reference is None else torch.from_numpy(x[reference])

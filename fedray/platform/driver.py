@@ -64,8 +64,8 @@ class Driver:
             self.spec = self.layout.shared  # the federated parameters
             self.strategy = strategies.for_job(job)
             self.state = self.strategy.init(self.spec.flatten(self.model))
-            self.downlink = job.compression and job.compression.downlink and Downlink(
-                Chain.of(job, self.spec.shapes, job.compression.downlink), self.state.params, job.devices.count, job.seed)
+            self.downlink = Downlink(Chain.of(job, self.spec.shapes, job.compression.downlink), self.state.params,
+                                     job.devices.count, job.seed) if job.compression and job.compression.downlink else None
             self.checkpoints = (CheckpointStore(resume) if resume else
                                 job.checkpoint and CheckpointStore.of_run(job.checkpoint.path, self.tracker.run_id))
             if not resume:
@@ -74,7 +74,7 @@ class Driver:
             self.sealing = (Sealing(job, self.spec, self._train_sizes, self.strategy.weigh, self.tracker,
                                     self.checkpoints and self.checkpoints.location) if job.secure else None)
             size = self.spec.size if self.sealing is None else len(self.sealing.plan.plain)  # summed in plaintext
-            codec = job.compression and job.compression.uplink and Chain.of(job, self.spec.shapes)  # decodes updates
+            codec = Chain.of(job, self.spec.shapes) if job.compression and job.compression.uplink else None
             self._check = {"size": size, "train_sizes": self._train_sizes, "expect_sealed": self.sealing is not None,
                            "expect_control": self.strategy.control_variates, "codec": codec}
             self.pool, self.edges = edge.start_tiers(job, ray.put((dataset.x, dataset.y)), dataset.num_classes,

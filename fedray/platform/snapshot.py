@@ -64,7 +64,7 @@ def take(driver: Driver) -> tuple[dict, Callable[[], dict]]:
         "staleness": [[t, n] for t, n in sorted(driver.staleness.items())],
         "dispatched": driver.dispatched,
         "stopped": driver.stopped,
-        "downlink": driver.downlink and driver.downlink.state(),
+        "downlink": None if driver.downlink is None else driver.downlink.state(),
     }
     rounds = [asdict(h) for h in driver.history[driver.checkpointed:]]
     driver.checkpointed = len(driver.history)
@@ -140,7 +140,7 @@ def restore(driver: Driver, state: dict, changes: list[dict], charges: list[tupl
     driver.checkpointed = len(driver.history)
     driver.staleness = Counter({t: n for t, n in state["staleness"]})
     driver.dispatched, driver.stopped, driver.clip = state["dispatched"], state["stopped"], state["clip"]
-    if driver.downlink:
+    if driver.downlink is not None:
         driver.downlink.restore(state["downlink"])
     records, spend = {}, {}
     for change in changes:
