@@ -1,6 +1,6 @@
 """Update compression, side by side, on the MNIST non-IID job (jobs/mnist_noniid.yaml).
 
-    .venv/bin/python benchmarks/compression.py [--rounds 50] [--only NAME ...]
+    .venv/bin/python benchmarks/compression.py [--rounds 50] [--only NAME ...] [--secure]
 
 Every codec chain trains the same job from the same seed (100 devices, Dirichlet(0.5) labels, 10
 per round, the small CNN), with 5 local epochs (``--set``): as shipped, one epoch of a device's
@@ -15,6 +15,10 @@ the bytes actually sent (``sim_comm_seconds``). Printed per chain:
   by a point or more on non-IID data), and its difference from float32's;
 - rounds to target and simulated communication time to target, against float32's; the target is
   float32's final accuracy less 2 points, which every useful chain should reach.
+
+``--secure`` runs the same job under CKKS (``secure: {scheme: ckks, preset: balanced}``) with the
+codecs that work inside encryption, against CKKS alone: shared random-k encrypts fewer values,
+quantize packs more values into each slot (over ``+-secure.range``, which a chain may set).
 """
 
 from __future__ import annotations
@@ -52,15 +56,29 @@ CHAINS = {
     "topk 1% + q4, no EF": f"[{TOP1}, {Q4}]",
     "topk 1% + q4, DGC warm-up": f"[{TOP1}, {Q4}]",
 }
+CKKS = "secure={scheme: ckks, preset: balanced, min_clients: 5}"
+RANDK = "{kind: randk, fraction: 0.5, shared: true}"
+SECURE_CHAINS = {
+    "ckks": None,
+    "ckks q8": "[{kind: quantize, bits: 8}]",
+    "ckks q8, range 0.25": "[{kind: quantize, bits: 8}]",
+    "ckks q4, range 0.25": "[{kind: quantize, bits: 4}]",
+    "ckks randk 50%": f"[{RANDK}]",
+    "ckks randk 50% + q8, range 0.25": f"[{RANDK}, {{kind: quantize, bits: 8}}]",
+}
 EXTRA = {"q2 + entropy, q4 down": ["compression.downlink=[{kind: quantize, bits: 4}, {kind: entropy}]"],
          "topk 1% + q4, no EF": ["compression.error_feedback=false"],
-         "topk 1% + q4, DGC warm-up": ["compression.warmup_rounds=5"]}
+         "topk 1% + q4, DGC warm-up": ["compression.warmup_rounds=5"],
+         **{name: ["secure.range=0.25"] for name in SECURE_CHAINS if name.endswith("range 0.25")}}
 
 
 def run(name: str, rounds: int, uri: str, extra: list[str]) -> list:
     overrides = [*extra, f"rounds={rounds}", "tracking.experiment=bench-compression", "tracking.log_model=false", NETWORK]
-    if CHAINS[name] is not None:
-        overrides.append(f"compression={{uplink: {CHAINS[name]}}}")
+    chain = CHAINS.get(name) or SECURE_CHAINS.get(name)
+    if name in SECURE_CHAINS:
+        overrides.append(CKKS)
+    if chain is not None:
+        overrides.append(f"compression={{uplink: {chain}}}")
     job = load_job(ROOT / "jobs" / "mnist_noniid.yaml", overrides + EXTRA.get(name, []))
     log = []
     run_job(job, job.model_dump_json(), uri, on_round=log.append)
@@ -70,11 +88,14 @@ def run(name: str, rounds: int, uri: str, extra: list[str]) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=50)
-    parser.add_argument("--only", nargs="*", default=[], help="chains to run (float32 always runs)")
+    parser.add_argument("--only", nargs="*", default=[], help="chains to run (float32, or ckks, always runs)")
+    parser.add_argument("--secure", action="store_true", help="the CKKS chains, against CKKS alone")
     parser.add_argument("--set", nargs="*", default=["devices.local.epochs=5"],
                         help="overrides of the job for every chain, as fedray run's [default: devices.local.epochs=5]")
     args = parser.parse_args()
-    names = ["float32"] + [n for n in CHAINS if n != "float32" and (not args.only or n in args.only)]
+    chains = SECURE_CHAINS if args.secure else CHAINS
+    first, *rest = chains
+    names = [first] + [n for n in rest if not args.only or n in args.only]
     connect()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,21 +118,22 @@ def main() -> None:
                 return r, seconds
         return None, float("nan")
 
-    base = results["float32"]
+    base = results[first]
     target = final(base) - 0.02
     base_rounds, base_seconds = to_target(base, target)
     print(f"\nMNIST non-IID (100 devices, Dirichlet 0.5, 10 per round), {args.rounds} rounds; uplink 1 Mbit/s, "
-          f"downlink 10 Mbit/s; target accuracy {target:.4f} (float32's final less 2 points)"
+          f"downlink 10 Mbit/s; target accuracy {target:.4f} ({first}'s final less 2 points)"
           + (f"; with {' '.join(args.set)}" if args.set else ""))
-    print(f"{'chain':28s} {'bytes/update':>12s} {'up ratio':>9s} {'KB down':>8s} {'final acc':>9s} {'vs f32':>7s} "
-          f"{'rounds':>6s} {'comm s':>8s} {'time ratio':>10s}")
+    print(f"{'chain':32s} {'bytes/update':>12s} {'up ratio':>9s} {'KB down':>8s} {'final acc':>9s} {'vs base':>7s} "
+          f"{'rounds':>6s} {'comm s':>8s} {'time ratio':>10s}" + (" clipped" if args.secure else ""))
     for name, metrics in results.items():
         rounds, seconds = to_target(metrics, target)
         down = sum(m["bytes_down"] for m in metrics) / 1e3
-        print(f"{name:28s} {per_update(metrics):12.0f} {per_update(base) / per_update(metrics):9.1f} {down:8.0f} "
+        print(f"{name:32s} {per_update(metrics):12.0f} {per_update(base) / per_update(metrics):9.1f} {down:8.0f} "
               f"{final(metrics):9.4f} {100 * (final(metrics) - final(base)):+6.2f}p {rounds or '-':>6} "
-              f"{seconds:8.2f} {seconds / base_seconds:10.3f}")
-    print(f"(float32 reaches the target in round {base_rounds}, after {base_seconds:.2f} s of communication)")
+              f"{seconds:8.2f} {seconds / base_seconds:10.3f}"
+              + (f" {sum(m.get('clipped_fraction', 0) for m in metrics) / len(metrics):7.4f}" if args.secure else ""))
+    print(f"({first} reaches the target in round {base_rounds}, after {base_seconds:.2f} s of communication)")
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ def seal_all(sealer, deltas, round=1, devices=None):
     total = CipherSum(sealer.public, sealer.plan.layout.chunks)
     rng = np.random.default_rng(round)
     for d, delta in zip(devices or range(len(deltas)), deltas):
-        _, blob = sealer.seal(d, round, delta, 1.0, 1.0, (0.5, 1.0), rng)
+        _, blob, _ = sealer.seal(d, round, delta, 1.0, 1.0, (0.5, 1.0), rng)
         total.add(blob, d, round)
     return total
 
@@ -180,7 +180,7 @@ def test_a_partial_with_an_encrypted_sum_crosses_the_wire(authority):
     partial = Partial.zeros(0, loader)
     rng = np.random.default_rng(0)
     for d in range(3):
-        plain, blob = sealer.seal(d, 21, rng.normal(0, 0.1, 310).astype(np.float32), 1.0, 1.0, (0.0, 0.0), rng)
+        plain, blob, _ = sealer.seal(d, 21, rng.normal(0, 0.1, 310).astype(np.float32), 1.0, 1.0, (0.0, 0.0), rng)
         partial.fold(Update(d, 21, 10, 1, 0.0, plain, sealed=blob), 10.0)
     received = Partial.from_bytes(partial.to_bytes(), 0, loader.load)
     assert received.count == 3 and received.weight == 30 and [c[:2] for c in received.sealed.contributions] == [(0, 21), (1, 21), (2, 21)]
@@ -416,7 +416,7 @@ def test_the_threat_model_holds_through_the_real_actors(tracking_uri):
         np.flatnonzero(self.pool.group_of == self.pool.group_of[0]).tolist(), self.state.params)))
     assert not ray.get(driver.__ray_call__.remote(lambda self: self.sealing.sums.public.context.is_private()))
     assert not ray.get(edge.__ray_call__.remote(lambda self: self._sums.public.context.is_private()))
-    assert not ray.get(worker.__ray_call__.remote(lambda self: self._sealer.public.context.is_private()))
+    assert not ray.get(worker.__ray_call__.remote(lambda self: self._outbox._sealer.public.context.is_private()))
     offered = {m for m in authority._ray_method_signatures if not m.startswith("__")}
     assert offered == {"public_context", "spawn", "decrypt"} and not hasattr(authority, "enroll")
     assert len(hosted) >= 3 and plan.min_clients == 3

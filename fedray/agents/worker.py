@@ -18,18 +18,17 @@ import torch
 
 from fedray.agents import peer, privacy
 from fedray.agents.attacks import corrupt, flip_labels
+from fedray.agents.outbox import Outbox
 from fedray.agents.heterogeneity import round_steps, slowdowns, training_seconds
 from fedray.agents.state import DeviceState
 from fedray.agents.training import (LocalTraining, SampleDP, device_generator, effective_steps, evaluate,
                                    make_optimizer, train)
-from fedray.compression.codecs import Chain
 from fedray.config import JobSpec
 from fedray.config.privacy import (client_level, count_noise, delta_noise_multiplier, min_participants, sample_level,
                                    share_std)
-from fedray.config.secure import value_range
 from fedray.data.devices import Generated, Shards
 from fedray.platform import strategies
-from fedray.secure.plan import SecurePlan, Sealer
+from fedray.secure.plan import SecurePlan
 from fedray.transfer.layout import job_model, lay_out
 from fedray.transfer.personal import Personal
 from fedray.update import Update
@@ -79,8 +78,7 @@ class DeviceWorker:
             self._shares = shares
         self._sample_dp = sample_level(job)
         self._job = job
-        self._sealer = None if sealing is None else Sealer(*sealing)
-        self._codec = Chain.of(job, self._spec.shapes) if job.compression and job.compression.uplink else None
+        self._outbox = Outbox(job, self._strategy, self._spec.shapes, sealing)
         if job.peers is not None:  # the agents' models, and the public reference set they distill on
             self._agents = peer.Architectures(job.peers.models or [job.model], x.shape[1:], num_classes, job.seed)
             self._reference = None if reference is None else torch.from_numpy(x[reference])
@@ -135,14 +133,10 @@ class DeviceWorker:
             delta = privacy.privatize(delta, bound, share)
         if self._job.privacy is not None:
             loss = 0.0  # an un-noised statistic of the device's data: under DP it stays on the device
-        residual_norm = None
-        if self._codec is not None:
-            delta, state, residual_norm = self._compress(device, round, delta, state, self._dp and (clip or self._dp.clip))
-        sealed = None
-        if self._sealer is not None:  # the encrypted part carries the loss and the indicator too
-            delta, sealed, loss, indicator = self._seal(device, round, len(x), steps, delta, loss, indicator, clip)
-        payload = Update(device, round, len(x), steps, loss, delta, control, *epsilons,
-                         below_clip=indicator, sealed=sealed, residual_norm=residual_norm).to_bytes()
+        sent, state = self._outbox.send(device, round, len(x), steps, delta, loss, indicator, state, clip,
+                                        self._dp and (clip or self._dp.clip))
+        payload = Update(device, round, len(x), steps, sent.loss, sent.delta, control, *epsilons,
+                         below_clip=sent.below_clip, sealed=sent.sealed, residual_norm=sent.residual_norm).to_bytes()
         if self._speed is not None:
             seconds = training_seconds(self._speed, self._slowdown[device], steps, time.perf_counter() - started)
             await asyncio.sleep(sent_at + seconds - time.time())
@@ -271,34 +265,6 @@ class DeviceWorker:
         computed where agent ``host`` (the aggregator of the round) trains."""
         values = await self._fetch(inputs)
         return peer.mix(values[0], weights[0], values[1:], weights[1:])
-
-    def _seal(self, device: int, round: int, samples: int, steps: int, delta: np.ndarray, loss: float,
-              indicator: float | None, clip: float | None) -> tuple[np.ndarray, bytes, float, None]:
-        """Encrypt the chosen coordinates of ``delta``, pre-weighted as the strategy weighs the
-        update, with the loss (weighted by its samples) and the adaptive-clip indicator; returns
-        the plaintext coordinates, the blob, and the loss and indicator the header now carries."""
-        plan = self._sealer.plan
-        weight, effective = self._strategy.weigh(samples, steps)
-        extras = (loss * samples / plan.sample_scale, indicator or 0.0)
-        private = self._job.privacy is not None  # rounding noised values: secret randomness, no clipped count
-        rng = np.random.default_rng() if private else np.random.default_rng([self._seed, round, device, 5])
-        plain, sealed = self._sealer.seal(device, round, delta, weight / effective / plan.weight_scale,
-                                          value_range(self._job, clip), extras, rng, count_clipped=not private)
-        return plain, sealed, 0.0, None
-
-    def _compress(self, device: int, round: int, delta: np.ndarray, state: DeviceState, bound: float | None
-                  ) -> tuple[np.ndarray, DeviceState, float | None]:
-        """``delta`` through the job's codecs, plus the residual in ``state`` (error feedback), the
-        decoded vector kept within ``bound`` (client-level DP's clip): the encoded bytes, the record
-        with its new residual, and the residual's norm to report (None under privacy: a statistic
-        of the device's data)."""
-        feedback = self._job.compression.error_feedback
-        residual = (np.zeros_like(delta) if state.residual is None else state.residual) if feedback else None
-        private = self._job.privacy is not None  # rounding what is sent under DP: secret randomness
-        rng = np.random.default_rng() if private else np.random.default_rng([self._seed, round, device, 13])
-        blob, _, residual = self._codec.compress(delta, residual, round, device, rng, bound)
-        norm = None if residual is None or private else float(np.linalg.norm(residual))
-        return np.frombuffer(blob, dtype=np.uint8), replace(state, residual=residual) if feedback else state, norm
 
     def _accountant(self, device: int, round: int, samples: int, spent: list | None) -> privacy.DeviceAccountant:
         """``device``'s accountant after this round's DP-SGD (its history is ``spent``, the record

@@ -49,6 +49,12 @@ class Chain:
         return cls(tuple(tuple(s) for s in shapes), steps.get(0), steps.get(1), steps.get(2), job.seed,
                    job.compression.warmup_rounds)
 
+    @classmethod
+    def uplink(cls, job, shapes) -> Chain | None:
+        """The chain devices' updates go through in the clear; None without uplink codecs, or under
+        encrypted aggregation, whose plan applies them inside the ciphertexts."""
+        return cls.of(job, shapes) if job.compression and job.compression.uplink and job.secure is None else None
+
     @property
     def size(self) -> int:
         return sum(math.prod(s) for s in self.shapes)

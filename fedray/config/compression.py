@@ -95,13 +95,11 @@ class CompressionSpec(Section):
 
 def check(job) -> None:
     """The compression section against the rest of the job; raises ValueError naming the field."""
-    kinds = [s.kind for s in job.compression.uplink]
     if job.peers is not None:
         raise ValueError("compression applies to updates sent to an aggregator; peers exchange models or "
                          "predictions with each other")
     if job.secure is not None:
-        raise ValueError(f"compression {kinds} with secure aggregation is not supported yet: a sum of ciphertexts "
-                         "needs every device to send the same coordinates, which independent sparsification breaks")
+        _check_secure(job, job.compression)
     if job.compression.downlink and (job.strategy.name in ASYNC_STRATEGIES or job.topology is not None):
         raise ValueError("compression.downlink applies to synchronous rounds without a topology for now: "
                          "asynchronous devices train from different versions, and edges would relay the messages")
@@ -111,3 +109,42 @@ def check(job) -> None:
     if job.model.unfreeze:
         raise ValueError("compression codes the federated vector, which model.unfreeze grows during the run; "
                          "drop one of them")
+
+
+# why each codec cannot run inside encrypted aggregation, where aggregators add ciphertexts
+NOT_ENCRYPTABLE = {
+    "topk": "each device would send its own coordinates, which reveals where its update is largest and "
+            "does not add up in a sum of ciphertexts (use randk with shared: true)",
+    "lowrank": "the sum of devices' low-rank factors is not a factorization of the sum of their updates",
+    "sign": "each device scales its signs by its own magnitude, which a sum of ciphertexts cannot apply",
+    "entropy": "ciphertexts look random and do not compress",
+}
+
+
+def _check_secure(job, spec: CompressionSpec) -> None:
+    """Under encrypted aggregation only shared random-k (fewer values to encrypt) and quantize
+    (fewer bits per value, so more values per slot) apply, to the encrypted coordinates."""
+    for stage in spec.uplink:
+        if stage.kind in NOT_ENCRYPTABLE:
+            raise ValueError(f"compression.uplink {stage.kind} with secure aggregation: {NOT_ENCRYPTABLE[stage.kind]}")
+        if stage.kind == "randk" and not stage.shared:
+            raise ValueError("compression.uplink randk with secure aggregation needs shared: true: a sum of "
+                             "ciphertexts adds the same coordinates of every device")
+        if stage.kind == "quantize" and stage.bits == 1:
+            raise ValueError("compression.uplink quantize bits 1 with secure aggregation: encrypted values are "
+                             "signed fixed point, and 1 bit leaves no level beside 0 (use 2 or more)")
+    if job.privacy is not None and job.privacy.level == "client" and spec.uplink:
+        raise ValueError("compression.uplink with secure aggregation and client-level DP is not supported: coarse "
+                         "rounding and error feedback can move what a device sends beyond the clip bound the "
+                         "noise is calibrated to")
+    if getattr(job.secure, "values_per_slot", None) is not None and any(s.kind == "quantize" for s in spec.uplink):
+        raise ValueError("secure.values_per_slot and a quantize codec both set how many values a slot holds: "
+                         "drop one (the codec's bits give as many values per slot as fit)")
+    if any(s.kind == "randk" for s in spec.uplink):
+        if job.strategy.name in ASYNC_STRATEGIES or job.devices.late == "next_round":
+            raise ValueError("compression.uplink randk with secure aggregation draws each round's coordinates, so "
+                             "one sum must hold updates of one round: it excludes asynchronous strategies and "
+                             "devices.late next_round")
+        if spec.warmup_rounds:
+            raise ValueError("compression.warmup_rounds with secure aggregation: the number of encrypted values "
+                             "is fixed for the run")

@@ -129,12 +129,17 @@ class CKKSSpec(_Secure):
         """What the key authority makes its context from."""
         return {"degree": self.degree, "moduli": self.moduli, "scale_bits": self.scale}
 
-    def fields(self, contributions: int) -> Fields:
-        """Values per slot as set; each field a share of the slot's capacity; the tag in the first
-        fields of each ciphertext (``TAG_BITS`` secret bits)."""
-        per_slot = self._param("values_per_slot", 3)
-        field = capacity(self.moduli, self.scale) // per_slot
-        value_bits = field - headroom(contributions)
+    def fields(self, contributions: int, value_bits: int | None = None) -> Fields:
+        """Values per slot as set, each field a share of the slot's capacity; or, for values of
+        ``value_bits`` (a quantize codec's), as many fields of those bits plus the headroom as a
+        slot holds. The tag in the first fields of each ciphertext (``TAG_BITS`` secret bits)."""
+        if value_bits is None:
+            per_slot = self._param("values_per_slot", 3)
+            field = capacity(self.moduli, self.scale) // per_slot
+            value_bits = field - headroom(contributions)
+        else:
+            field = value_bits + headroom(contributions)
+            per_slot = capacity(self.moduli, self.scale) // field
         return Fields(self.degree // 2, per_slot, field, value_bits, tag_fields(value_bits))
 
 
@@ -152,9 +157,11 @@ class PaillierSpec(_Secure):
         """What the key authority makes its key pair from."""
         return {"key_bits": self.key_bits}
 
-    def fields(self, contributions: int) -> Fields:
-        field = self.value_bits + headroom(contributions)
-        return Fields(1, (self.key_bits - 2) // field, field, self.value_bits, tag_fields(self.value_bits))
+    def fields(self, contributions: int, value_bits: int | None = None) -> Fields:
+        """As set, or for values of ``value_bits`` (a quantize codec's)."""
+        value_bits = value_bits or self.value_bits
+        field = value_bits + headroom(contributions)
+        return Fields(1, (self.key_bits - 2) // field, field, value_bits, tag_fields(value_bits))
 
 
 SecureSpec = Annotated[CKKSSpec | PaillierSpec, Field(discriminator="scheme")]
@@ -169,6 +176,12 @@ def max_contributions(job) -> int:
     if job.privacy is not None and job.privacy.level == "client":
         return job.devices.count
     return job.devices.per_round * (2 if job.devices.late == "next_round" else 1)
+
+
+def quantized_bits(job) -> int | None:
+    """The bits of the uplink's quantize codec, which under encryption set the bits of each value."""
+    stages = job.compression.uplink if job.compression else []
+    return next((s.bits for s in stages if s.kind == "quantize"), None)
 
 
 def value_range(job, clip: float | None = None) -> float:
@@ -215,13 +228,14 @@ def check(job) -> None:
     if spec.min_clients > most:
         raise ValueError(f"secure.min_clients ({spec.min_clients}) exceeds the most updates one sum can hold "
                          f"({most}), so nothing could ever be decrypted")
-    fields = spec.fields(most)
+    bits = quantized_bits(job)
+    fields = spec.fields(most, bits)
     if spec.scheme == "paillier":
         if fields.per_slot <= fields.tag_fields:
             raise ValueError(f"secure.value_bits {spec.value_bits}: {fields.field_bits}-bit fields leave no room "
                              f"for values beside the tag in a {spec.key_bits}-bit plaintext")
         return
-    if fields.value_bits < MIN_VALUE_BITS:
+    if bits is None and fields.value_bits < MIN_VALUE_BITS:
         raise ValueError(f"secure.scale_bits {spec.scale} leaves {capacity(spec.moduli, spec.scale)} bits per slot: {fields.per_slot} "
                          f"values of {fields.field_bits} bits, {headroom(most)} of them headroom "
                          f"for {most} updates, leave {fields.value_bits} bits per value (at least "

@@ -74,7 +74,7 @@ class Driver:
             self.sealing = (Sealing(job, self.spec, self._train_sizes, self.strategy.weigh, self.tracker,
                                     self.checkpoints and self.checkpoints.location) if job.secure else None)
             size = self.spec.size if self.sealing is None else len(self.sealing.plan.plain)  # summed in plaintext
-            codec = Chain.of(job, self.spec.shapes) if job.compression and job.compression.uplink else None
+            codec = Chain.uplink(job, self.spec.shapes)
             self._check = {"size": size, "train_sizes": self._train_sizes, "expect_sealed": self.sealing is not None,
                            "expect_control": self.strategy.control_variates, "codec": codec}
             self.pool, self.edges = edge.start_tiers(job, ray.put((dataset.x, dataset.y)), dataset.num_classes,
@@ -239,7 +239,7 @@ class Driver:
         if self.pool.attackers:
             metrics["attackers"] = len(self.pool.attackers.intersection(sampled.tolist()))
         if completed and self.sealing is not None:  # the authority may refuse: the model stays
-            partial, secure_metrics = self.sealing.unseal(partial, intake, self.clip, self._losses)
+            partial, secure_metrics = self.sealing.unseal(partial, intake, r, self.clip, self._losses)
             metrics.update(secure_metrics)
             completed = partial is not None
         if completed:
@@ -309,7 +309,7 @@ class Driver:
             metrics["bytes_device_edge"] = intake.bytes_up + len(started) * model_bytes
         completed = partial.count == strategy.buffer_size
         if completed and self.sealing is not None:
-            partial, secure_metrics = self.sealing.unseal(partial, intake, None, self._losses)
+            partial, secure_metrics = self.sealing.unseal(partial, intake, self.state.round, None, self._losses)
             metrics.update(secure_metrics)
             completed = partial is not None
         if completed:

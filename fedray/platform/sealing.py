@@ -48,10 +48,11 @@ class Sealing:
         """What the workers (plan, authority) and the edges (plan, public context) need."""
         return self.plan, self.authority, self.public
 
-    def unseal(self, partial: Partial, intake: Intake, clip: float | None, statistics: bool
+    def unseal(self, partial: Partial, intake: Intake, round: int, clip: float | None, statistics: bool
                ) -> tuple[Partial | None, dict]:
-        """Have the key authority decrypt ``partial``'s encrypted sum (``clip``: the round's DP clip
-        bound, for the range); the whole aggregate and its metrics: ``decrypt_seconds`` and, if the
+        """Have the key authority decrypt ``partial``'s encrypted sum of ``round`` (whose coordinates
+        shared random-k chose; ``clip``: the round's DP clip bound, for the range); the whole
+        aggregate and its metrics: ``decrypt_seconds`` and, if the
         devices send ``statistics`` (not under DP), ``train_loss`` and ``clipped_fraction`` (the
         devices' mean fraction of values beyond the range). None, with metric
         ``decryption_refused``, if the authority refuses (as it does a round of a resumed run
@@ -63,8 +64,8 @@ class Sealing:
         except DecryptionRefused:
             return None, {"decryption_refused": 1.0}
         total, extras = self.plan.decode(values, value_range(self.job, clip))
-        full = np.empty(self.size, dtype=np.float32)
-        full[self.plan.plain], full[self.plan.encrypted] = partial.weighted_sum, total
+        full = np.zeros(self.size, dtype=np.float32)
+        full[self.plan.plain], full[self.plan.sent(round)] = partial.weighted_sum, total
         metrics = {"decrypt_seconds": time.perf_counter() - started}
         if statistics and intake.samples:
             metrics.update(train_loss=extras["loss"] * self.plan.sample_scale / intake.samples,
