@@ -63,13 +63,15 @@ SECURE_CHAINS = {
     "ckks q8": "[{kind: quantize, bits: 8}]",
     "ckks q8, range 0.25": "[{kind: quantize, bits: 8}]",
     "ckks q4, range 0.25": "[{kind: quantize, bits: 4}]",
+    "ckks q4, range 0.1": "[{kind: quantize, bits: 4}]",
+    "ckks q2, range 0.1": "[{kind: quantize, bits: 2}]",
     "ckks randk 50%": f"[{RANDK}]",
     "ckks randk 50% + q8, range 0.25": f"[{RANDK}, {{kind: quantize, bits: 8}}]",
 }
 EXTRA = {"q2 + entropy, q4 down": ["compression.downlink=[{kind: quantize, bits: 4}, {kind: entropy}]"],
          "topk 1% + q4, no EF": ["compression.error_feedback=false"],
          "topk 1% + q4, DGC warm-up": ["compression.warmup_rounds=5"],
-         **{name: ["secure.range=0.25"] for name in SECURE_CHAINS if name.endswith("range 0.25")}}
+         **{name: [f"secure.range={name.rsplit(' ', 1)[1]}"] for name in SECURE_CHAINS if "range" in name}}
 
 
 def run(name: str, rounds: int, uri: str, extra: list[str]) -> list:

@@ -41,8 +41,9 @@ class Outbox:
         """``delta`` (with the ``loss`` and adaptive-clip ``indicator`` to report) as it travels,
         and ``state`` with its new residual. ``clip``: the round's DP clip (for the encrypted range);
         ``bound``: client-level DP's, which what a codec sends stays within. Randomness that rounds
-        what is sent is secret under privacy (OS entropy), and then the residual's norm is not
-        reported (a statistic of the device's data)."""
+        what is sent is secret under privacy (OS entropy). The residual's norm is reported only
+        without privacy and encryption: it is a statistic of the device's data, which those keep
+        from the aggregators (as they do its loss)."""
         private = self._job.privacy is not None
         residual = (np.zeros_like(delta) if state.residual is None else state.residual) if self._feedback else None
         if self._sealer is not None:
@@ -63,7 +64,7 @@ class Outbox:
             return Sent(delta, loss, indicator, None, None), state
         if residual is None:
             return out, state
-        norm = None if private else float(np.linalg.norm(residual))
+        norm = None if private or out.sealed is not None else float(np.linalg.norm(residual))
         return out._replace(residual_norm=norm), replace(state, residual=residual.astype(np.float32))
 
     def _seal(self, device: int, round: int, samples: int, steps: int, delta: np.ndarray, loss: float,
