@@ -75,15 +75,15 @@ class Chain:
 
     # the chain
 
-    def encode(self, x: np.ndarray, round: int, device: int, rng: np.random.Generator, gain: float = 1.0) -> bytes:
+    def encode(self, x: np.ndarray, round: int, device: int, rng: np.random.Generator) -> bytes:
         """``x`` (float32, the chain's size) encoded for ``round`` by ``device``; ``rng`` draws the
         quantizer's rounding."""
         positions, values = self._sparsify(np.asarray(x, dtype=np.float32), round, device)
         body = _LENGTH.pack(len(positions)) + positions + self._quantize(values, rng)
         entropy = self.entropy
         if entropy is not None and len(packed := zlib.compress(body, entropy.level)) < len(body):
-            return _HEAD.pack(1, gain) + packed
-        return _HEAD.pack(0, gain) + body
+            return _HEAD.pack(1, 1.0) + packed
+        return _HEAD.pack(0, 1.0) + body
 
     def decode(self, blob: bytes, round: int, device: int) -> np.ndarray:
         """The float32 vector ``blob`` encodes; raises ValueError saying what is wrong with it."""
@@ -132,7 +132,7 @@ class Chain:
         if stage is None:
             return self.size
         if stage.kind == "lowrank":
-            return sum(len(v) for v in _factor_sizes(self.shapes, stage.rank))
+            return _factored_size(self.shapes, stage.rank)
         return self.kept(round)
 
     def _most_bytes(self, round: int) -> int:
@@ -305,8 +305,9 @@ def _matrix(shape: tuple[int, ...], rank: int) -> tuple[int, int] | None:
     return (rows, cols) if rank * (rows + cols) < rows * cols else None
 
 
-def _factor_sizes(shapes, rank: int) -> list[np.ndarray]:
-    return [np.empty(rank * sum(m) if (m := _matrix(s, rank)) else math.prod(s)) for s in shapes]
+def _factored_size(shapes, rank: int) -> int:
+    """How many values the factors (and the parameters that go whole) of ``shapes`` hold."""
+    return sum(rank * sum(m) if (m := _matrix(s, rank)) else math.prod(s) for s in shapes)
 
 
 def _factorize(x: np.ndarray, shapes, rank: int, rng: np.random.Generator) -> np.ndarray:
