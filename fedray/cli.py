@@ -386,7 +386,7 @@ def _print_summary(job: JobSpec, s: dict, seconds: float) -> None:
     if job.secure is not None:
         tree += (f"\n  encrypted       {job.secure.scheme}: only sums of >= {job.secure.min_clients} devices were "
                  "decrypted (split and parameters in secure.json)")
-    for key, label in (("stopped", "stopped early"), ("resumed", "resumed at")):
+    for key, label in (("stopped", "stopped early"), ("resumed", "resumed at"), ("resources", "resources")):
         tree += f"\n  {label:15s} {s[key]}" if key in s else ""
     wire = (f"bytes up/down   {s['bytes_up'] / 1e6:.2f} MB / {s['bytes_down'] / 1e6:.2f} MB" if job.peers is None
             else f"peer to peer    {s.get('bytes_sent', 0) / 1e6:.2f} MB sent agent to agent, none through the driver")

@@ -10,10 +10,11 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).pare
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One embedded local Ray for the whole test session (ray.init takes seconds)."""
+    """One embedded local Ray for the whole test session (ray.init takes seconds), with two
+    logical GPUs: GPU jobs are placed as on a GPU cluster and train on the CPU (test_gpu.py)."""
     from fedray.platform.run import connect
 
-    connect()
+    connect(num_gpus=2)
     yield
     ray.shutdown()
 

@@ -128,3 +128,11 @@ def test_token_auth_on_every_node(config):
     text = CLUSTER_YAML.read_text()
     assert "RAY_AUTH_TOKEN=" not in text
     assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|BEGIN .*PRIVATE KEY", text, re.I)
+
+
+def test_gpu_workers_get_the_gpu_image_and_the_cuda_build_of_torch(config):
+    gpu = check(config)["available_node_types"]["gpu_worker"]
+    assert gpu["docker"]["worker_image"].endswith("-gpu") and gpu["min_workers"] == 0
+    # the setup every node runs installs the CPU build; these nodes swap it for PyPI's CUDA one
+    assert "download.pytorch.org/whl/cpu" in commands(config, "setup_commands")
+    assert re.search(r"pip uninstall -y torch && pip install .*torch==[0-9.]+\"", commands(gpu, "worker_setup_commands"))

@@ -220,7 +220,8 @@ def add_noise(params: list[nn.Parameter], std: float, expected_batch_size: int, 
     (``noise_multiplier x max_grad_norm``) to each coordinate and divide by the expected batch size
     (the Poisson batch's own size would reveal it)."""
     for p in params:
-        p.grad.add_(torch.normal(0.0, std, p.shape, generator=generator)).div_(expected_batch_size)
+        # drawn on the CPU, where the secret generator is, then moved to the parameter's device
+        p.grad.add_(torch.normal(0.0, std, p.shape, generator=generator).to(p.device)).div_(expected_batch_size)
 
 
 def check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:

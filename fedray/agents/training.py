@@ -31,6 +31,7 @@ class LocalTraining:
     momentum: float = 0.0
     weight_decay: float = 0.0
     prox_mu: float = 0.0
+    mixed_precision: bool = False  # the forward pass in bfloat16 (torch.autocast)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining
     term and the correction, which do not touch the data, are added after the noise. ``anchor``
     (flat, like ``correction``) is where the proximal term pulls (default: the starting weights).
     Returns ``(steps taken, mean training loss over those steps)``; the loss excludes the proximal term.
+    The model may be on a GPU: batches, ``correction`` and ``anchor`` follow it there, the data and
+    the generators stay on the CPU.
     """
     with torch.random.fork_rng(devices=[]):
         # the CPU generator alone: torch.manual_seed also queues seeds for CUDA, XPU and MTIA,
@@ -101,10 +104,12 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTrainin
         raise ValueError("no local training samples")
     optimizer = make_optimizer(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
 
     def per_param(flat: torch.Tensor) -> list[torch.Tensor]:
         if flat.numel() != sum(p.numel() for p in params):
             raise ValueError(f"a flat vector of {flat.numel()} values for {sum(p.numel() for p in params)} trainable")
+        flat = flat.to(device)
         return [c.view_as(p) for c, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
 
     anchors = [] if not cfg.prox_mu else per_param(anchor) if anchor is not None else [
@@ -113,16 +118,20 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTrainin
     batches_per_epoch = -(-n // cfg.batch_size)
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * batches_per_epoch
     model.train()
-    loss_sum = torch.zeros(())
+    loss_sum = torch.zeros((), device=device)
     step = 0
     while step < total_steps:
         for idx in _batches(n, cfg.batch_size, generator, poisson=dp is not None):
             optimizer.zero_grad(set_to_none=True)
+            xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
             if dp is None:
-                loss = F.cross_entropy(model(x[idx]), y[idx])
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision):
+                    logits = model(xb)
+                loss = F.cross_entropy(logits.float(), yb)
                 loss.backward()
             else:  # DP-SGD; an empty Poisson batch makes a step of noise alone
-                losses = F.cross_entropy(model(x[idx]), y[idx], reduction="none") if len(idx) else torch.zeros(0)
+                losses = (F.cross_entropy(model(xb), yb, reduction="none") if len(idx)
+                          else torch.zeros(0, device=device))
                 clipping.backward(losses)  # p.grad: the sum of the samples' clipped gradients
                 add_noise(params, dp.noise_multiplier * dp.max_grad_norm, cfg.batch_size, generator)
                 loss = losses.detach().sum() / max(1, len(idx))
@@ -154,10 +163,11 @@ def _batches(n: int, batch_size: int, generator: torch.Generator, poisson: bool)
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128) -> tuple[float, int]:
     """Return ``(summed cross-entropy loss, number correct)`` of ``model`` on ``(x, y)``."""
     model.eval()
+    device = next(model.parameters()).device
     loss_sum, correct = 0.0, 0
     for start in range(0, len(x), batch_size):
-        logits = model(x[start:start + batch_size])
-        target = y[start:start + batch_size]
+        logits = model(x[start:start + batch_size].to(device))
+        target = y[start:start + batch_size].to(device)
         loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
         correct += int((logits.argmax(1) == target).sum())
     return loss_sum, correct

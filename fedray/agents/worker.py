@@ -59,6 +59,8 @@ class DeviceWorker:
         self._attack, self._attackers = job.attack, attackers
         self._held: dict[int, DeviceState] | None = {} if keeps_state else None
         self._model, layout = job_model(job, x.shape[1:], num_classes, initial)
+        self._device = _training_device(job)
+        self._model.to(self._device)
         self._spec = layout.shared  # the federated parameters
         self._strategy = strategies.for_job(job)  # what it asks of training
         self._local = LocalTraining(**job.devices.local.model_dump(), prox_mu=self._strategy.prox_mu)
@@ -137,6 +139,8 @@ class DeviceWorker:
                                         self._dp and (clip or self._dp.clip))
         payload = Update(device, round, len(x), steps, sent.loss, sent.delta, control, *epsilons,
                          below_clip=sent.below_clip, sealed=sent.sealed, residual_norm=sent.residual_norm).to_bytes()
+        if self._device.type == "cuda":  # the next device's tensors get the memory back
+            torch.cuda.empty_cache()
         if self._speed is not None:
             seconds = training_seconds(self._speed, self._slowdown[device], steps, time.perf_counter() - started)
             await asyncio.sleep(sent_at + seconds - time.time())
@@ -284,6 +288,16 @@ class DeviceWorker:
 
         return ray.get_runtime_context().get_node_id()
 
+    def placement(self) -> dict:
+        """Where this worker trains: its torch device, the GPUs Ray gave it, whether CUDA was ever
+        initialized here, and the GPU memory its tensors hold (bytes; 0 on a CPU)."""
+        import ray
+
+        cuda = self._device.type == "cuda"
+        return {"device": str(self._device), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "cuda_initialized": torch.cuda.is_initialized(),
+                "gpu_memory": torch.cuda.memory_allocated(self._device) if cuda else 0}
+
     def state(self, device: int) -> DeviceState:
         """Deployment mode: the record ``device`` keeps (for a checkpoint)."""
         return self._held.get(device, DeviceState())
@@ -351,6 +365,17 @@ class DeviceWorker:
             path = Path(directory) / "model.onnx"
             check = export.to_onnx(self._model, (x_test if len(x_test) else x).numpy(), path)
             return path.read_bytes(), check
+
+
+def _training_device(job: JobSpec) -> torch.device:
+    """The GPU Ray gave this worker, if the job asks for GPUs and CUDA sees one; else the CPU.
+    Nothing asks CUDA anything unless Ray assigned this worker a GPU."""
+    if job.devices.resources.num_gpus:
+        import ray
+
+        if ray.get_gpu_ids() and torch.cuda.is_available():
+            return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def _scores(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[int, float, int]:

@@ -14,13 +14,14 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from fedray.config.base import Fraction, JobError, NotBlank, PositiveFloat, PositiveInt, Section, quorum
-from fedray.config import compression, model, peers, personalization, privacy, secure, topology
+from fedray.config import compression, model, peers, personalization, privacy, resources, secure, topology
 from fedray.config.compression import CompressionSpec
 from fedray.config.data import DataSpec
 from fedray.config.model import ModelSpec
 from fedray.config.peers import PeersSpec
 from fedray.config.personalization import PersonalizationSpec
 from fedray.config.privacy import PrivacySpec
+from fedray.config.resources import ResourcesSpec
 from fedray.config.secure import SecureSpec
 from fedray.config.strategy import ASYNC_STRATEGIES, FedAvg, StrategySpec
 from fedray.config.topology import NetworkSpec, TopologySpec
@@ -39,6 +40,8 @@ class LocalSpec(Section):
     lr: PositiveFloat = 0.05
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    mixed_precision: bool = Field(False, description="local training's forward pass in bfloat16 (torch.autocast), "
+                                                     "for GPUs that have it; updates stay float32")
 
     @model_validator(mode="after")
     def _check(self) -> LocalSpec:
@@ -85,6 +88,7 @@ class DevicesSpec(Section):
     scale_up: bool = Field(False, description="ask the cluster's autoscaler for `workers` one-CPU workers and train "
                                               "on those already up while the rest join")
     local: LocalSpec = LocalSpec()
+    resources: ResourcesSpec = ResourcesSpec()
     speed: SpeedSpec | None = Field(None, description="how long devices take: a device answers no sooner "
                                                       "than slowdown x (step_seconds x steps, or its compute time)")
     partial_work: Fraction = Field(0.0, description="chance that a device, in a round, takes only a uniformly "
@@ -221,6 +225,7 @@ class JobSpec(Section):
         if self.personalization is not None:
             personalization.check(self)
         model.check(self)
+        resources.check(self)
         if (self.tracking.register_ or self.tracking.export) and not self.tracking.log_model:
             raise ValueError("tracking.register and tracking.export need the final model: tracking.log_model true")
         if self.peers is not None and (self.tracking.register_ or self.tracking.export):

@@ -51,7 +51,7 @@ class ParamSpec:
         """Copy the federated parameters of ``module`` into a new float32 vector of length ``size``."""
         with torch.no_grad():
             flat = torch.cat([t.detach().reshape(-1) for t in self._params(module)])
-        return flat.to(torch.float32).numpy()
+        return flat.to(torch.float32).cpu().numpy()
 
     def load(self, module: nn.Module, vector: np.ndarray) -> None:
         """Write ``vector`` (float32, length ``size``) into the federated parameters of ``module``."""

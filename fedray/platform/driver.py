@@ -80,6 +80,8 @@ class Driver:
             self.pool, self.edges = edge.start_tiers(job, ray.put((dataset.x, dataset.y)), dataset.num_classes,
                                                      split, size, self.sealing and self.sealing.tiers,
                                                      initial and ray.put(initial), codec)
+            if self.pool.note:  # a GPU job that trains on CPUs says so
+                self.tracker.set_tag("fedray.resources", self.pool.note)
             # where updates are folded: at the edges, or here
             self.tier = self.edges or Flat(job, self.strategy, self.pool, self._check, self.sealing and self.sealing.sums)
             self.evaluation = Evaluation(self.pool, (dataset.x, dataset.y), split.holdout, self.spec, self.model,

@@ -64,7 +64,8 @@ def summary(driver: Driver) -> dict:
         out["epsilon"] = driver.ledger.epsilon()
     if driver.device_epsilon:
         out["device_epsilon_max"] = max(e for e, _ in driver.device_epsilon.values())
-    out |= {key: value for key, value in (("stopped", driver.stopped), ("resumed", driver.restored)) if value}
+    out |= {key: value for key, value in (("stopped", driver.stopped), ("resumed", driver.restored),
+                                          ("resources", driver.pool.note)) if value}
     return out | {key: sum(h.metrics.get(key, 0) for h in history) for key in
                   ("bytes_up", "bytes_down", "bytes_sent", "bytes_edge_cloud", "sim_comm_seconds")
                   if any(key in h.metrics for h in history)}

@@ -23,6 +23,7 @@ from fedray.agents.state import DeviceState
 from fedray.agents.worker import DeviceWorker
 from fedray.config import JobSpec
 from fedray.config.privacy import sample_level
+from fedray.config.resources import gpus_to_ask
 from fedray.data.partition import Split
 from fedray.platform import privacy
 from fedray.platform.actors import ActorGroup, finished, result
@@ -79,8 +80,13 @@ class WorkerPool:
         groups = groups or [(np.arange(count), {})]
         if self.deployment:  # a device's worker is the device
             groups = [(np.array([d]), options) for devices, options in groups for d in devices]
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        per_group = max(1, (job.devices.workers or cpus) // len(groups))
+        cluster = ray.cluster_resources()
+        cpus = max(1, int(cluster.get("CPU", 1)))
+        resources = job.devices.resources
+        # GPUs each worker asks for (0 on a cluster without, under gpu: auto; said in ``note``)
+        self._gpus_per_worker, self.note = gpus_to_ask(resources, cluster.get("GPU", 0.0))
+        default = int(cluster["GPU"] // self._gpus_per_worker) if self._gpus_per_worker else cpus
+        per_group = max(1, (job.devices.workers or default) // len(groups))
         sizes = split.train_sizes
         self.group_of = np.empty(count, dtype=np.int64)
         self.group_workers: list[list[int]] = []
@@ -99,7 +105,7 @@ class WorkerPool:
         self._slots = 1 if job.devices.speed is None else count
         # scale_up: one CPU each, which the autoscaler adds (``run_job`` asks it); else more workers
         # than CPUs share them rather than waiting for a free one
-        self._cpus_per_worker = 1.0 if job.devices.scale_up else min(1.0, cpus / num_workers)
+        self._cpus_per_worker = resources.num_cpus or (1.0 if job.devices.scale_up else min(1.0, cpus / num_workers))
         self._actor_class = ray.remote(DeviceWorker)
         self.attackers = (choose_attackers(count, job.attack.fraction, job.seed) if job.attack else frozenset())
         self._args, self._authority, self._initial = (job, data, num_classes), authority, initial
@@ -115,7 +121,8 @@ class WorkerPool:
         # one; the rest join as their nodes do); a worker that cannot start (a user model that does
         # not import) fails the run here, with its error
         self.workers.wait_started(1 if job.devices.scale_up else num_workers, START_TIMEOUT_S,
-                                  f"each needs {self._cpus_per_worker:g} CPU; does the cluster have them?")
+                                  f"each needs {self._cpus_per_worker:g} CPU and {self._gpus_per_worker:g} GPU; "
+                                  "does the cluster have them?")
         self.pending: dict[ray.ObjectRef, Task] = {}
         self._dropped: dict[ray.ObjectRef, Task] = {}
         self._queue: deque[tuple[int, str, tuple, dict, Any]] = deque()  # trainings waiting for a free worker
@@ -123,7 +130,8 @@ class WorkerPool:
         self._returned: dict[int, ray.ObjectRef] = {}  # device -> record its last returned task made
 
     def _spawn(self, w: int, placement: dict[str, Any]) -> Any:
-        options = {"num_cpus": self._cpus_per_worker, "max_restarts": 0, **placement}
+        options = {"num_cpus": self._cpus_per_worker, "num_gpus": self._gpus_per_worker, "max_restarts": 0,
+                   **placement}
         if self._peers:  # every value a peer worker returns goes to its node's object store, none to the driver
             options["runtime_env"] = {"env_vars": {"RAY_max_direct_call_object_size": "0"}}
         group = next(g for g, workers in enumerate(self.group_workers) if w in workers)

@@ -81,9 +81,11 @@ class StopSignals:
 STOP = StopSignals()
 
 
-def connect() -> None:
+def connect(num_gpus: int | None = None) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (as ``ray job submit`` sets it), else start an
-    embedded local Ray bound to loopback. Actors' output goes to Ray's log files, not the console."""
+    embedded local Ray bound to loopback, with ``num_gpus`` logical GPUs if given (Ray's count of
+    the machine's otherwise: logical GPUs let GPU jobs be placed, and train on the CPU, where
+    there are none). Actors' output goes to Ray's log files, not the console."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -94,7 +96,7 @@ def connect() -> None:
     # set it for the processes it starts and for this one.
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, num_gpus=num_gpus)
 
 
 def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,

@@ -1,0 +1,94 @@
+"""GPU workers without a GPU: the test session's Ray has two logical GPUs, so workers are placed by
+their GPU fractions as on a GPU cluster, and train on the CPU because CUDA sees no device. A fresh
+`fedray run`, whose Ray finds no GPU, shows the refusal."""
+
+from __future__ import annotations
+
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+import yaml
+
+from conftest import small_job
+from fedray.agents.training import LocalTraining, device_generator, train
+from fedray.config import JobError, parse_job
+from fedray.config.resources import ResourcesSpec, gpus_to_ask
+from fedray.models.zoo import build_model
+
+BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
+
+
+def test_workers_share_the_gpus_by_their_fraction_and_never_touch_cuda_without_one(local_driver):
+    driver = local_driver(small_job(devices__workers=None, devices__resources={"num_gpus": 0.5}))
+    workers = driver.pool.workers.actors
+    places = ray.get([w.placement.remote() for w in workers])
+    assert len(workers) == 4  # two GPUs, half a GPU each
+    assert all(len(p["gpu_ids"]) == 1 for p in places)
+    assert sorted(Counter(p["gpu_ids"][0] for p in places).values()) == [2, 2]  # two workers per GPU
+    assert all(p["device"] == "cpu" and not p["cuda_initialized"] and p["gpu_memory"] == 0 for p in places)
+    result = driver.run_round(1)
+    assert result.completed and result.metrics["participants"] == 4
+    assert not any(p["cuda_initialized"] for p in ray.get([w.placement.remote() for w in workers]))
+    assert driver.pool.note is None
+
+
+def test_a_job_that_asks_for_more_gpus_than_the_cluster_has_fails_naming_them():
+    assert gpus_to_ask(ResourcesSpec(num_gpus=0.25), 2.0) == (0.25, None)
+    assert gpus_to_ask(ResourcesSpec(), 0.0) == (0.0, None)
+    assert gpus_to_ask(ResourcesSpec(num_gpus=1, gpu="auto"), 0.0)[1].endswith("workers train on CPUs")
+    with pytest.raises(ValueError, match="num_gpus 3 per worker, but the cluster has 2 GPU"):
+        gpus_to_ask(ResourcesSpec(num_gpus=3), 2.0)
+
+
+def test_a_gpu_job_on_a_cluster_without_gpus_fails_at_start_or_falls_back_under_auto(tmp_path):
+    """Each `fedray run` starts its own embedded Ray, which finds this machine's GPUs: none."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def run(resources: dict) -> subprocess.CompletedProcess:
+        job = tmp_path / "job.yaml"
+        job.write_text(yaml.safe_dump(small_job(rounds=1, devices__resources=resources)))
+        return subprocess.run([str(BIN / "fedray"), "run", str(job), "--tracking-uri", uri], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+
+    refused = run({"num_gpus": 0.5})
+    assert refused.returncode != 0
+    assert "devices.resources.num_gpus is 0.5 but the cluster has no GPUs" in refused.stderr
+    assert "devices.resources.gpu: auto" in refused.stderr
+    fallback = run({"num_gpus": 0.5, "gpu": "auto"})
+    assert fallback.returncode == 0, fallback.stderr
+    assert "resources       devices.resources.num_gpus 0.5 with gpu: auto, but the cluster has no GPUs" in fallback.stdout
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"devices__resources": {"num_gpus": 1.5}}, "must be a whole number"),
+    ({"devices__resources": {"num_gpus": 1}, "personalization": {"method": "fedper"}},
+     "personalization is not supported yet"),
+    ({"devices__local": {"mixed_precision": True}, "privacy": {"level": "sample", "noise_multiplier": 1.0}},
+     "bfloat16"),
+])
+def test_gpu_settings_that_cannot_work_are_refused(extra, message):
+    with pytest.raises(JobError, match=message):
+        parse_job(small_job(**extra))
+
+
+def test_mixed_precision_trains_in_bfloat16_and_returns_float32_weights():
+    """torch.autocast runs on the CPU too: the forward pass in bfloat16 still lowers the loss, and
+    the weights (what a device sends) stay float32."""
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(256, 20)).astype(np.float32))
+    y = torch.from_numpy((x[:, 0] > 0).long().numpy())
+    losses = {}
+    for mixed in (False, True):
+        model = build_model("mlp", None, {}, (20,), 2, seed=0)
+        cfg = LocalTraining(epochs=5, batch_size=32, lr=0.1, mixed_precision=mixed)
+        _, first = train(model, x, y, LocalTraining(epochs=1, batch_size=32, lr=0.0), device_generator(0, 1, 0))
+        _, losses[mixed] = train(model, x, y, cfg, device_generator(0, 1, 0))
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert losses[mixed] < 0.8 * first
+    assert losses[True] != losses[False]  # bfloat16 did run
+    assert losses[True] == pytest.approx(losses[False], rel=0.1)
