@@ -66,8 +66,6 @@ def test_a_gpu_job_on_a_cluster_without_gpus_fails_at_start_or_falls_back_under_
 
 @pytest.mark.parametrize("extra, message", [
     ({"devices__resources": {"num_gpus": 1.5}}, "must be a whole number"),
-    ({"devices__resources": {"num_gpus": 1}, "personalization": {"method": "fedper"}},
-     "personalization is not supported yet"),
     ({"devices__local": {"mixed_precision": True}, "privacy": {"level": "sample", "noise_multiplier": 1.0}},
      "bfloat16"),
 ])

@@ -17,12 +17,14 @@ from fedray.models.zoo import build_model
 
 class Architectures:
     """The agents' models: agent ``a`` runs ``specs[a % len(specs)]`` (``ModelSpec``s), each built
-    once per worker, with its initial parameters (from the job's seed: the same on every worker)."""
+    once per worker on its ``device``, with its initial parameters (from the job's seed: the same on
+    every worker)."""
 
-    def __init__(self, specs: list, input_shape: tuple[int, ...], num_classes: int, seed: int) -> None:
+    def __init__(self, specs: list, input_shape: tuple[int, ...], num_classes: int, seed: int,
+                 device: torch.device = torch.device("cpu")) -> None:
         self._nets = []
         for spec in specs:
-            model = build_model(spec.name, spec.class_, spec.kwargs, input_shape, num_classes, seed)
+            model = build_model(spec.name, spec.class_, spec.kwargs, input_shape, num_classes, seed).to(device)
             param_spec = ParamSpec.of(model)
             self._nets.append((model, param_spec, param_spec.flatten(model)))
 
@@ -46,8 +48,9 @@ def mix(own: np.ndarray, own_weight: float, others: list[np.ndarray], weights: l
 def soft_labels(model: torch.nn.Module, x: torch.Tensor, temperature: float, batch_size: int = 256) -> np.ndarray:
     """The model's class probabilities on ``x`` at ``temperature``: what a distilling agent publishes."""
     model.eval()
-    out = [F.softmax(model(x[i:i + batch_size]) / temperature, dim=1) for i in range(0, len(x), batch_size)]
-    return torch.cat(out).numpy().astype(np.float32)
+    device = next(model.parameters()).device
+    out = [F.softmax(model(x[i:i + batch_size].to(device)) / temperature, dim=1) for i in range(0, len(x), batch_size)]
+    return torch.cat(out).cpu().numpy().astype(np.float32)
 
 
 def distill(model: torch.nn.Module, x: torch.Tensor, targets: np.ndarray, temperature: float, epochs: int,
@@ -55,14 +58,15 @@ def distill(model: torch.nn.Module, x: torch.Tensor, targets: np.ndarray, temper
     """Train ``model`` for ``epochs`` passes over ``x`` towards the class probabilities ``targets``
     (KL divergence at ``temperature``, scaled by its square as in Hinton et al. 2015), with plain
     SGD; returns the mean loss."""
-    target = torch.from_numpy(targets)
+    device = next(model.parameters()).device
+    target = torch.from_numpy(targets).to(device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     losses = []
     for _ in range(epochs):
         for batch in torch.randperm(len(x), generator=generator).split(batch_size):
             optimizer.zero_grad(set_to_none=True)
-            log_p = F.log_softmax(model(x[batch]) / temperature, dim=1)
+            log_p = F.log_softmax(model(x[batch].to(device)) / temperature, dim=1)
             loss = F.kl_div(log_p, target[batch], reduction="batchmean") * temperature ** 2
             loss.backward()
             optimizer.step()

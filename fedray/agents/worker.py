@@ -82,7 +82,8 @@ class DeviceWorker:
         self._job = job
         self._outbox = Outbox(job, self._strategy, self._spec.shapes, sealing)
         if job.peers is not None:  # the agents' models, and the public reference set they distill on
-            self._agents = peer.Architectures(job.peers.models or [job.model], x.shape[1:], num_classes, job.seed)
+            self._agents = peer.Architectures(job.peers.models or [job.model], x.shape[1:], num_classes, job.seed,
+                                              self._device)
             self._reference = None if reference is None else torch.from_numpy(x[reference])
 
     def _device_data(self, device: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -363,7 +364,10 @@ class DeviceWorker:
         self._personal.personalized(global_params, self._record(device, state))
         with tempfile.TemporaryDirectory() as directory:
             path = Path(directory) / "model.onnx"
-            check = export.to_onnx(self._model, (x_test if len(x_test) else x).numpy(), path)
+            try:  # exported, and checked against ONNX Runtime, on the CPU
+                check = export.to_onnx(self._model.cpu(), (x_test if len(x_test) else x).numpy(), path)
+            finally:
+                self._model.to(self._device)
             return path.read_bytes(), check
 
 

@@ -29,19 +29,10 @@ class ResourcesSpec(Section):
 
 
 def check(job) -> None:
-    """GPU workers against the rest of the job; raises ValueError naming the field."""
+    """Local training's precision against the rest of the job; raises ValueError naming the field."""
     if job.devices.local.mixed_precision and job.privacy is not None and job.privacy.level == "sample":
         raise ValueError("devices.local.mixed_precision with sample-level DP: per-sample gradients would be clipped "
                          "in bfloat16, coarser than the clip bound's guarantee assumes")
-    if not job.devices.resources.num_gpus:
-        return
-    if job.peers is not None:
-        raise ValueError("devices.resources.num_gpus with peers is not supported yet: agents' models train on CPUs")
-    if job.personalization is not None:
-        raise ValueError("devices.resources.num_gpus with personalization is not supported yet: personal models "
-                         "train on CPUs")
-    if job.devices.mode == "deployment":
-        raise ValueError("devices.resources applies to simulation: a deployed device is one real machine")
 
 
 def gpus_to_ask(spec: ResourcesSpec, cluster_gpus: float) -> tuple[float, str | None]:
