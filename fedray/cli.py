@@ -189,7 +189,7 @@ def _execute(job: JobSpec, job_yaml: str, uri: str, runs_dir: Path, resume: tupl
     except KeyboardInterrupt as e:
         click.echo(f"Stopped by {str(e) or 'SIGINT'} before the run started: nothing was recorded", err=True)
         sys.exit(143 if str(e) == "SIGTERM" else 130)
-    except TrackingError as e:
+    except (TrackingError, JobError) as e:  # JobError: the job asks for what this cluster lacks
         raise click.ClickException(str(e)) from None
     progress.close()
     _print_summary(job, summary, time.monotonic() - started)

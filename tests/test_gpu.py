@@ -49,9 +49,9 @@ def test_a_gpu_job_on_a_cluster_without_gpus_fails_at_start_or_falls_back_under_
     """Each `fedray run` starts its own embedded Ray, which finds this machine's GPUs: none."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
-    def run(resources: dict) -> subprocess.CompletedProcess:
+    def run(resources: dict, **overrides) -> subprocess.CompletedProcess:
         job = tmp_path / "job.yaml"
-        job.write_text(yaml.safe_dump(small_job(rounds=1, devices__resources=resources)))
+        job.write_text(yaml.safe_dump(small_job(rounds=1, devices__resources=resources, **overrides)))
         return subprocess.run([str(BIN / "fedray"), "run", str(job), "--tracking-uri", uri], cwd=tmp_path,
                               capture_output=True, text=True, timeout=300)
 
@@ -62,6 +62,32 @@ def test_a_gpu_job_on_a_cluster_without_gpus_fails_at_start_or_falls_back_under_
     fallback = run({"num_gpus": 0.5, "gpu": "auto"})
     assert fallback.returncode == 0, fallback.stderr
     assert "resources       devices.resources.num_gpus 0.5 with gpu: auto, but the cluster has no GPUs" in fallback.stdout
+    driver_gpu = run({}, evaluation__num_gpus=1)  # refused before any MLflow run is made
+    assert driver_gpu.returncode != 0
+    assert "evaluation.num_gpus is 1 but this node, where the driver runs, has 0 GPUs" in driver_gpu.stderr
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_the_driver_evaluates_the_held_out_set_itself_when_it_holds_a_gpu(tracking_uri):
+    from conftest import start_driver
+    from fedray.platform.driver import Driver
+    from fedray.platform.tracking import start_run
+
+    raw = small_job(evaluation={"num_gpus": 1})
+    job = parse_job(raw)
+    run_dir = start_run(tracking_uri, "tests", job.name, Path(tracking_uri[len("sqlite:///"):]).parent)
+    driver = ray.remote(Driver).options(num_cpus=0, num_gpus=1).remote(job, str(run_dir), yaml.safe_dump(raw))
+    where = ray.get(driver.__ray_call__.remote(
+        lambda self: (len(ray.get_gpu_ids()), self.evaluation.here, str(self.evaluation.device))))
+    assert where == (1, True, "cpu")  # a logical GPU: CUDA sees none, so the CPU
+    on_driver = ray.get(driver.run_round.remote(1)).metrics
+    ray.get(driver.finish.remote())
+    ray.kill(driver)  # and its workers with it
+    plain = start_driver(tracking_uri)
+    on_workers = ray.get(plain.run_round.remote(1)).metrics
+    assert on_driver["test_accuracy"] == on_workers["test_accuracy"]
+    assert on_driver["test_loss"] == pytest.approx(on_workers["test_loss"], rel=1e-6)
+    ray.get(plain.finish.remote())
 
 
 @pytest.mark.parametrize("extra, message", [

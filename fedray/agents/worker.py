@@ -59,7 +59,7 @@ class DeviceWorker:
         self._attack, self._attackers = job.attack, attackers
         self._held: dict[int, DeviceState] | None = {} if keeps_state else None
         self._model, layout = job_model(job, x.shape[1:], num_classes, initial)
-        self._device = _training_device(job)
+        self._device = training_device(job.devices.resources.num_gpus)
         self._model.to(self._device)
         self._spec = layout.shared  # the federated parameters
         self._strategy = strategies.for_job(job)  # what it asks of training
@@ -371,10 +371,10 @@ class DeviceWorker:
             return path.read_bytes(), check
 
 
-def _training_device(job: JobSpec) -> torch.device:
-    """The GPU Ray gave this worker, if the job asks for GPUs and CUDA sees one; else the CPU.
-    Nothing asks CUDA anything unless Ray assigned this worker a GPU."""
-    if job.devices.resources.num_gpus:
+def training_device(asked: float) -> torch.device:
+    """The GPU Ray gave this actor, if it ``asked`` for GPUs and CUDA sees one; else the CPU.
+    Nothing asks CUDA anything unless Ray assigned this actor a GPU."""
+    if asked:
         import ray
 
         if ray.get_gpu_ids() and torch.cuda.is_available():

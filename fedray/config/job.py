@@ -140,6 +140,9 @@ class AttackSpec(Section):
 class EvaluationSpec(Section):
     every: PositiveInt = Field(1, description="evaluate the global model every this many rounds (and the last)")
     federated: bool = Field(False, description="also evaluate on the sampled devices' local test splits")
+    num_gpus: Annotated[float, Field(ge=0, le=1)] = Field(0.0, description=(
+        "a GPU (or a share of one) for the driver, which then evaluates the held-out set itself, on it, instead "
+        "of on the device workers; the node the run starts on must have one"))
 
 
 class TrackingSpec(Section):

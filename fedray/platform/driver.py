@@ -85,7 +85,7 @@ class Driver:
             # where updates are folded: at the edges, or here
             self.tier = self.edges or Flat(job, self.strategy, self.pool, self._check, self.sealing and self.sealing.sums)
             self.evaluation = Evaluation(self.pool, (dataset.x, dataset.y), split.holdout, self.spec, self.model,
-                                         job.devices.timeout_s)
+                                         job.devices.timeout_s, job.evaluation.num_gpus)
             self.peers = job.peers and Peers(job, self.pool, split.holdout)
             if self.peers and not resume:
                 self.tracker.log_params({"peers.spectral_gap": f"{self.peers.spectral_gap:.6g}"})

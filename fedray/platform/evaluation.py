@@ -3,6 +3,7 @@ in shares of a fixed size, and (federated evaluation) on devices' own test split
 
 from __future__ import annotations
 
+import copy
 import time
 
 import numpy as np
@@ -10,6 +11,7 @@ import ray
 import torch
 
 from fedray.agents.training import evaluate
+from fedray.agents.worker import training_device
 from fedray.models.params import ParamSpec
 from fedray.platform.pool import WorkerPool
 
@@ -19,12 +21,16 @@ SHARE = 256  # held-out samples per evaluation task (a multiple of evaluate's ba
 class Evaluation:
     """Evaluates models on the held-out samples ``holdout`` of ``data = (x, y)`` and on devices'
     test splits, with ``pool``'s workers; ``model`` (with its ``spec``) evaluates here a share
-    whose worker failed (``spec`` changes with gradual unfreezing). Tasks that do not answer
-    within ``timeout_s`` fail."""
+    whose worker failed (``spec`` changes with gradual unfreezing). With ``gpus`` (the driver's
+    ``evaluation.num_gpus``) the held-out set is evaluated here, on the GPU Ray gave the driver,
+    with a copy of ``model``. Tasks that do not answer within ``timeout_s`` fail."""
 
     def __init__(self, pool: WorkerPool, data: tuple[np.ndarray, np.ndarray], holdout: np.ndarray, spec: ParamSpec,
-                 model: torch.nn.Module, timeout_s: float) -> None:
-        self._pool, self._data, self.spec, self._model, self._timeout_s = pool, data, spec, model, timeout_s
+                 model: torch.nn.Module, timeout_s: float, gpus: float = 0.0) -> None:
+        self._pool, self._data, self.spec, self._timeout_s = pool, data, spec, timeout_s
+        self.here = bool(gpus)  # the held-out set is evaluated by the driver
+        self.device = training_device(gpus)
+        self._model = copy.deepcopy(model).to(self.device) if self.here else model
         # shares of a fixed size: the sums, and so the metrics, do not depend on the number of workers
         self._shares = [holdout[i:i + SHARE] for i in range(0, len(holdout), SHARE)]
         self._holdout_size = len(holdout)
@@ -33,7 +39,7 @@ class Evaluation:
         """The accuracy and mean loss of ``params`` on the held-out set and, sample-weighted, on
         the test splits of ``devices``; ``{device: reason}`` for the devices that could not evaluate."""
         ref = ray.put(params)
-        shares = self._pool.evaluate_samples(self._shares, ref)
+        shares = [] if self.here else self._pool.evaluate_samples(self._shares, ref)
         refs = [self._pool.submit("evaluate", d, ref) for d in devices]
         held, per_device, failures = {}, [], {}
         for done in self._pool.as_completed(shares + refs, time.monotonic() + self._timeout_s):

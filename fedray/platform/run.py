@@ -99,6 +99,12 @@ def connect(num_gpus: int | None = None) -> None:
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, num_gpus=num_gpus)
 
 
+def _node_gpus() -> float:
+    """The GPUs of the node this process runs on."""
+    node = ray.get_runtime_context().get_node_id()
+    return next((n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n["NodeID"] == node), 0.0)
+
+
 def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,
             on_round: Callable[[RoundResult], None] | None = None, runs_dir: Path = RUNS_DIR,
             resume: tuple[str, str] | None = None, source: tuple[str, str] | None = None) -> dict:
@@ -114,6 +120,11 @@ def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,
         warnings.warn("this Ray job logs MLflow runs to a relative path inside its temporary working "
                       "directory, which Ray deletes; use --tracking-uri with a tracking server or an "
                       "absolute path", stacklevel=2)
+    gpus = job.evaluation.num_gpus  # the driver's, on this node (below)
+    if gpus > _node_gpus():
+        raise JobError(f"evaluation.num_gpus is {gpus:g} but this node, where the driver runs, has "
+                         f"{_node_gpus():g} GPUs: run from a GPU node, or set evaluation.num_gpus 0 to evaluate "
+                         "on the device workers")
     with STOP.hold():
         if resume is None:
             run_dir = start_run(resolve_uri(tracking_uri), job.tracking.experiment, job.name, runs_dir.resolve(),
@@ -125,7 +136,7 @@ def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,
     try:
         STOP.release()
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        driver = ray.remote(Driver).options(num_cpus=0, scheduling_strategy=here, max_restarts=0).remote(
+        driver = ray.remote(Driver).options(num_cpus=0, num_gpus=gpus, scheduling_strategy=here, max_restarts=0).remote(
             job, str(run_dir), job_yaml, resume and resume[1])
         history = ray.get(driver.round_log.remote(), timeout=600)  # when its setup is done; a resumed run's rounds
         round_timeout = 2 * job.devices.timeout_s + 600  # training, then federated evaluation
