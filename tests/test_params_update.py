@@ -62,12 +62,32 @@ def test_update_wire_round_trip_counts_bytes():
     assert (back.epsilon, private.epsilon, private.epsilon_next) == (None, 1.25, 1.5)
 
 
-@pytest.mark.parametrize("payload", [b"", b"\x05\x00\x00\x00{}", update().to_bytes()[:-4],
-                                     b"\x02\x00\x00\x00[]", b"\x05\x00\x00\x001e999",
-                                     b"\x03\x00\x00\x00999"])
-def test_malformed_payload_raises(payload):
-    with pytest.raises(ValueError):
+def _patched(offset: int, value: bytes) -> bytes:
+    good = update().to_bytes()
+    return good[:offset] + value + good[offset + len(value):]
+
+
+@pytest.mark.parametrize("payload, needle", [
+    (b"", "at least 38 bytes"),
+    (update().to_bytes()[:20], "at least 38 bytes"),
+    (update().to_bytes()[:-4], "payload holds 16 bytes for 5 x float32"),
+    (update().to_bytes() + b"\0", "payload holds 21 bytes"),
+    (_patched(24, b"O"), "object dtype"),  # the delta's dtype
+    (_patched(24, b"\xff"), "codec can't decode"),
+    (_patched(25, b"\xff\xff\xff\x7f"), "for 2147483647 x float32"),  # the delta's length
+    (_patched(37, b"\x10"), "unknown flags 0x10"),
+    (_patched(37, b"\x01"), "payload holds 12 bytes"),  # says an epsilon follows: the delta is 8 bytes short
+])
+def test_malformed_payload_raises(payload, needle):
+    with pytest.raises(ValueError, match="malformed update payload") as e:
         Update.from_bytes(payload)
+    assert needle in str(e.value)
+
+
+def test_update_header_is_small_and_binary():
+    u = update(delta=np.zeros(0, np.uint8), residual_norm=0.5)
+    assert len(u.to_bytes()) == 38 + 8  # a compressed update's few hundred bytes are not its header's
+    assert Update.from_bytes(u.to_bytes()).residual_norm == 0.5
 
 
 @pytest.mark.parametrize("u, needle", [
