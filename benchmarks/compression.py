@@ -50,6 +50,7 @@ CHAINS = {
     "randk 10% + q8": "[{kind: randk, fraction: 0.1}, {kind: quantize, bits: 8}, {kind: entropy}]",
     "topk 10% + q8 + entropy": "[{kind: topk, fraction: 0.1}, {kind: quantize, bits: 8}, {kind: entropy}]",
     "topk 5% + q2 + entropy": "[{kind: topk, fraction: 0.05}, {kind: quantize, bits: 2}, {kind: entropy}]",
+    "topk 3% + q2 + entropy": "[{kind: topk, fraction: 0.03}, {kind: quantize, bits: 2}, {kind: entropy}]",
     "topk 2% + q4 + entropy": f"[{{kind: topk, fraction: 0.02}}, {Q4}]",
     "topk 2% per layer + q4": f"[{{kind: topk, fraction: 0.02, per_layer: true}}, {Q4}]",
     "topk 1% + q4 + entropy": f"[{TOP1}, {Q4}]",
