@@ -248,11 +248,46 @@ def test_the_downlink_sends_each_device_what_it_missed_and_keeps_the_error():
     assert downloads == [eight_bits.sizes[-1], 4 * SIZE]  # device 1 missed 5 messages: the whole view is smaller
 
 
+def test_an_edge_sends_its_sum_quantized_and_the_driver_checks_it():
+    """An edge's Partial with compression.edge (8 bits, zlib): the sum comes back within one
+    quantization step, everything else exactly, in under a third of the float32 bytes; a payload
+    that does not decode, or a float32 sum where a compressed one is due, is refused."""
+    from fedray.platform.aggregation import Partial
+
+    job = SimpleNamespace(seed=0, compression=CompressionSpec(edge=[{"kind": "quantize", "bits": 8},
+                                                                    {"kind": "entropy"}]))
+    up = Chain.edge(job, SIZE)
+    p = Partial.zeros(SIZE)
+    for d in range(3):
+        p.add(vector(d), 10.0 + d, control=vector(10 + d))
+    payload = p.to_bytes(lambda x: up.encode(x, 0, 1, np.random.default_rng(0)))
+    q = Partial.from_bytes(payload, SIZE, decode=lambda blob: up.decode(blob, 0, 1))
+    step = (p.weighted_sum.max() - p.weighted_sum.min()) / 255
+    assert np.abs(q.weighted_sum - p.weighted_sum).max() <= step * 1.001
+    np.testing.assert_array_equal(q.control_sum, p.control_sum.astype(np.float32))  # control sums go as float32
+    assert (q.weight, q.steps_weight, q.count) == (p.weight, p.steps_weight, 3)
+    assert len(payload) - 4 * SIZE < len(p.to_bytes()) / 3 * 2  # the sum's part: 8 bits + zlib, not 32
+    with pytest.raises(ValueError, match="entropy flag 7"):
+        Partial.from_bytes(payload[:57] + b"\x07" + payload[58:], SIZE, decode=lambda blob: up.decode(blob, 0, 1))
+    with pytest.raises(ValueError, match="partial holds"):
+        Partial.from_bytes(payload[:-1], SIZE, decode=lambda blob: up.decode(blob, 0, 1))
+    with pytest.raises(ValueError, match="entropy flag"):
+        Partial.from_bytes(p.to_bytes(), SIZE, decode=lambda blob: up.decode(blob, 0, 1))  # float32, uncompressed
+    with pytest.raises(ValueError, match="expected vectors of"):
+        Partial.from_bytes(payload, SIZE)  # a compressed sum where float32 is due
+
+
 @pytest.mark.parametrize("extra, message", [
+    ({"compression": {"edge": [{"kind": "topk"}]}, "topology": {"edges": 2}}, "edge topk: an edge keeps no residual"),
+    ({"compression": {"edge": [{"kind": "quantize"}]}}, "the job has no topology"),
+    ({"compression": {"edge": [{"kind": "quantize"}]}, "topology": {"edges": 2}, "secure": {"preset": "balanced"}},
+     "ciphertext"),
+    ({"compression": {"edge": [{"kind": "quantize"}]}, "topology": {"edges": 2}, "privacy": {
+      "level": "client", "clip": 1.0, "noise_multiplier": 1.0}}, "one device could move the decoded sum"),
     ({"compression": {"uplink": [{"kind": "quantize"}, {"kind": "topk"}]}}, "out of order"),
     ({"compression": {"uplink": [{"kind": "topk"}, {"kind": "randk"}]}}, "out of order or repeats"),
     ({"compression": {"uplink": [{"kind": "quantize", "bits": 3}]}}, "bits"),
-    ({"compression": {"uplink": []}}, "needs uplink or downlink"),
+    ({"compression": {"uplink": []}}, "needs uplink, downlink or edge"),
     ({"compression": {"downlink": [{"kind": "entropy"}, {"kind": "sign"}]}}, "downlink .* out of order"),
     ({"compression": {"downlink": [{"kind": "quantize"}]}, "topology": {"edges": 2}}, "synchronous rounds without"),
     ({"compression": {"downlink": [{"kind": "quantize"}]}, "privacy": {"level": "client", "clip": 1.0,
@@ -333,7 +368,8 @@ def test_compressed_rounds_survive_worker_replacement_with_the_residuals_in_the_
 @pytest.mark.usefixtures("ray_session")
 def test_edges_decode_compressed_arrivals_of_an_asynchronous_run(tracking_uri):
     """FedBuff through two edges with compressed updates: each edge decodes and folds its devices'
-    arrivals; every server step completes, and the run's participation is recorded per device."""
+    arrivals and sends its sum up quantized (compression.edge); every server step completes, and the
+    run's participation is recorded per device."""
     import json
 
     from mlflow.artifacts import download_artifacts
@@ -342,14 +378,18 @@ def test_edges_decode_compressed_arrivals_of_an_asynchronous_run(tracking_uri):
 
     raw = small_job(rounds=4, topology={"edges": 2}, strategy={"name": "fedbuff", "concurrency": 4, "buffer_size": 2},
                     compression={"uplink": [{"kind": "randk", "fraction": 0.2}, {"kind": "quantize", "bits": 8},
-                                            {"kind": "entropy"}]})
+                                            {"kind": "entropy"}], "edge": [{"kind": "quantize", "bits": 8}]})
     job = parse_job(raw)
     log = []
     summary = run_job(job, job.model_dump_json(), tracking_uri, on_round=log.append)
     assert summary["completed_rounds"] == 4 and summary["failures"] == 0
     for step in log:
         assert step.metrics["compression_ratio"] > 3 and step.metrics["update_rate"] == 1.0
-        assert sum(v for k, v in step.metrics.items() if k.startswith("participants_edge_")) == 2
+        edges = [k for k in step.metrics if k.startswith("participants_edge_")]
+        assert sum(step.metrics[k] for k in edges) == 2
+        # models down (4 x 650 bytes each), and up from each edge a Partial of 57 + 5 + 4 + 8 + 650 bytes (an 8-bit
+        # sum), not 57 + 4 x 650
+        assert step.metrics["bytes_edge_cloud"] % (4 * 650) in (724, 2 * 724)
     local = download_artifacts(f"runs:/{summary['run_id']}/participation.json", tracking_uri=tracking_uri)
     participation = json.loads(open(local).read())
     assert participation["update_rate_min"] == 1.0

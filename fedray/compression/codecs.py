@@ -55,6 +55,12 @@ class Chain:
         encrypted aggregation, whose plan applies them inside the ciphertexts."""
         return cls.of(job, shapes) if job.compression and job.compression.uplink and job.secure is None else None
 
+    @classmethod
+    def edge(cls, job, size: int) -> Chain | None:
+        """The chain an edge's sum of ``size`` values goes up through; None without edge codecs.
+        Its codecs (quantize, entropy) do not depend on the parameters' shapes."""
+        return cls.of(job, [(size,)], job.compression.edge) if job.compression and job.compression.edge else None
+
     @property
     def size(self) -> int:
         return sum(math.prod(s) for s in self.shapes)

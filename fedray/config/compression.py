@@ -72,6 +72,9 @@ class CompressionSpec(Section):
         "quantize, sign; then optionally entropy"))
     downlink: list[Stage] = Field([], description=(
         "the codecs the broadcast model's change goes through (as uplink); the server keeps what they drop"))
+    edge: list[Stage] = Field([], description=(
+        "with a topology, the codecs each edge's sum goes through on its way to the driver: quantize, then "
+        "optionally entropy (an edge keeps no residual, so only unbiased or lossless codecs)"))
     error_feedback: bool = Field(True, description=(
         "what a lossy codec drops is kept in the device's state record and added to its next update"))
     warmup_rounds: Annotated[int, Field(ge=0)] = Field(0, description=(
@@ -80,14 +83,18 @@ class CompressionSpec(Section):
 
     @model_validator(mode="after")
     def _check(self) -> CompressionSpec:
-        if not self.uplink and not self.downlink:
-            raise ValueError("compression needs uplink or downlink codecs")
-        for name, chain in (("uplink", self.uplink), ("downlink", self.downlink)):
+        if not self.uplink and not self.downlink and not self.edge:
+            raise ValueError("compression needs uplink, downlink or edge codecs")
+        for name, chain in (("uplink", self.uplink), ("downlink", self.downlink), ("edge", self.edge)):
             steps = [ORDER[s.kind] for s in chain]
             if steps != sorted(set(steps)):
                 raise ValueError(f"compression.{name} {[s.kind for s in chain]} is out of order or repeats a step: "
                                  "give at most one of topk, randk, lowrank, then at most one of quantize, sign, "
                                  "then entropy")
+        if biased := [s.kind for s in self.edge if s.kind not in ("quantize", "entropy")]:
+            raise ValueError(f"compression.edge {biased[0]}: an edge keeps no residual between rounds for what a "
+                             "sparsifier, low rank or sign drops (error feedback), so edges only quantize (unbiased) "
+                             "and entropy-code (lossless)")
         if self.warmup_rounds and not any(c and c[0].kind in ("topk", "randk") for c in (self.uplink, self.downlink)):
             raise ValueError("compression.warmup_rounds ramps the sparsity of topk or randk; the chains have neither")
         return self
@@ -106,9 +113,23 @@ def check(job) -> None:
     if job.compression.downlink and job.privacy is not None and job.privacy.level == "client":
         raise ValueError("compression.downlink with client-level DP is not supported: which messages each device "
                          "has applied tells who took part in which round, which client-level DP keeps secret")
+    if job.compression.edge:
+        _check_edge(job)
     if job.model.unfreeze:
         raise ValueError("compression codes the federated vector, which model.unfreeze grows during the run; "
                          "drop one of them")
+
+
+def _check_edge(job) -> None:
+    if job.topology is None:
+        raise ValueError("compression.edge compresses what edges send to the driver; the job has no topology")
+    if job.secure is not None:
+        raise ValueError("compression.edge with secure aggregation: an edge's sum is ciphertext, which does not "
+                         "compress")
+    if job.privacy is not None and job.privacy.level == "client":
+        raise ValueError("compression.edge with client-level DP is not supported: the quantizer's range and rounding "
+                         "depend on every device in an edge's sum, so one device could move the decoded sum by more "
+                         "than the clip bound the noise is calibrated to")
 
 
 # why each codec cannot run inside encrypted aggregation, where aggregators add ciphertexts

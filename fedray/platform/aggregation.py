@@ -12,8 +12,8 @@ import numpy as np
 
 from fedray.update import Update
 
-# weight, steps_weight, below-clip count, count, vector length, has control sums, encrypted bytes
-_HEADER = struct.Struct("<dddqq?q")
+# weight, steps_weight, below-clip count, count, vector length, has control sums, encrypted bytes, bytes of the sum
+_HEADER = struct.Struct("<dddqq?qq")
 
 
 @dataclass
@@ -80,37 +80,45 @@ class Partial:
             self.control_sum = np.zeros_like(self.weighted_sum)
         self.control_sum += control
 
-    def to_bytes(self) -> bytes:
-        """The wire format an edge sends up: a fixed header, the float32 sums, the encrypted sum."""
+    def to_bytes(self, encode: Callable[[np.ndarray], bytes] | None = None) -> bytes:
+        """The wire format an edge sends up: a fixed header, the weighted sum (float32, or as
+        ``encode`` writes it), the control sums (float32) and the encrypted sum."""
+        body = self.weighted_sum.astype(np.float32)
+        body = body.tobytes() if encode is None else encode(body)
         control = b"" if self.control_sum is None else self.control_sum.astype(np.float32).tobytes()
         sealed = b"" if self.sealed is None else self.sealed.to_bytes()
         return (_HEADER.pack(self.weight, self.steps_weight, self.below_clip, self.count, self.weighted_sum.size,
-                             self.control_sum is not None, len(sealed))
-                + self.weighted_sum.astype(np.float32).tobytes() + control + sealed)
+                             self.control_sum is not None, len(sealed), len(body))
+                + body + control + sealed)
 
     @classmethod
-    def from_bytes(cls, payload: bytes, size: int, load_sealed: Callable[[bytes], Any] | None = None) -> Partial:
-        """Decode and check a Partial of vectors of ``size`` (and, with ``load_sealed``, its
-        encrypted sum); raises ValueError naming what is wrong."""
+    def from_bytes(cls, payload: bytes, size: int, load_sealed: Callable[[bytes], Any] | None = None,
+                   decode: Callable[[bytes], np.ndarray] | None = None) -> Partial:
+        """Decode and check a Partial of vectors of ``size`` (its weighted sum with ``decode`` when
+        compressed, its encrypted sum with ``load_sealed``); raises ValueError naming what is wrong."""
         if len(payload) < _HEADER.size:
             raise ValueError(f"partial payload of {len(payload)} bytes is shorter than its header")
-        weight, steps_weight, below_clip, count, length, has_control, sealed = _HEADER.unpack_from(payload)
-        vectors = 1 + has_control
-        if length != size or len(payload) != _HEADER.size + vectors * 4 * size + sealed:
-            raise ValueError(f"partial holds {len(payload) - _HEADER.size} bytes for {vectors} x {length} "
-                             f"float32 and {sealed} encrypted bytes, expected vectors of {size}")
+        weight, steps_weight, below_clip, count, length, has_control, sealed, body = _HEADER.unpack_from(payload)
+        controls = 4 * size * has_control
+        if (length != size or min(sealed, body) < 0 or (decode is None and body != 4 * size)
+                or len(payload) != _HEADER.size + body + controls + sealed):
+            raise ValueError(f"partial holds {len(payload) - _HEADER.size} bytes for a {body}-byte sum of {length} "
+                             f"values, {controls} bytes of control sums and {sealed} encrypted bytes, expected "
+                             f"vectors of {size}" + ("" if decode is None else " (the sum compressed)"))
         if sealed and load_sealed is None:
             raise ValueError("partial has an encrypted sum, but this run aggregates in plaintext")
         if load_sealed is not None and count and not sealed:
             raise ValueError(f"partial of {count} updates has no encrypted sum")
-        arrays = np.frombuffer(payload, dtype=np.float32, offset=_HEADER.size, count=vectors * size)
-        arrays = arrays.reshape(vectors, size).copy()
-        if not (np.isfinite(arrays).all() and math.isfinite(weight) and math.isfinite(steps_weight)
-                and math.isfinite(below_clip)):
+        raw = payload[_HEADER.size:_HEADER.size + body]
+        weighted = np.frombuffer(raw, dtype=np.float32).copy() if decode is None else decode(raw)
+        control = (np.frombuffer(payload, dtype=np.float32, offset=_HEADER.size + body, count=size).copy()
+                   if has_control else None)
+        if not (np.isfinite(weighted).all() and (control is None or np.isfinite(control).all())
+                and math.isfinite(weight) and math.isfinite(steps_weight) and math.isfinite(below_clip)):
             raise ValueError("partial has non-finite sums")
         if count < 0 or weight < 0 or (count == 0) != (weight == 0):
             raise ValueError(f"partial has count {count} and weight {weight}")
-        return cls(arrays[0], weight, steps_weight, count, arrays[1] if has_control else None, below_clip,
+        return cls(weighted, weight, steps_weight, count, control, below_clip,
                    None if load_sealed is None else load_sealed(payload[len(payload) - sealed:] if sealed else b""))
 
     def mean(self) -> np.ndarray:

@@ -53,6 +53,8 @@ class EdgeAggregator:
                        "expect_sealed": sealing is not None, "codec": codec}
         self._size = size
         self._sums = None if sealing is None else SumLoader(*sealing)  # encrypted aggregation: add ciphertexts
+        up = Chain.edge(job, size)  # compression.edge: what the Partial's sum goes up as
+        self._encode = None if up is None else (lambda x: up.encode(x, 0, edge, np.random.default_rng()))
         self._edge_rounds = job.topology.edge_rounds
         self._global: np.ndarray | None = None
         self._model: np.ndarray | None = None
@@ -87,7 +89,7 @@ class EdgeAggregator:
                     intake.staleness.append(edge_round - task.tag)
                 self._strategy.fold(partial, update)
         if self._edge_rounds == 1:
-            report.partial = partial.to_bytes()
+            report.partial = partial.to_bytes(self._encode)
             return report
         if partial.count:  # HierFAVG: the edge model moves to its devices' average
             self._model = self._model + partial.mean()
@@ -96,7 +98,7 @@ class EdgeAggregator:
             return report
         weight = partial.weight  # the edge's last edge round weighs its whole edge model's change
         change = (self._model - self._global) * np.float32(weight)
-        report.partial = Partial(change, weight, weight, partial.count).to_bytes()
+        report.partial = Partial(change, weight, weight, partial.count).to_bytes(self._encode)
         return report
 
     def fold_arrivals(self, arrivals: list[tuple[Task, list[ray.ObjectRef], int]], models: dict[int, ray.ObjectRef],
@@ -112,7 +114,7 @@ class EdgeAggregator:
             started = task.tag[1]
             intake.fold_arrival(done, staleness, self._strategy, partial,
                                 lambda: ray.get(models[started]) - ray.get(models[current]), **self._check)
-        report.partial = partial.to_bytes()
+        report.partial = partial.to_bytes(self._encode)
         return report
 
 def start_tiers(job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Split, size: int,
@@ -156,6 +158,7 @@ class Edges:
                  edge_of: list[int], pool: WorkerPool, sealing: tuple[SecurePlan, bytes] | None = None,
                  codec: Chain | None = None) -> None:
         self._job, self._size, self._train_sizes, self._codec = job, size, train_sizes, codec
+        self._up = Chain.edge(job, size)
         self._sealing, self._sums = sealing, None if sealing is None else SumLoader(*sealing)
         self.edge_of, self._pool = edge_of, pool
         self.group = ActorGroup(self._spawn, options, "edge")
@@ -254,7 +257,8 @@ class Edges:
         """Merge edge ``e``'s Partial and intake into the round's; False (with the reason in
         ``failed``) if its Partial does not decode."""
         try:
-            edge_partial = Partial.from_bytes(report.partial, self._size, self._sums and self._sums.load)
+            decode = None if self._up is None else (lambda blob: self._up.decode(blob, 0, e))
+            edge_partial = Partial.from_bytes(report.partial, self._size, self._sums and self._sums.load, decode)
         except ValueError as err:
             failed[e] = f"edge {e} sent a bad partial: {err}"
             return False
