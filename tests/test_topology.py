@@ -116,8 +116,8 @@ def test_edges_equal_flat_aggregation(tracking_uri, strategy):
     params = 64 * 10 + 10
     control = 2 if strategy["name"] == "scaffold" else 1  # SCAFFOLD sends c down and control changes up
     down = control * 4 * params
-    # each edge gets the model once and sends one Partial (a 49-byte header and its sums) up
-    assert history(client, tree["run_id"], "bytes_edge_cloud") == [2 * down + 2 * (49 + control * 4 * params)] * 3
+    # each edge gets the model once and sends one Partial (a 57-byte header and its sums) up
+    assert history(client, tree["run_id"], "bytes_edge_cloud") == [2 * down + 2 * (57 + control * 4 * params)] * 3
     device_edge = history(client, tree["run_id"], "bytes_device_edge")
     assert device_edge == [b + 4 * down for b in history(client, tree["run_id"], "bytes_up")]
     for r in range(3):
@@ -138,7 +138,7 @@ def test_hierfavg_with_one_edge_is_fedavg_over_its_edge_rounds(tracking_uri):
     np.testing.assert_allclose(history(client, tree["run_id"], "test_loss"),
                                history(client, flat["run_id"], "test_loss")[1::2], rtol=1e-5)
     params = 4 * (64 * 10 + 10)
-    assert history(client, tree["run_id"], "bytes_edge_cloud") == [params + 49 + params] * 2
+    assert history(client, tree["run_id"], "bytes_edge_cloud") == [params + 57 + params] * 2
     assert history(client, tree["run_id"], "bytes_down") == [2 * 6 * params] * 2
     # one cloud round trip (0.4 s), two device round trips (0.02 s each)
     assert history(client, tree["run_id"], "sim_comm_seconds") == pytest.approx([0.44] * 2, abs=1e-6)

@@ -49,7 +49,8 @@ class Outbox:
         if self._sealer is not None:
             rng = np.random.default_rng() if private else np.random.default_rng([self._job.seed, round, device, 5])
             target = delta if residual is None else delta + residual
-            plain, sealed, sent = self._seal(device, round, samples, steps, target, loss, indicator, clip, rng)
+            plain, sealed, sent = self._seal(device, round, samples, steps, target, loss, indicator, clip, rng,
+                                             count_clipped=not private)
             if residual is not None:  # the plaintext coordinates go exactly, the sealed ones as rounded
                 residual = np.zeros_like(target)
                 coordinates = self._sealer.plan.sent(round)
@@ -68,14 +69,14 @@ class Outbox:
         return out._replace(residual_norm=norm), replace(state, residual=residual.astype(np.float32))
 
     def _seal(self, device: int, round: int, samples: int, steps: int, delta: np.ndarray, loss: float,
-              indicator: float | None, clip: float | None, rng: np.random.Generator
+              indicator: float | None, clip: float | None, rng: np.random.Generator, count_clipped: bool
               ) -> tuple[np.ndarray, bytes, np.ndarray]:
         """Encrypt the round's coordinates of ``delta``, pre-weighted as the strategy weighs the
         update, with the loss (weighted by its samples) and the adaptive-clip indicator: the
-        plaintext coordinates, the blob, and what was sealed (``Sealer.seal``)."""
+        plaintext coordinates, the blob, and what was sealed (``Sealer.seal``). ``count_clipped``:
+        send the share of values beyond the range (not under privacy: a count of noised values)."""
         plan = self._sealer.plan
         weight, effective = self._strategy.weigh(samples, steps)
         extras = (loss * samples / plan.sample_scale, indicator or 0.0)
-        private = self._job.privacy is not None  # no clipped count of noised values
         return self._sealer.seal(device, round, delta, weight / effective / plan.weight_scale,
-                                 value_range(self._job, clip), extras, rng, count_clipped=not private)
+                                 value_range(self._job, clip), extras, rng, count_clipped=count_clipped)

@@ -121,10 +121,10 @@ def run_job(job: JobSpec, job_yaml: str, tracking_uri: str | None = None,
                       "directory, which Ray deletes; use --tracking-uri with a tracking server or an "
                       "absolute path", stacklevel=2)
     gpus = job.evaluation.num_gpus  # the driver's, on this node (below)
-    if gpus > _node_gpus():
+    if gpus and gpus > (here := _node_gpus()):
         raise JobError(f"evaluation.num_gpus is {gpus:g} but this node, where the driver runs, has "
-                         f"{_node_gpus():g} GPUs: run from a GPU node, or set evaluation.num_gpus 0 to evaluate "
-                         "on the device workers")
+                       f"{here:g} GPUs: run from a GPU node, or set evaluation.num_gpus 0 to evaluate "
+                       "on the device workers")
     with STOP.hold():
         if resume is None:
             run_dir = start_run(resolve_uri(tracking_uri), job.tracking.experiment, job.name, runs_dir.resolve(),
