@@ -53,8 +53,8 @@ class EdgeAggregator:
                        "expect_sealed": sealing is not None, "codec": codec}
         self._size = size
         self._sums = None if sealing is None else SumLoader(*sealing)  # encrypted aggregation: add ciphertexts
-        up = Chain.edge(job, size)  # compression.edge: what the Partial's sum goes up as
-        self._encode = None if up is None else (lambda x: up.encode(x, 0, edge, np.random.default_rng()))
+        self._up = Chain.edge(job, size)  # compression.edge: what the Partial's sum goes up as
+        self._seed = None if job.privacy else job.seed  # rounding from OS entropy under privacy, as on devices
         self._edge_rounds = job.topology.edge_rounds
         self._global: np.ndarray | None = None
         self._model: np.ndarray | None = None
@@ -89,7 +89,7 @@ class EdgeAggregator:
                     intake.staleness.append(edge_round - task.tag)
                 self._strategy.fold(partial, update)
         if self._edge_rounds == 1:
-            report.partial = partial.to_bytes(self._encode)
+            report.partial = self._wire(partial, edge_round)
             return report
         if partial.count:  # HierFAVG: the edge model moves to its devices' average
             self._model = self._model + partial.mean()
@@ -98,7 +98,7 @@ class EdgeAggregator:
             return report
         weight = partial.weight  # the edge's last edge round weighs its whole edge model's change
         change = (self._model - self._global) * np.float32(weight)
-        report.partial = Partial(change, weight, weight, partial.count).to_bytes(self._encode)
+        report.partial = self._wire(Partial(change, weight, weight, partial.count), edge_round)
         return report
 
     def fold_arrivals(self, arrivals: list[tuple[Task, list[ray.ObjectRef], int]], models: dict[int, ray.ObjectRef],
@@ -114,8 +114,16 @@ class EdgeAggregator:
             started = task.tag[1]
             intake.fold_arrival(done, staleness, self._strategy, partial,
                                 lambda: ray.get(models[started]) - ray.get(models[current]), **self._check)
-        report.partial = partial.to_bytes(self._encode)
+        report.partial = self._wire(partial, current)
         return report
+
+    def _wire(self, partial: Partial, round: int) -> bytes:
+        """``partial``'s bytes, its sum through compression.edge's codecs (which ignore the round;
+        ``round`` seeds the rounding)."""
+        if self._up is None:
+            return partial.to_bytes()
+        rng = np.random.default_rng(None if self._seed is None else [self._seed, round, self.edge, 17])
+        return partial.to_bytes(lambda x: self._up.encode(x, 0, self.edge, rng))
 
 def start_tiers(job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Split, size: int,
                 sealing: tuple[SecurePlan, Any, bytes] | None = None, initial: ray.ObjectRef | None = None,
