@@ -125,6 +125,7 @@ class EdgeAggregator:
         rng = np.random.default_rng(None if self._seed is None else [self._seed, round, self.edge, 17])
         return partial.to_bytes(lambda x: self._up.encode(x, 0, self.edge, rng))
 
+
 def start_tiers(job: JobSpec, data: ray.ObjectRef, num_classes: int, split: Split, size: int,
                 sealing: tuple[SecurePlan, Any, bytes] | None = None, initial: ray.ObjectRef | None = None,
                 codec: Chain | None = None) -> tuple[WorkerPool, Edges | None]:
