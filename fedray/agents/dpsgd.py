@@ -182,7 +182,7 @@ class PerSampleClipping:
                              "per-sample clipping supports each trainable layer once")
         backprops = torch.autograd.grad(losses.sum(), [output for *_, output, _ in calls], allow_unused=True) \
             if calls else []
-        squared, all_sums, self.normed = torch.zeros(len(losses), device=losses.device), [], set()
+        squared, all_sums, self.normed = torch.zeros(len(losses), dtype=losses.dtype, device=losses.device), [], set()
         for (layer, inputs, output, _), grad in zip(calls, backprops):
             own = self.own[layer]
             try:
