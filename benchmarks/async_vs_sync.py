@@ -41,6 +41,19 @@ def job(strategy: dict, rounds: int, every: int, seed: int) -> dict:
     }
 
 
+def strategies(seconds: float) -> dict[str, tuple[dict, int, int]]:
+    """Each side's (strategy, rounds, evaluation.every), for about ``seconds`` of training each."""
+    sync_rounds = int(seconds / SEC_PER_SYNC_ROUND)
+    # expected server steps in the same time: 10 devices in flight, mean device time
+    # 7 x 0.03 x (0.7 + 0.3 x 5) = 0.46 s, so ~22 arrivals a second
+    arrivals = int(seconds * 10 / (7 * STEP_SECONDS * (0.7 + 0.3 * 5)))
+    return {
+        "fedavg (sync)": ({"name": "fedavg"}, sync_rounds, 1),
+        "fedbuff": ({"name": "fedbuff", "concurrency": 10, "buffer_size": 5}, arrivals // 5, 2),
+        "fedasync": ({"name": "fedasync", "concurrency": 10, "alpha": 0.6}, arrivals, 10),
+    }
+
+
 def time_to_target(raw: dict, target: float, uri: str) -> tuple[float | None, float, float]:
     """(seconds until test accuracy first reached ``target`` or None, best accuracy, seconds run)."""
     elapsed, reached, best = 0.0, None, 0.0
@@ -64,15 +77,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=60.0, help="about how long each run trains")
     p.add_argument("--repeats", type=int, default=1)
     args = p.parse_args()
-    sync_rounds = int(args.seconds / SEC_PER_SYNC_ROUND)
-    # expected server steps in the same time: 10 devices in flight, mean device time
-    # 7 x 0.03 x (0.7 + 0.3 x 5) = 0.46 s, so ~22 arrivals a second
-    arrivals = int(args.seconds * 10 / (7 * STEP_SECONDS * (0.7 + 0.3 * 5)))
-    sides = {
-        "fedavg (sync)": ({"name": "fedavg"}, sync_rounds, 1),
-        "fedbuff": ({"name": "fedbuff", "concurrency": 10, "buffer_size": 5}, arrivals // 5, 2),
-        "fedasync": ({"name": "fedasync", "concurrency": 10, "alpha": 0.6}, arrivals, 10),
-    }
+    sides = strategies(args.seconds)
     connect()
     results: dict[str, list[tuple[float | None, float, float]]] = {name: [] for name in sides}
     with tempfile.TemporaryDirectory() as tmp:

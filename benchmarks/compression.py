@@ -91,6 +91,17 @@ def run(name: str, rounds: int, uri: str, extra: list[str]) -> list:
     return [h.metrics for h in log]
 
 
+def final(metrics: list, rounds: int | None = None) -> float:
+    """The held-out accuracy averaged over the 5 rounds up to ``rounds`` (default: the last)."""
+    last = metrics[:rounds][-5:]
+    return sum(m["test_accuracy"] for m in last) / len(last)
+
+
+def per_update(metrics: list) -> float:
+    """Bytes sent up per update, headers included."""
+    return sum(m["bytes_up"] for m in metrics) / sum(m["participants"] for m in metrics)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=200)
@@ -109,14 +120,6 @@ def main() -> None:
         for name in names:
             print(f"{name} ...", file=sys.stderr, flush=True)
             results[name] = run(name, args.rounds, uri, args.set)
-
-    def final(metrics: list, rounds: int | None = None) -> float:
-        """The held-out accuracy averaged over the 5 rounds up to ``rounds`` (default: the last)."""
-        last = metrics[:rounds][-5:]
-        return sum(m["test_accuracy"] for m in last) / len(last)
-
-    def per_update(metrics: list) -> float:
-        return sum(m["bytes_up"] for m in metrics) / sum(m["participants"] for m in metrics)
 
     def to_target(metrics: list, target: float) -> tuple[int | None, float]:
         seconds = 0.0

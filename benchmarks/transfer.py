@@ -52,7 +52,9 @@ def _run(job_file: str, overrides: list[str], uri: str) -> list:
     return log
 
 
-def transfer(rounds: int, uri: str) -> None:
+def transfer_curves(rounds: int, uri: str) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Pretrain on MNIST, then train digits each way of ``TRANSFER``: each one's held-out accuracy per
+    round, and the bytes each device sent up per round."""
     print("pretraining on MNIST (jobs/mnist_pretrain.yaml) ...", file=sys.stderr, flush=True)
     _run("mnist_pretrain.yaml", ["tracking.experiment=bench"], uri)
     curves, sent = {}, {}
@@ -62,12 +64,22 @@ def transfer(rounds: int, uri: str) -> None:
                                             *overrides], uri)
         curves[label] = [h.metrics["test_accuracy"] for h in log]
         sent[label] = sum(h.metrics["bytes_up"] / h.metrics["participants"] for h in log) / len(log)
+    return curves, sent
+
+
+def rounds_to(curve: list[float], target: float) -> int | None:
+    """The first round whose accuracy reaches ``target``."""
+    return next((r + 1 for r, acc in enumerate(curve) if acc >= target), None)
+
+
+def transfer(rounds: int, uri: str) -> None:
+    curves, sent = transfer_curves(rounds, uri)
     target = curves["from scratch"][-1]
     print(f"\nMNIST -> digits (28x28), {rounds} rounds; from scratch ends at accuracy {target:.4f}")
     print(f"{'setting':30s} {'final acc':>9s} {'rounds to ' + format(target, '.4f'):>17s} {'vs scratch':>10s} "
           f"{'KB up/device/round':>19s} {'vs all layers':>13s}")
     for label, curve in curves.items():
-        reached = next((r + 1 for r, acc in enumerate(curve) if acc >= target), None)
+        reached = rounds_to(curve, target)
         print(f"{label:30s} {curve[-1]:9.4f} {reached or '-':>17} "
               f"{(reached / rounds if reached else float('nan')):10.3f} {sent[label] / 1e3:19.1f} "
               f"{sent[label] / sent['transfer, all layers train']:13.4f}")
@@ -76,13 +88,19 @@ def transfer(rounds: int, uri: str) -> None:
         print(f"  {label:30s} " + " ".join(f"{a:.3f}" for a in curve))
 
 
-def personalization(rounds: int, per_round: int, uri: str) -> None:
+def personal_metrics(rounds: int, per_round: int, uri: str) -> dict[str, dict[str, float]]:
+    """Each method of ``PERSONAL``'s last-round metrics (device_accuracy_{global,personal,finetuned}...)."""
     rows = {}
     for label, overrides in PERSONAL.items():
         print(f"{label}, {per_round} per round ...", file=sys.stderr, flush=True)
         rows[label] = _run("mnist_personalized.yaml", [f"rounds={rounds}", f"evaluation.every={rounds}",
                                                        f"devices.per_round={per_round}", "tracking.experiment=bench",
                                                        *overrides], uri)[-1].metrics
+    return rows
+
+
+def personalization(rounds: int, per_round: int, uri: str) -> None:
+    rows = personal_metrics(rounds, per_round, uri)
     baseline = rows["FedAvg"]["device_accuracy_global"]
     print(f"\nMNIST, 20 devices ({per_round} per round), Dirichlet(0.1), {rounds} rounds: accuracy on each device's "
           "own test split (mean over devices +- std, min)")
