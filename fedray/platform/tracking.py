@@ -203,12 +203,13 @@ class Tracker:
         self._wake.set()
 
     def _send_loop(self) -> None:
-        """Send records in order; on a store error wait (0.5 s, doubling to 8 s) and try again."""
+        """Send records in order, the next as soon as one is taken; on a store error wait (0.5 s,
+        doubling to 8 s, or until a new record comes) and try again."""
         pause = 0.5
         while not self._stop:
+            self._wake.clear()  # before looking at the backlog: a record appended after it wakes the wait
             if not self.backlog:
                 self._wake.wait(1.0)
-                self._wake.clear()
                 continue
             self._attempt = time.monotonic()
             try:
@@ -220,10 +221,10 @@ class Tracker:
                     self._advance(1)
                     continue
                 self._trouble = cause(e)
-            finally:
-                self._attempt = None
                 self._wake.wait(pause)
                 pause = min(2 * pause, 8.0)
+            finally:
+                self._attempt = None
 
     def _send_next(self) -> None:
         """Send the next record, or the next run of metrics records in one batch."""
