@@ -32,9 +32,9 @@ def test_run_prints_progress_and_summary(tmp_path, tracking_uri):
     assert run.info.status == "FINISHED" and run.data.params["rounds"] == "3"
 
 
-def test_run_refuses_bad_data_before_creating_anything(tmp_path, tracking_uri):
+def test_run_refuses_bad_data_before_creating_anything(tmp_path):
     job = write_job(tmp_path, data={"dataset": "npz", "path": str(tmp_path / "missing.npz")})
-    result = CliRunner().invoke(main, ["run", job, "--tracking-uri", tracking_uri])
+    result = CliRunner().invoke(main, ["run", job, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
     assert result.exit_code == 1
     assert f"data.path: {tmp_path / 'missing.npz'} does not exist" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "mlflow.db").exists()
