@@ -20,6 +20,14 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture
+def ray_address(ray_session) -> str:
+    """The session Ray's address: a `fedray` command in a process of its own joins it
+    (``RAY_ADDRESS``, as a job submitted to a cluster does) rather than start a Ray of its own,
+    which takes seconds."""
+    return ray.get_runtime_context().gcs_address
+
+
 _drivers = []  # started by start_driver; killed after each test, with their workers
 
 
@@ -50,6 +58,31 @@ def tracking_uri(tmp_path, _empty_store):
     """A new, empty MLflow store of the test's own."""
     shutil.copyfile(_empty_store, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def reference(ray_session, tmp_path_factory, _empty_store):
+    """Plain runs that several tests compare against, each run once in the session:
+    ``reference(**overrides)`` runs ``small_job(**overrides)`` (or finds it run) and returns
+    (a client of its MLflow store, its summary). Jobs that parse alike are the same run."""
+    import yaml
+    from mlflow import MlflowClient
+
+    from fedray.config import parse_job
+    from fedray.platform.run import run_job
+
+    shutil.copyfile(_empty_store, path := tmp_path_factory.mktemp("reference") / "mlflow.db")
+    uri, made = f"sqlite:///{path}", {}
+
+    def run(**overrides):
+        raw = small_job(**overrides)
+        job = parse_job(raw)
+        key = job.model_dump_json()
+        if key not in made:
+            made[key] = run_job(job, yaml.safe_dump(raw), uri)
+        return MlflowClient(uri), made[key]
+
+    return run
 
 
 def small_job(**overrides) -> dict:

@@ -1,10 +1,9 @@
 """GPU workers without a GPU: the test session's Ray has two logical GPUs, so workers are placed by
-their GPU fractions as on a GPU cluster, and train on the CPU because CUDA sees no device. A fresh
-`fedray run`, whose Ray finds no GPU, shows the refusal."""
+their GPU fractions as on a GPU cluster, and train on the CPU because CUDA sees no device. (A
+cluster without GPUs refusing a GPU job: test_cluster.py.)"""
 
 from __future__ import annotations
 
-import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -19,8 +18,6 @@ from fedray.agents.training import LocalTraining, device_generator, train
 from fedray.config import JobError, parse_job
 from fedray.config.resources import ResourcesSpec, gpus_to_ask
 from fedray.models.zoo import build_model
-
-BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
 
 
 def test_workers_share_the_gpus_by_their_fraction_and_never_touch_cuda_without_one(local_driver):
@@ -43,28 +40,6 @@ def test_a_job_that_asks_for_more_gpus_than_the_cluster_has_fails_naming_them():
     assert gpus_to_ask(ResourcesSpec(num_gpus=1, gpu="auto"), 0.0)[1].endswith("workers train on CPUs")
     with pytest.raises(ValueError, match="num_gpus 3 per worker, but the cluster has 2 GPU"):
         gpus_to_ask(ResourcesSpec(num_gpus=3), 2.0)
-
-
-def test_a_gpu_job_on_a_cluster_without_gpus_fails_at_start_or_falls_back_under_auto(tmp_path):
-    """Each `fedray run` starts its own embedded Ray, which finds this machine's GPUs: none."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-    def run(resources: dict, **overrides) -> subprocess.CompletedProcess:
-        job = tmp_path / "job.yaml"
-        job.write_text(yaml.safe_dump(small_job(rounds=1, devices__resources=resources, **overrides)))
-        return subprocess.run([str(BIN / "fedray"), "run", str(job), "--tracking-uri", uri], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)
-
-    refused = run({"num_gpus": 0.5})
-    assert refused.returncode != 0
-    assert "devices.resources.num_gpus is 0.5 but the cluster has no GPUs" in refused.stderr
-    assert "devices.resources.gpu: auto" in refused.stderr
-    fallback = run({"num_gpus": 0.5, "gpu": "auto"})
-    assert fallback.returncode == 0, fallback.stderr
-    assert "resources       devices.resources.num_gpus 0.5 with gpu: auto, but the cluster has no GPUs" in fallback.stdout
-    driver_gpu = run({}, evaluation__num_gpus=1)  # refused before any MLflow run is made
-    assert driver_gpu.returncode != 0
-    assert "evaluation.num_gpus is 1 but this node, where the driver runs, has 0 GPUs" in driver_gpu.stderr
 
 
 @pytest.mark.usefixtures("ray_session")

@@ -2,6 +2,7 @@
 and real runs where agents exchange through Ray and never through the driver."""
 
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -183,55 +184,45 @@ def test_a_dead_agent_is_skipped_its_neighbours_renormalize_and_its_model_is_kep
         assert after_one[a].version == 1 and not np.array_equal(after_three[a].params, after_one[a].params)
 
 
-def test_sixteen_agents_on_a_ring_reach_consensus_and_fedavg_accuracy(ray_session, tracking_uri):
-    """jobs/mnist_gossip.yaml (16 agents on a ring, fully decentralized, MNIST with Dirichlet(0.5)
-    labels), with 3 gossip steps per round, for 100 rounds against FedAvg over the same 16
-    devices, all in every round, with the same local steps (one gossip step per round ends 2.7
-    points below FedAvg: the ring's spectral gap is 0.05). Stated threshold: the agents' models end within 10% of their average (the
-    consensus distance over the average model's norm).""" 
+def test_each_gossip_step_mixes_the_agents_models_once_more(local_driver):
+    """``peers.gossip_steps: 3``: after training, each agent mixes its model with its neighbours'
+    twice more within the round (the third mix opens the next round): its record holds W^2 X, X
+    the models as trained, which a DeviceWorker here computes. Each extra step sends every model
+    to both ring neighbours. (Accuracy against FedAvg: benchmarks/accept.py gossip.)"""
+    from fedray.agents.worker import DeviceWorker
+    from fedray.data import datasets, partition
+
+    raw = peer_job(rounds=1, peers={"exchange": "gossip", "gossip_steps": 3})
+    driver = local_driver(raw)
+    result = driver.run_round(1)
+    mixed = np.stack([s.params for s in ray.get([driver.pool.records.ref(a) for a in range(6)])])
+    driver.finish()
+    job = parse_job(raw)
+    data = datasets.load(job.data, job.seed)
+    worker = DeviceWorker(job, (data.x, data.y), data.num_classes,
+                          partition.split(data.y, job.data, 6, job.seed).of(np.arange(6)))
+    trained = np.stack([asyncio.run(worker.peer_round(a, 1, [], [], 1.0))[2] for a in range(6)]).astype(np.float64)
+    w = graphs.metropolis_hastings(graphs.ring(6))
+    np.testing.assert_allclose(mixed, w @ w @ trained, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(mixed, trained, atol=1e-3)
+    assert result.metrics["bytes_sent"] == 2 * 6 * 2 * trained[0].size * 4  # round 1 takes nothing in
+
+
+def test_distilling_agents_send_only_their_predictions(ray_session, tracking_uri):
+    """jobs/mnist_distill.yaml (logistic regression, MLP and CNN agents), 2 rounds: what travels
+    is each agent's predictions on the 500 reference images, to its 5 neighbours (500 x 10 float32
+    each, whatever the model), and the agents distil from them. (The accuracy gained over training
+    alone: benchmarks/accept.py distill.)"""
     from fedray.config import load_job
     from fedray.platform.run import run_job
 
-    rounds = ["rounds=100", "evaluation.every=10"]
-    gossip = load_job(Path(__file__).parent.parent / "jobs" / "mnist_gossip.yaml", rounds + ["peers.gossip_steps=3"])
-    fedavg = load_job(Path(__file__).parent.parent / "jobs" / "mnist_gossip.yaml",
-                      rounds + ["peers=null", "name=mnist-fedavg16", "devices.per_round=16"])
-    logs = {}
-    for job in (gossip, fedavg):
-        logs[job.name] = []
-        run_job(job, job.model_dump_json(), tracking_uri, on_round=logs[job.name].append)
-    evaluated = [h.metrics for h in logs["mnist-gossip"] if "consensus_distance" in h.metrics]
-    final, reference = evaluated[-1], logs["mnist-fedavg16"][-1].metrics["test_accuracy"]
-    seen = (final["consensus_relative"], final["test_accuracy"], final["test_accuracy_min"], reference)
-    assert final["consensus_relative"] < 0.1, seen
-    assert final["test_accuracy"] >= reference - 0.02, seen
-    assert final["test_accuracy_min"] > reference - 0.08, seen
-    assert all(h.metrics["dropped_links"] == 0 and h.metrics["bytes_sent"] > 0 for h in logs["mnist-gossip"][1:])
-
-
-def test_agents_with_three_different_models_gain_from_distillation(ray_session, tracking_uri):
-    """jobs/mnist_distill.yaml: logistic regression, MLP and CNN agents (two each) on label-skewed
-    MNIST exchange only predictions on 500 public images; against the same agents training alone,
-    every agent ends better, by at least 10 points on average. Only predictions travel: bytes per
-    round depend on the reference set (500 x 10 float32 per agent and neighbour), not the models."""
-    from fedray.config import load_job
-    from fedray.platform.run import run_job
-
-    path = Path(__file__).parent.parent / "jobs" / "mnist_distill.yaml"
-    final = {}
-    for exchange in ("distill", "local"):
-        job = load_job(path, [f"peers.exchange={exchange}", "evaluation.every=20"])
-        log = []
-        summary = run_job(job, job.model_dump_json(), tracking_uri, on_round=log.append)
-        scores = MlflowClient(tracking_uri).download_artifacts(summary["run_id"], "agents.json")
-        final[exchange] = {int(a): s for a, s in json.loads(Path(scores).read_text()).items()}
-        if exchange == "distill":
-            assert all(h.metrics["bytes_received"] == 6 * 5 * 500 * 10 * 4 for h in log[1:])
-            assert log[-1].metrics["distill_loss"] > 0
-    models = [final["distill"][a]["model"] for a in range(6)]
-    assert models == ["logreg", "mlp", "small_cnn"] * 2
-    gains = [final["distill"][a]["test_accuracy"] - final["local"][a]["test_accuracy"] for a in range(6)]
-    assert min(gains) > 0 and np.mean(gains) >= 0.10, gains
+    job = load_job(Path(__file__).parent.parent / "jobs" / "mnist_distill.yaml", ["rounds=2", "evaluation.every=2"])
+    log = []
+    summary = run_job(job, job.model_dump_json(), tracking_uri, on_round=log.append)
+    scores = json.loads(Path(MlflowClient(tracking_uri).download_artifacts(summary["run_id"], "agents.json")).read_text())
+    assert [scores[str(a)]["model"] for a in range(6)] == ["logreg", "mlp", "small_cnn"] * 2
+    assert log[0].metrics["bytes_received"] == 0 and log[1].metrics["bytes_received"] == 6 * 5 * 500 * 10 * 4
+    assert log[1].metrics["distill_loss"] > 0 and all(0 < s["test_accuracy"] <= 1 for s in scores.values())
 
 
 def test_gossip_with_dp_sgd_accounts_each_agents_epsilon(ray_session, tracking_uri):

@@ -58,10 +58,10 @@ def test_run_is_tracked_in_mlflow(tracking_uri, tmp_path):
     assert np.mean(pred == data.y[holdout]) == pytest.approx(acc[-1])
 
 
-def test_result_does_not_depend_on_worker_count(tracking_uri):
-    one, _ = run(tracking_uri, devices__workers=1)
-    three, _ = run(tracking_uri, devices__workers=3)
-    assert one["test_accuracy"] == three["test_accuracy"] and one["test_loss"] == three["test_loss"]
+def test_result_does_not_depend_on_worker_count(tracking_uri, reference):
+    one, _ = run(tracking_uri, rounds=3, devices__workers=1)
+    _, two = reference(rounds=3)  # devices.workers 2
+    assert one["test_accuracy"] == two["test_accuracy"] and one["test_loss"] == two["test_loss"]
 
 
 def test_virtual_devices_draw_their_samples_where_they_train(tracking_uri):
@@ -178,38 +178,27 @@ def test_deployment_mode_runs_one_actor_per_device(tracking_uri):
 
 
 @pytest.mark.parametrize("name", ["fedavgm", "fedprox", "fednova", "scaffold", "fedadam", "fedyogi", "fedadagrad"])
-def test_strategies_train_end_to_end(tracking_uri, name):
-    raw = small_job(rounds=3, strategy={"name": name})
-    summary = run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri)
-    run = MlflowClient(tracking_uri).get_run(summary["run_id"])
+def test_strategies_train_end_to_end(reference, name):
+    client, summary = reference(rounds=3, strategy={"name": name})  # test_secure encrypts some of these
+    run = client.get_run(summary["run_id"])
     assert run.data.params["strategy.name"] == name and summary["completed_rounds"] == 3
     assert summary["test_accuracy"] > 0.3  # chance is 0.1
     if name == "scaffold":  # the server control variate moved
-        assert all(v > 0 for v in history(MlflowClient(tracking_uri), summary["run_id"], "control_norm"))
+        assert all(v > 0 for v in history(client, summary["run_id"], "control_norm"))
 
 
-def test_robust_rules_resist_sign_flipping_attackers(tracking_uri):
-    """IID digits, 10 devices all sampled, 2 of them send -10 x their delta every round."""
-    attack = {"fraction": 0.2, "kind": "sign_flip", "scale": 10.0}
-
-    def accuracy(strategy, attacked=True):
-        raw = small_job(rounds=6, devices={"count": 10, "per_round": 10, "workers": 2, "min_completion": 1.0,
-                                           "local": {"epochs": 2, "batch_size": 32, "lr": 0.5}},
-                        strategy=strategy, attack=attack if attacked else None)
-        summary = run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri)
-        return summary["test_accuracy"], summary["run_id"]
-
-    clean, _ = accuracy({"name": "fedavg"}, attacked=False)
-    attacked, run_id = accuracy({"name": "fedavg"})
-    assert attacked < clean - 0.3  # FedAvg collapses
+@pytest.mark.parametrize("strategy", [{"name": "trimmed_mean", "beta": 0.2}, {"name": "multi_krum", "byzantine": 2}])
+def test_robust_rules_name_the_attackers_every_round(tracking_uri, strategy):
+    """IID digits, 10 devices all sampled, 2 of them send -10 x their delta every round: the run
+    records who attacks, and the rule flags exactly them, by device, every round. (Accuracy under
+    attack against clean FedAvg, for every rule: benchmarks/accept.py robust.)"""
+    raw = small_job(rounds=2, devices={"count": 10, "per_round": 10, "workers": 2, "min_completion": 1.0,
+                                       "local": {"epochs": 2, "batch_size": 32, "lr": 0.5}},
+                    strategy=strategy, attack={"fraction": 0.2, "kind": "sign_flip", "scale": 10.0})
+    run_id = run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri)["run_id"]
     client = MlflowClient(tracking_uri)
     attackers = json.loads(open(client.download_artifacts(run_id, "attackers.json")).read())
-    assert len(attackers) == 2 and history(client, run_id, "attackers") == [2] * 6
-    for strategy in ({"name": "median"}, {"name": "trimmed_mean", "beta": 0.2},
-                     {"name": "multi_krum", "byzantine": 2}):
-        robust, run_id = accuracy(strategy)
-        assert robust > clean - 0.05, strategy
-        if strategy["name"] != "median":  # the others flag the attackers, by device, every round
-            rounds = json.loads(open(client.download_artifacts(run_id, "rounds.json")).read())
-            assert [r["flagged"] for r in rounds] == [sorted(attackers)] * 6, strategy
-            assert history(client, run_id, "flagged") == [2] * 6
+    assert len(attackers) == 2 and history(client, run_id, "attackers") == [2] * 2
+    rounds = json.loads(open(client.download_artifacts(run_id, "rounds.json")).read())
+    assert [r["flagged"] for r in rounds] == [sorted(attackers)] * 2
+    assert history(client, run_id, "flagged") == [2] * 2

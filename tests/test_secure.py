@@ -294,17 +294,17 @@ PAILLIER = {"scheme": "paillier", "key_bits": 2048, "min_clients": 3}
                                                                       (None, PAILLIER)]),
                                                 ({"name": "fednova"}, [({"edges": 2}, SECURE)]),
                                                 ({"name": "fedadam"}, [(None, SECURE)])])
-def test_encrypted_runs_equal_their_plaintext_twins(tracking_uri, strategy, variants):
+def test_encrypted_runs_equal_their_plaintext_twins(tracking_uri, reference, strategy, variants):
     """Flat plaintext runs against encrypted runs, flat and through edges, CKKS and Paillier; the
     losses agree to the quantization's error."""
     client = MlflowClient(tracking_uri)
-    plain = run(tracking_uri, rounds=3, strategy=strategy)
+    plain_client, plain = reference(rounds=3, strategy=strategy)
     for topology, secure in variants:
         sealed = run(tracking_uri, rounds=3, strategy=strategy, topology=topology, secure=secure)
         np.testing.assert_allclose(history(client, sealed["run_id"], "test_loss"),
-                                   history(client, plain["run_id"], "test_loss"), rtol=2e-4)
+                                   history(plain_client, plain["run_id"], "test_loss"), rtol=2e-4)
         np.testing.assert_allclose(history(client, sealed["run_id"], "train_loss"),
-                                   history(client, plain["run_id"], "train_loss"), rtol=1e-3)
+                                   history(plain_client, plain["run_id"], "train_loss"), rtol=1e-3)
         assert sealed["bytes_up"] > plain["bytes_up"]
         assert history(client, sealed["run_id"], "clipped_fraction") == [0.0] * 3
         scheme = secure.get("scheme", "ckks")
@@ -314,13 +314,13 @@ def test_encrypted_runs_equal_their_plaintext_twins(tracking_uri, strategy, vari
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_selective_encryption_keeps_the_rest_in_plaintext(tracking_uri):
-    client = MlflowClient(tracking_uri)
-    plain = run(tracking_uri, rounds=2)
-    sealed = run(tracking_uri, rounds=2, secure={**SECURE, "encrypt": ["*.bias"]})
-    np.testing.assert_allclose(history(client, sealed["run_id"], "test_loss"),
-                               history(client, plain["run_id"], "test_loss"), rtol=1e-4)
-    assert client.get_run(sealed["run_id"]).data.tags["fedray.secure"] == "ckks: 10 values encrypted, 640 in plaintext"
+def test_selective_encryption_keeps_the_rest_in_plaintext(tracking_uri, reference):
+    plain_client, plain = reference(rounds=3)
+    sealed = run(tracking_uri, rounds=3, secure={**SECURE, "encrypt": ["*.bias"]})
+    np.testing.assert_allclose(history(MlflowClient(tracking_uri), sealed["run_id"], "test_loss"),
+                               history(plain_client, plain["run_id"], "test_loss"), rtol=1e-4)
+    assert MlflowClient(tracking_uri).get_run(sealed["run_id"]).data.tags["fedray.secure"] == \
+        "ckks: 10 values encrypted, 640 in plaintext"
 
 
 @pytest.mark.usefixtures("ray_session")

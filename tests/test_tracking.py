@@ -1,6 +1,7 @@
-"""Tracking trouble and stopping, through the real `fedray` CLI in its own process (with its own
-Ray) and a real MLflow store: an SQLite file that another process locks, a local `mlflow server`
-stopped and restarted mid-run, SIGTERM and Ctrl-C."""
+"""Tracking trouble and stopping, through the real `fedray` CLI in its own process and a real MLflow
+store: an SQLite file that another process locks, a local `mlflow server` stopped and restarted
+mid-run, SIGTERM and Ctrl-C. One command starts its own embedded Ray, as `fedray run` on a laptop
+does; the others join the tests' Ray, as a job submitted to a cluster does."""
 
 from __future__ import annotations
 
@@ -36,10 +37,12 @@ def write_job(tmp_path: Path, rounds: int, **tracking) -> Path:
 
 
 class Cli:
-    """A `fedray` command in its own process; its output (stdout and stderr) read as it comes."""
+    """A `fedray` command in its own process; its output (stdout and stderr) read as it comes. With
+    ``ray_address`` it joins that Ray, else it starts its own."""
 
-    def __init__(self, *args: str, cwd: Path) -> None:
-        self.process = subprocess.Popen([str(BIN / "fedray"), *args], cwd=cwd, stdout=subprocess.PIPE,
+    def __init__(self, *args: str, cwd: Path, ray_address: str | None = None) -> None:
+        env = {**os.environ, "RAY_ADDRESS": ray_address} if ray_address else None
+        self.process = subprocess.Popen([str(BIN / "fedray"), *args], cwd=cwd, stdout=subprocess.PIPE, env=env,
                                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -109,39 +112,40 @@ def test_a_locked_database_delays_records_and_loses_none(tmp_path):
     """Locked past MLflow's 20 s busy timeout, from round 3 to after training ends: the rounds go
     on, the records wait and are all logged once the lock goes."""
     db = tmp_path / "mlflow.db"
-    cli = Cli("run", str(write_job(tmp_path, rounds=30)), "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)
-    cli.wait_for(r"round\s+3/30")
+    cli = Cli("run", str(write_job(tmp_path, rounds=20)), "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)
+    cli.wait_for(r"round\s+3/20")
     holder, locked = lock(db), time.monotonic()
-    cli.wait_for(r"records wait for MLflow: no answer for", timeout=60)
-    cli.wait_for(r"round 30/30")  # training went on
+    cli.wait_for(r"records wait for MLflow: no answer for", timeout=60)  # said 5 s into the lock
+    cli.wait_for(r"round 20/20")  # training went on
     time.sleep(max(0.0, locked + 25 - time.monotonic()))  # MLflow gives up after 20 s: fedray retries
     holder.rollback()
     holder.close()
     code, output = cli.finish()
-    assert code == 0 and "30/30 rounds completed" in output and "Traceback" not in output
-    assert_complete(MlflowClient(f"sqlite:///{db}"), run_id(output), 30)
+    assert code == 0 and "20/20 rounds completed" in output and "Traceback" not in output
+    assert_complete(MlflowClient(f"sqlite:///{db}"), run_id(output), 20)
     assert [p.name for p in (tmp_path / "fedray-runs").iterdir()] == ["fedray.log"]  # everything sent: no journal
     # the console is fedray's: Ray's and MLflow's INFO lines and warnings are in the log file
     assert "INFO" not in output and "WARNING" not in output, output
     assert "Started a local Ray instance" in (tmp_path / "fedray-runs" / "fedray.log").read_text()
 
 
-def test_a_store_down_at_the_end_leaves_a_journal_that_replay_sends(tmp_path):
+def test_a_store_down_at_the_end_leaves_a_journal_that_replay_sends(tmp_path, ray_address):
     db = tmp_path / "mlflow.db"
-    cli = Cli("run", str(write_job(tmp_path, rounds=8, wait_s=2)), "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)
-    cli.wait_for(r"round\s+2/8")
+    cli = Cli("run", str(write_job(tmp_path, rounds=4, wait_s=2)), "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path,
+              ray_address=ray_address)
+    cli.wait_for(r"round\s+2/4")
     holder = lock(db)
     code, output = cli.finish()
     holder.rollback()
     holder.close()
-    assert code == 0 and "8/8 rounds completed" in output and "Traceback" not in output
+    assert code == 0 and "4/4 rounds completed" in output and "Traceback" not in output
     journal = tmp_path / "fedray-runs" / run_id(output)
     assert f"records it could not take are kept in {journal}: send them with `fedray replay {journal}`" in output
     client = MlflowClient(f"sqlite:///{db}")
     assert client.get_run(run_id(output)).info.status == "RUNNING"
     code, output = Cli("replay", str(journal), cwd=tmp_path).finish()
     assert code == 0 and "everything sent" in output, output
-    assert_complete(client, journal.name, 8)
+    assert_complete(client, journal.name, 4)
     assert not journal.exists()
 
 
@@ -166,27 +170,28 @@ def _server(tmp_path: Path, port: int) -> subprocess.Popen:
     pytest.fail("mlflow server did not start")
 
 
-def test_a_restarted_tracking_server_loses_nothing(tmp_path):
+def test_a_restarted_tracking_server_loses_nothing(tmp_path, ray_address):
     port = _free_port()
     server = _server(tmp_path, port)
     uri = f"http://127.0.0.1:{port}"
-    cli = Cli("run", str(write_job(tmp_path, rounds=30)), "--tracking-uri", uri, cwd=tmp_path)
+    cli = Cli("run", str(write_job(tmp_path, rounds=12)), "--tracking-uri", uri, cwd=tmp_path, ray_address=ray_address)
     try:
-        cli.wait_for(r"round\s+3/30")
+        cli.wait_for(r"round\s+3/12")
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
         cli.wait_for(r"records wait for MLflow: connection refused", timeout=60)
         server = _server(tmp_path, port)
         code, output = cli.finish()
-        assert code == 0 and "30/30 rounds completed" in output and "Traceback" not in output
-        assert_complete(MlflowClient(uri), run_id(output), 30)
+        assert code == 0 and "12/12 rounds completed" in output and "Traceback" not in output
+        assert_complete(MlflowClient(uri), run_id(output), 12)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
 
 
-def test_sigterm_ends_the_run_killed_with_its_rounds(tmp_path):
+def test_sigterm_ends_the_run_killed_with_its_rounds(tmp_path, ray_address):
     db = tmp_path / "mlflow.db"
-    cli = Cli("run", str(write_job(tmp_path, rounds=30)), "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)
+    cli = Cli("run", str(write_job(tmp_path, rounds=30)), "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path,
+              ray_address=ray_address)
     cli.wait_for(r"round\s+3/30")
     cli.process.send_signal(signal.SIGTERM)  # as `kill` and `timeout` send it
     code, output = cli.finish()
@@ -203,9 +208,10 @@ def test_sigterm_ends_the_run_killed_with_its_rounds(tmp_path):
     assert "model" not in {a.path for a in client.list_artifacts(run)}
 
 
-def test_ctrl_c_during_setup_leaves_no_run_running(tmp_path):
+def test_ctrl_c_during_setup_leaves_no_run_running(tmp_path, ray_address):
     db = tmp_path / "mlflow.db"
-    cli = Cli("run", str(write_job(tmp_path, rounds=30)), "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)
+    cli = Cli("run", str(write_job(tmp_path, rounds=30)), "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path,
+              ray_address=ray_address)
     log, deadline = tmp_path / "fedray-runs" / "fedray.log", time.monotonic() + 120
     while not (log.exists() and "Updating database tables" in log.read_text()):  # MLflow's line, in the log file
         assert time.monotonic() < deadline and cli.process.poll() is None, cli.output
@@ -222,11 +228,12 @@ def test_ctrl_c_during_setup_leaves_no_run_running(tmp_path):
     assert [r.info.status for r in runs] == (["KILLED"] if said[1] else [])
 
 
-def test_a_failed_run_says_one_line_and_where_the_full_log_is(tmp_path):
+def test_a_failed_run_says_one_line_and_where_the_full_log_is(tmp_path, ray_address):
     raw = small_job(model={"class": "user_models:NeedsLocalFile"})
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
     db = tmp_path / "mlflow.db"
-    code, output = Cli("run", "job.yaml", "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path).finish()
+    code, output = Cli("run", "job.yaml", "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path,
+                       ray_address=ray_address).finish()
     ours = [line for line in output.splitlines() if "Ray instance" not in line and "Token authentication" not in line
             and "mlflow.store.db" not in line]
     run = re.search(r"MLflow run ([0-9a-f]{32}) ended FAILED", output)[1]
