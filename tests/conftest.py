@@ -9,13 +9,18 @@ import ray
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One embedded local Ray for the whole test session (ray.init takes seconds), with two
-    logical GPUs: GPU jobs are placed as on a GPU cluster and train on the CPU (test_gpu.py)."""
+def start_ray() -> None:
+    """The tests' embedded local Ray, with two logical GPUs: GPU jobs are placed as on a GPU
+    cluster and train on the CPU (test_gpu.py)."""
     from fedray.platform.run import connect
 
     connect(num_gpus=2)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One Ray for the whole test session (ray.init takes seconds)."""
+    start_ray()
     yield
     ray.shutdown()
 
@@ -86,14 +91,15 @@ def reference(ray_session, tmp_path_factory, _empty_store):
 
 
 def small_job(**overrides) -> dict:
-    """A job mapping that trains in about a second per round on digits."""
+    """A job mapping that trains in about a second per round on digits, on one worker (tests
+    whose behaviour involves several workers ask for them)."""
     job = {
         "name": "test",
         "seed": 0,
         "rounds": 2,
         "data": {"dataset": "digits", "partition": {"kind": "iid"}},
         "model": {"name": "logreg"},
-        "devices": {"count": 6, "per_round": 4, "workers": 2, "local": {"epochs": 1, "batch_size": 32, "lr": 0.1}},
+        "devices": {"count": 6, "per_round": 4, "workers": 1, "local": {"epochs": 1, "batch_size": 32, "lr": 0.1}},
         "tracking": {"experiment": "tests", "log_model": False},
     }
     for key, value in overrides.items():

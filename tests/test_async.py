@@ -22,6 +22,7 @@ SLOW_DEVICES = {
     "model": {"class": "user_models:SlowLogReg", "kwargs": {"features": 64, "classes": 10, "sleep_s": 0.1}},
     "devices__local": {"steps": 2, "lr": 0.5},
     "devices__speed": {"kind": "slow_fraction", "fraction": 0.34, "slowdown": 15, "step_seconds": 0.1},
+    "devices__workers": 2,
 }
 
 
@@ -48,7 +49,7 @@ def test_fedbuff_steps_without_waiting_for_slow_devices(tracking_uri, tmp_path):
 def test_fedasync_drops_updates_staler_than_the_bound(tracking_uri):
     # devices slower than the driver's step (~0.2 s each) so that several steps pass while one trains
     client, run_id = run(tracking_uri, rounds=16, model=SLOW_DEVICES["model"], devices__local={"steps": 2, "lr": 0.5},
-                         strategy={"name": "fedasync", "concurrency": 4, "max_staleness": 1,
+                         devices__workers=2, strategy={"name": "fedasync", "concurrency": 4, "max_staleness": 1,
                                    "staleness": {"kind": "hinge", "a": 10, "b": 0}})
     assert history(client, run_id, "participants") == [1] * 16  # one update mixed in per step
     assert max(history(client, run_id, "staleness_max")) <= 1

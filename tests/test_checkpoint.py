@@ -276,7 +276,8 @@ def test_devices_keep_their_state_when_the_workers_that_trained_them_die(trackin
     workers are killed after round 1; every record still counts each accepted training."""
     from conftest import start_driver
 
-    driver = start_driver(tracking_uri, rounds=3, strategy={"name": "scaffold"}, devices__per_round=6)
+    driver = start_driver(tracking_uri, rounds=3, strategy={"name": "scaffold"}, devices__per_round=6,
+                          devices__workers=2)
     accepted = {d: 0 for d in range(6)}
     for r in (1, 2, 3):
         if r == 2:

@@ -85,7 +85,8 @@ def test_privacy_plan_prints_the_spend_and_the_rounds_a_budget_affords(tmp_path)
 def test_a_run_that_trains_nothing_fails_and_logs_no_model(tmp_path, tracking_uri):
     job = write_job(tmp_path, model={"class": "user_models:SlowLogReg",
                                      "kwargs": {"features": 64, "classes": 10, "sleep_s": 0.5}},
-                    devices__timeout_s=1.0, devices__local={"steps": 6}, tracking={"experiment": "t", "log_model": True})
+                    devices__timeout_s=1.0, devices__local={"steps": 6}, devices__workers=2,
+                    tracking={"experiment": "t", "log_model": True})
     result = CliRunner().invoke(main, ["run", job, "--tracking-uri", tracking_uri, "--runs-dir", str(tmp_path / "r")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     # per round: one device per worker started and hung it; two waited for a free worker

@@ -20,10 +20,10 @@ from ray.cluster_utils import Cluster
 
 from fedray.config import parse_job
 from fedray.platform.driver import Driver
-from fedray.platform.run import connect, run_job
+from fedray.platform.run import run_job
 from fedray.platform.tracking import start_run
 
-from conftest import history, small_job
+from conftest import history, small_job, start_ray
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def cluster():
     ray.shutdown()
     cluster.shutdown()
     if was_connected:
-        connect()
+        start_ray()
 
 
 def job(**overrides):

@@ -155,7 +155,7 @@ def test_agents_exchange_through_ray_and_the_driver_never_receives_a_parameter_v
 
 
 def test_a_dead_agent_is_skipped_its_neighbours_renormalize_and_its_model_is_kept(local_driver):
-    driver = local_driver(peer_job(rounds=3))
+    driver = local_driver(peer_job(rounds=3, devices__workers=2))
     records = driver.pool.records
     first = driver.run_round(1)
     after_one = ray.get([records.ref(a) for a in range(6)])

@@ -59,8 +59,8 @@ def test_run_is_tracked_in_mlflow(tracking_uri, tmp_path):
 
 
 def test_result_does_not_depend_on_worker_count(tracking_uri, reference):
-    one, _ = run(tracking_uri, rounds=3, devices__workers=1)
-    _, two = reference(rounds=3)  # devices.workers 2
+    two, _ = run(tracking_uri, rounds=3, devices__workers=2)
+    _, one = reference(rounds=3)  # devices.workers 1
     assert one["test_accuracy"] == two["test_accuracy"] and one["test_loss"] == two["test_loss"]
 
 
@@ -77,7 +77,7 @@ def test_virtual_devices_draw_their_samples_where_they_train(tracking_uri):
 
 
 def test_dead_worker_is_a_failure_and_is_replaced(tracking_uri):
-    driver = start_driver(tracking_uri, rounds=3, devices__count=4, devices__per_round=4)
+    driver = start_driver(tracking_uri, rounds=3, devices__count=4, devices__per_round=4, devices__workers=2)
     first = ray.get(driver.run_round.remote(1))
     assert first.completed and not first.failures
     worker = ray.get(driver.__ray_call__.remote(lambda self: self.pool.workers.actors[0]))
@@ -130,7 +130,7 @@ def test_one_bad_device_does_not_stop_the_round(tracking_uri, tmp_path):
 def test_hung_devices_time_out_and_round_fails(tracking_uri):
     driver = start_driver(tracking_uri, model={"class": "user_models:SlowLogReg",
                                                "kwargs": {"features": 64, "classes": 10, "sleep_s": 0.5}},
-                          devices__timeout_s=1.0, devices__local={"steps": 6})
+                          devices__timeout_s=1.0, devices__local={"steps": 6}, devices__workers=2)
     before = ray.get(driver.evaluate.remote())
     result = ray.get(driver.run_round.remote(1))
     assert not result.completed and len(result.failures) == 4

@@ -337,7 +337,8 @@ def test_a_device_that_drops_out_contributes_nothing(tracking_uri, tmp_path):
 
 @pytest.mark.usefixtures("ray_session")
 def test_a_replaced_worker_is_given_its_devices_seeds_again(tracking_uri):
-    driver = start_driver(tracking_uri, rounds=3, devices__count=4, devices__per_round=4, secure={"min_clients": 2})
+    driver = start_driver(tracking_uri, rounds=3, devices__count=4, devices__per_round=4, devices__workers=2,
+                          secure={"min_clients": 2})
     assert ray.get(driver.run_round.remote(1)).completed
     ray.kill(ray.get(driver.__ray_call__.remote(lambda self: self.pool.workers.actors[0])), no_restart=True)
     second = ray.get(driver.run_round.remote(2))  # the device sent to the dead worker fails

@@ -78,15 +78,11 @@ class Tracker:
     Only one Tracker may hold a journal at a time."""
 
     def __init__(self, directory: str | Path) -> None:
-        from mlflow import MlflowClient
-        from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
-
-        os.environ.setdefault(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, "0")  # this thread retries, without blocking
-        os.environ.setdefault(MLFLOW_HTTP_REQUEST_TIMEOUT.name, "30")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the sending thread retries, without blocking
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.directory = Path(directory)
         meta = json.loads((self.directory / "run.json").read_text())
         self.uri, self.run_id = meta["tracking_uri"], meta["run_id"]
-        self._client = MlflowClient(self.uri)
         self._journal = self.directory / "journal.jsonl"
         self._records = _read_journal(self._journal)
         self._sent = min(int(_read(self.directory / "sent") or 0), len(self._records))
@@ -204,7 +200,11 @@ class Tracker:
 
     def _send_loop(self) -> None:
         """Send records in order, the next as soon as one is taken; on a store error wait (0.5 s,
-        doubling to 8 s, or until a new record comes) and try again."""
+        doubling to 8 s, or until a new record comes) and try again. MLflow is imported here (a
+        second or two), not in the way of the caller, which only appends to the journal."""
+        from mlflow import MlflowClient
+
+        self._client = MlflowClient(self.uri)
         pause = 0.5
         while not self._stop:
             self._wake.clear()  # before looking at the backlog: a record appended after it wakes the wait
