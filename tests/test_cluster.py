@@ -4,10 +4,7 @@ is recorded and replaced; `fedray run` joining the cluster refuses a GPU job, or
 
 import json
 import os
-import subprocess
-import sys
 import threading
-from pathlib import Path
 import time
 
 import numpy as np
@@ -100,24 +97,25 @@ def test_a_node_lost_mid_run_is_recorded_and_its_edge_comes_back_on_a_new_node(c
 
 
 def test_a_gpu_job_on_a_cluster_without_gpus_fails_at_start_or_falls_back_under_auto(cluster, tmp_path):
-    """`fedray run` in a process of its own, joined to the cluster (as a submitted job is)."""
-    c, _ = cluster
+    """`fedray run` on the cluster (this process is connected to it, as a submitted job is)."""
+    from click.testing import CliRunner
+
+    from fedray.cli import main
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
-    def run(resources: dict, **overrides) -> subprocess.CompletedProcess:
+    def run(resources: dict, **overrides):
         job = tmp_path / "job.yaml"
         job.write_text(yaml.safe_dump(small_job(rounds=1, devices__resources=resources, **overrides)))
-        return subprocess.run([str(Path(sys.executable).parent / "fedray"), "run", str(job), "--tracking-uri", uri],
-                              cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": c.address}, capture_output=True,
-                              text=True, timeout=300)
+        return CliRunner().invoke(main, ["run", str(job), "--tracking-uri", uri, "--runs-dir", str(tmp_path / "runs")])
 
     refused = run({"num_gpus": 0.5})
-    assert refused.returncode != 0
+    assert refused.exit_code != 0
     assert "devices.resources.num_gpus is 0.5 but the cluster has no GPUs" in refused.stderr
     assert "devices.resources.gpu: auto" in refused.stderr
     fallback = run({"num_gpus": 0.5, "gpu": "auto"})
-    assert fallback.returncode == 0, fallback.stderr
+    assert fallback.exit_code == 0, fallback.output
     assert "resources       devices.resources.num_gpus 0.5 with gpu: auto, but the cluster has no GPUs" in fallback.stdout
     driver_gpu = run({}, evaluation__num_gpus=1)  # refused before any MLflow run is made
-    assert driver_gpu.returncode != 0
+    assert driver_gpu.exit_code != 0
     assert "evaluation.num_gpus is 1 but this node, where the driver runs, has 0 GPUs" in driver_gpu.stderr
