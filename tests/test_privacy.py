@@ -5,6 +5,7 @@ values, noise calibration and clipping measured, Poisson sampling's distribution
 import asyncio
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -29,6 +30,25 @@ def test_accountants_match_opacus_published_values():
     # RDP, but int(90 // 0.04) = 2,249 for PRV (floor division of floats)
     assert privacy.Ledger(1.5, 0.04, 1e-5, "rdp").epsilon(2250) == pytest.approx(7.32911117143, rel=1e-9)
     assert privacy.Ledger(1.5, 0.04, 1e-5, "prv").epsilon(2249) == pytest.approx(6.777395712150674, rel=1e-6)
+
+
+def test_composed_epsilon_equals_opacus_accountant_bit_for_bit():
+    """fedray composes RDP from each (noise, rate) pair's one-step curve, computed once: the same
+    epsilon as Opacus's RDP accountant over the same history, to the last bit."""
+    from opacus.accountants import RDPAccountant
+
+    from fedray.agents.privacy import epsilon
+
+    rng = np.random.default_rng(5)
+    pairs = [(0.5, 0.9), (1.1, 0.01), (2.0, 0.25), (4.0, 0.06)]  # (noise multiplier, rate)
+    for _ in range(6):
+        history = [(*pairs[i], int(rng.integers(0, 500))) for i in rng.choice(4, size=int(rng.integers(1, 4)))]
+        reference = RDPAccountant()
+        reference.history = [m for m in history if m[2]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            expected = reference.get_epsilon(delta=1e-5) if reference.history else 0.0
+        assert epsilon("rdp", history, 1e-5) == expected, history
 
 
 def _sampled_gaussian_rdp(q: float, sigma: float, order: int) -> float:
