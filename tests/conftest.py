@@ -33,20 +33,6 @@ def ray_address(ray_session) -> str:
     return ray.get_runtime_context().gcs_address
 
 
-_drivers = []  # started by start_driver; killed after each test, with their workers
-
-
-@pytest.fixture(autouse=True)
-def _kill_drivers():
-    """A test that fails before ``finish`` would leave its driver's workers holding the CPUs that
-    later tests' workers wait for."""
-    yield
-    while _drivers:
-        driver = _drivers.pop()
-        if ray.is_initialized():
-            ray.kill(driver)
-
-
 @pytest.fixture(scope="session")
 def _empty_store(tmp_path_factory) -> Path:
     """An MLflow SQLite store with its tables made: MLflow takes a second or more to make them in a
@@ -111,32 +97,17 @@ def small_job(**overrides) -> dict:
     return job
 
 
-def start_driver(tracking_uri: str, **overrides):
-    """A Driver actor for ``small_job(**overrides)``, to run rounds one by one."""
-    import yaml
-
-    from fedray.config import parse_job
-    from fedray.platform.driver import Driver
-
-    from fedray.platform.tracking import start_run
-
-    raw = small_job(**overrides)
-    job = parse_job(raw)
-    run_dir = start_run(tracking_uri, job.tracking.experiment, job.name, Path(tracking_uri[len("sqlite:///"):]).parent)
-    driver = ray.remote(Driver).options(num_cpus=0).remote(job, str(run_dir), yaml.safe_dump(raw))
-    _drivers.append(driver)
-    return driver
-
-
 def history(client, run_id: str, key: str) -> list[float]:
     """A run's values of metric ``key`` in step order."""
     return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
 @pytest.fixture
-def local_driver(ray_session, tmp_path):
-    """Makes a Driver in this process (not an actor), so that the test can reach into its pool;
-    its workers, which this process owns, are killed after the test (or they would hold the CPUs)."""
+def local_driver(ray_session, tmp_path, tracking_uri):
+    """Makes a Driver for a job mapping in this process (not an actor: a driver process takes
+    seconds to start), logging to the test's store, to run rounds one by one and reach into its
+    pool; its workers, which this process owns, are killed after the test (or they would hold the
+    CPUs)."""
     import yaml
 
     from fedray.config import parse_job
@@ -147,7 +118,7 @@ def local_driver(ray_session, tmp_path):
 
     def make(raw: dict):
         job = parse_job(raw)
-        run_dir = start_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "tests", job.name, tmp_path)
+        run_dir = start_run(tracking_uri, "tests", job.name, tmp_path)
         made.append(Driver(job, str(run_dir), yaml.safe_dump(raw)))
         return made[-1]
 

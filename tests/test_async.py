@@ -4,7 +4,6 @@ are slow (SlowLogReg sleeps in every training step; devices.speed multiplies tha
 import json
 
 import pytest
-import ray
 import yaml
 from mlflow import MlflowClient
 
@@ -12,7 +11,7 @@ from fedray.agents.heterogeneity import slowdowns
 from fedray.config import parse_job
 from fedray.platform.run import run_job
 
-from conftest import history, small_job, start_driver
+from conftest import history, small_job
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -59,27 +58,26 @@ def test_fedasync_drops_updates_staler_than_the_bound(tracking_uri):
     assert accuracy[-1] > accuracy[0] + 0.1
 
 
-def test_late_updates_are_dropped_at_the_deadline(tracking_uri):
-    driver = start_driver(tracking_uri, devices__count=6, devices__per_round=6, devices__deadline_s=2.5,
-                          **SLOW_DEVICES)
+def test_late_updates_are_dropped_at_the_deadline(local_driver):
+    driver = local_driver(small_job(devices__count=6, devices__per_round=6, devices__deadline_s=2.5, **SLOW_DEVICES))
     speed = parse_job(small_job(**SLOW_DEVICES)).devices.speed
     slow = {d for d, factor in enumerate(slowdowns(speed, 6, seed=0)) if factor > 1}
-    result = ray.get(driver.run_round.remote(1))
+    result = driver.run_round(1)
     assert result.completed and result.metrics["participants"] == 4 and result.metrics["late"] == 2
     assert set(result.failures) == slow and len(slow) == 2
     assert all("missed the round deadline (2.5s" in reason for reason in result.failures.values())
     assert 2.5 <= result.metrics["round_seconds"] < 3.5
-    ray.get(driver.finish.remote())
+    driver.finish()
 
 
-def test_late_updates_join_the_next_round_with_their_staleness(tracking_uri):
-    driver = start_driver(tracking_uri, rounds=2, devices__count=6, devices__per_round=6, devices__deadline_s=2.5,
-                          devices__late="next_round", **SLOW_DEVICES)
-    first = ray.get(driver.run_round.remote(1))
+def test_late_updates_join_the_next_round_with_their_staleness(local_driver):
+    driver = local_driver(small_job(rounds=2, devices__count=6, devices__per_round=6, devices__deadline_s=2.5,
+                                    devices__late="next_round", **SLOW_DEVICES))
+    first = driver.run_round(1)
     assert first.metrics["participants"] == 4 and first.metrics["late"] == 2 and not first.failures
-    second = ray.get(driver.run_round.remote(2))
+    second = driver.run_round(2)
     # the 2 slow devices still train for round 1, so round 2 samples the other 4; their round-1
     # updates (3 s after round 1 started) arrive before round 2's deadline
     assert second.metrics["participants"] == 6 and second.metrics["late_accepted"] == 2
     assert second.metrics["staleness_max"] == 1 and not second.failures
-    ray.get(driver.finish.remote())
+    driver.finish()

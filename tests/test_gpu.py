@@ -43,8 +43,7 @@ def test_a_job_that_asks_for_more_gpus_than_the_cluster_has_fails_naming_them():
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_the_driver_evaluates_the_held_out_set_itself_when_it_holds_a_gpu(tracking_uri):
-    from conftest import start_driver
+def test_the_driver_evaluates_the_held_out_set_itself_when_it_holds_a_gpu(tracking_uri, local_driver):
     from fedray.platform.driver import Driver
     from fedray.platform.tracking import start_run
 
@@ -58,11 +57,11 @@ def test_the_driver_evaluates_the_held_out_set_itself_when_it_holds_a_gpu(tracki
     on_driver = ray.get(driver.run_round.remote(1)).metrics
     ray.get(driver.finish.remote())
     ray.kill(driver)  # and its workers with it
-    plain = start_driver(tracking_uri)
-    on_workers = ray.get(plain.run_round.remote(1)).metrics
+    plain = local_driver(small_job())  # evaluates on its workers
+    on_workers = plain.run_round(1).metrics
     assert on_driver["test_accuracy"] == on_workers["test_accuracy"]
     assert on_driver["test_loss"] == pytest.approx(on_workers["test_loss"], rel=1e-6)
-    ray.get(plain.finish.remote())
+    plain.finish()
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -22,7 +22,7 @@ from fedray.platform import privacy
 from fedray.platform.aggregation import Partial
 from fedray.platform.run import run_job
 
-from conftest import history, small_job, start_driver
+from conftest import history, small_job
 
 
 def test_accountants_match_opacus_published_values():
@@ -417,7 +417,7 @@ def test_a_device_refuses_a_round_past_its_budget():
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_device_spend_survives_a_killed_worker(tracking_uri):
+def test_device_spend_survives_a_killed_worker(local_driver):
     """Sample level: a worker is killed between rounds 2 and 3; its devices fail round 3 (and are
     charged for it: they were sent the model) and train again in round 4 on a new worker, from
     their spend so far. Every device's epsilon only grows, and equals its composed rounds."""
@@ -425,32 +425,31 @@ def test_device_spend_survives_a_killed_worker(tracking_uri):
 
     raw = small_job(rounds=4, devices__workers=2, privacy={"level": "sample", "noise_multiplier": 1.1}, **SAMPLE_DP)
     _, plans = device_plans(raw)
-    driver = start_driver(tracking_uri, **{k: v for k, v in raw.items() if k != "name"})
-    spends = []
+    driver = local_driver(raw)
+    spends, reported = [], []
 
-    def record(self):  # what the devices themselves report, before the run takes the larger
-        told, self.reported = self.pool.spend.told, []
-        self.pool.spend.told = lambda values: (self.reported.append(dict(values)), told(values))[1]
+    def record():  # what the devices themselves report, before the run takes the larger
+        told = driver.pool.spend.told
+        driver.pool.spend.told = lambda values: (reported.append(dict(values)), told(values))[1]
 
     for r in (1, 2, 3, 4):
         if r == 4:
-            ray.get(driver.__ray_call__.remote(record))
+            record()
         if r == 3:
-            ray.kill(ray.get(driver.__ray_call__.remote(lambda self: self.pool.workers.actors[0])), no_restart=True)
-        result = ray.get(driver.run_round.remote(r))
+            ray.kill(driver.pool.workers.actors[0], no_restart=True)
+        result = driver.run_round(r)
         assert result.completed and (len(result.failures) > 0) == (r == 3)
         if r == 3:
             killed = sorted(result.failures)  # the devices sent to the killed worker
-        spends.append(ray.get(driver.__ray_call__.remote(lambda self: self.pool.spend.view())))
+        spends.append(driver.pool.spend.view())
         expected = [epsilon("rdp", [(z, q, steps * r)], 1e-5) for z, q, steps in plans]
         assert [spends[-1][d][0] for d in range(6)] == pytest.approx(expected)
         assert result.metrics["device_epsilon_mean"] == pytest.approx(np.mean(expected))
-    told = ray.get(driver.__ray_call__.remote(lambda self: self.pool.spend.history))
+    told = driver.pool.spend.history
     for d in killed:  # the new worker was handed the device's history: it reports 4 rounds' spend
         assert sum(steps for *_, steps in told[d]) == 4 * plans[d][2]
-    reported = ray.get(driver.__ray_call__.remote(lambda self: self.reported))
     assert killed and all(reported[0][d][0] == pytest.approx(spends[-1][d][0]) for d in killed)
-    ray.get(driver.finish.remote())
+    driver.finish()
 
 
 @pytest.mark.usefixtures("ray_session")

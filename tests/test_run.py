@@ -14,7 +14,7 @@ from fedray.config import parse_job
 from fedray.data import datasets, partition
 from fedray.platform.run import RunError, run_job
 
-from conftest import history, small_job, start_driver
+from conftest import history, small_job
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -76,19 +76,18 @@ def test_virtual_devices_draw_their_samples_where_they_train(tracking_uri):
     assert accuracy[-1] > 0.8 and accuracy[-1] > accuracy[0]
 
 
-def test_dead_worker_is_a_failure_and_is_replaced(tracking_uri):
-    driver = start_driver(tracking_uri, rounds=3, devices__count=4, devices__per_round=4, devices__workers=2)
-    first = ray.get(driver.run_round.remote(1))
+def test_dead_worker_is_a_failure_and_is_replaced(tracking_uri, local_driver):
+    driver = local_driver(small_job(rounds=3, devices__count=4, devices__per_round=4, devices__workers=2))
+    first = driver.run_round(1)
     assert first.completed and not first.failures
-    worker = ray.get(driver.__ray_call__.remote(lambda self: self.pool.workers.actors[0]))
-    ray.kill(worker, no_restart=True)
-    second = ray.get(driver.run_round.remote(2))
+    ray.kill(driver.pool.workers.actors[0], no_restart=True)
+    second = driver.run_round(2)
     # the device sent to the dead worker fails; the others train on the live worker and the new one
     assert len(second.failures) == 1 and all("worker 0 failed" in r for r in second.failures.values())
     assert second.metrics["participants"] == 3 and second.completed
-    third = ray.get(driver.run_round.remote(3))
+    third = driver.run_round(3)
     assert third.completed and not third.failures and third.metrics["participants"] == 4
-    summary = ray.get(driver.finish.remote())
+    summary = driver.finish()
     assert summary["failures"] == 1
     client = MlflowClient(tracking_uri)
     assert history(client, summary["run_id"], "failures") == [0, 1, 0]
@@ -108,44 +107,44 @@ def poisoned_digits(path, poisoned_classes):
             "devices__count": 6, "devices__per_round": 6}
 
 
-def test_non_finite_updates_are_rejected_and_model_kept(tracking_uri, tmp_path):
-    driver = start_driver(tracking_uri, **poisoned_digits(tmp_path / "all.npz", [0, 1, 2, 3, 4, 5]))
-    before = ray.get(driver.evaluate.remote())
-    result = ray.get(driver.run_round.remote(1))
+def test_non_finite_updates_are_rejected_and_model_kept(local_driver, tmp_path):
+    driver = local_driver(small_job(**poisoned_digits(tmp_path / "all.npz", [0, 1, 2, 3, 4, 5])))
+    before = driver.evaluate()
+    result = driver.run_round(1)
     assert not result.completed and result.metrics["participants"] == 0
     assert len(result.failures) == 6 and all("non-finite" in r for r in result.failures.values())
-    assert ray.get(driver.evaluate.remote()) == before
-    assert ray.get(driver.finish.remote("FAILED"))["completed_rounds"] == 0
+    assert driver.evaluate() == before
+    assert driver.finish("FAILED")["completed_rounds"] == 0
 
 
-def test_one_bad_device_does_not_stop_the_round(tracking_uri, tmp_path):
-    driver = start_driver(tracking_uri, **poisoned_digits(tmp_path / "one.npz", [5]))
-    result = ray.get(driver.run_round.remote(1))
+def test_one_bad_device_does_not_stop_the_round(local_driver, tmp_path):
+    driver = local_driver(small_job(**poisoned_digits(tmp_path / "one.npz", [5])))
+    result = driver.run_round(1)
     assert result.completed and result.metrics["participants"] == 5
     (bad,) = result.failures
     assert "non-finite" in result.failures[bad]
-    ray.get(driver.finish.remote())
+    driver.finish()
 
 
-def test_hung_devices_time_out_and_round_fails(tracking_uri):
-    driver = start_driver(tracking_uri, model={"class": "user_models:SlowLogReg",
-                                               "kwargs": {"features": 64, "classes": 10, "sleep_s": 0.5}},
-                          devices__timeout_s=1.0, devices__local={"steps": 6}, devices__workers=2)
-    before = ray.get(driver.evaluate.remote())
-    result = ray.get(driver.run_round.remote(1))
+def test_hung_devices_time_out_and_round_fails(local_driver):
+    driver = local_driver(small_job(model={"class": "user_models:SlowLogReg",
+                                           "kwargs": {"features": 64, "classes": 10, "sleep_s": 0.5}},
+                                    devices__timeout_s=1.0, devices__local={"steps": 6}, devices__workers=2))
+    before = driver.evaluate()
+    result = driver.run_round(1)
     assert not result.completed and len(result.failures) == 4
     # one device per worker started, and hung it; the other two waited for a free worker
     reasons = sorted(result.failures.values())
     assert reasons == ["no answer within 1s (devices.timeout_s)"] * 2 + ["no worker was free within the round's 1s"] * 2
-    assert ray.get(driver.evaluate.remote()) == before
-    ray.get(driver.finish.remote("FAILED"))
+    assert driver.evaluate() == before
+    driver.finish("FAILED")
 
 
-def test_finish_twice_ends_the_run_once(tracking_uri):
-    driver = start_driver(tracking_uri, rounds=1)
-    ray.get(driver.run_round.remote(1))
-    first = ray.get(driver.finish.remote("FINISHED"))
-    assert ray.get(driver.finish.remote("FAILED")) == first
+def test_finish_twice_ends_the_run_once(tracking_uri, local_driver):
+    driver = local_driver(small_job(rounds=1))
+    driver.run_round(1)
+    first = driver.finish("FINISHED")
+    assert driver.finish("FAILED") == first
     client = MlflowClient(tracking_uri)
     assert client.get_run(first["run_id"]).info.status == "FINISHED"
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -165,16 +164,14 @@ def test_failed_setup_ends_the_run_failed_with_the_cause(tracking_uri, tmp_path)
     assert error.value.unlogged == 0 and not (tmp_path / "runs").exists()  # all sent: the journal is gone
 
 
-def test_deployment_mode_runs_one_actor_per_device(tracking_uri):
-    driver = start_driver(tracking_uri, data={"dataset": "breast_cancer", "partition": {"kind": "quantity_skew",
-                                                                                       "beta": 2.0}},
-                          devices={"count": 3, "per_round": 3, "mode": "deployment",
-                                   "local": {"epochs": 1, "optimizer": "adam", "lr": 0.01}})
-    actors, groups = ray.get(driver.__ray_call__.remote(lambda self: (len(self.pool.workers.actors), self.pool.group_workers)))
-    assert actors == 3 and groups == [[0], [1], [2]]
-    result = ray.get(driver.run_round.remote(1))
+def test_deployment_mode_runs_one_actor_per_device(local_driver):
+    driver = local_driver(small_job(data={"dataset": "breast_cancer", "partition": {"kind": "quantity_skew", "beta": 2.0}},
+                                    devices={"count": 3, "per_round": 3, "mode": "deployment",
+                                             "local": {"epochs": 1, "optimizer": "adam", "lr": 0.01}}))
+    assert len(driver.pool.workers.actors) == 3 and driver.pool.group_workers == [[0], [1], [2]]
+    result = driver.run_round(1)
     assert result.completed and result.metrics["participants"] == 3
-    ray.get(driver.finish.remote())
+    driver.finish()
 
 
 @pytest.mark.parametrize("name", ["fedavgm", "fedprox", "fednova", "scaffold", "fedadam", "fedyogi", "fedadagrad"])

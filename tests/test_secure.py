@@ -28,7 +28,7 @@ from fedray.secure.ciphers import CipherSum
 from fedray.secure.plan import SecurePlan, Sealer, SumLoader
 from fedray.update import Update
 
-from conftest import history, small_job, start_driver
+from conftest import history, small_job
 
 SECURE = {"preset": "balanced", "min_clients": 3}
 
@@ -324,40 +324,40 @@ def test_selective_encryption_keeps_the_rest_in_plaintext(tracking_uri, referenc
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_a_device_that_drops_out_contributes_nothing(tracking_uri, tmp_path):
+def test_a_device_that_drops_out_contributes_nothing(local_driver, tmp_path):
     from test_run import poisoned_digits
 
-    driver = start_driver(tracking_uri, secure=SECURE, **poisoned_digits(tmp_path / "one.npz", [5]))
-    result = ray.get(driver.run_round.remote(1))
+    driver = local_driver(small_job(secure=SECURE, **poisoned_digits(tmp_path / "one.npz", [5])))
+    result = driver.run_round(1)
     assert result.completed and result.metrics["participants"] == 5
     (bad,) = result.failures
     assert "non-finite values" in result.failures[bad] and "does not send it" in result.failures[bad]
-    ray.get(driver.finish.remote())
+    driver.finish()
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_a_replaced_worker_is_given_its_devices_seeds_again(tracking_uri):
-    driver = start_driver(tracking_uri, rounds=3, devices__count=4, devices__per_round=4, devices__workers=2,
-                          secure={"min_clients": 2})
-    assert ray.get(driver.run_round.remote(1)).completed
-    ray.kill(ray.get(driver.__ray_call__.remote(lambda self: self.pool.workers.actors[0])), no_restart=True)
-    second = ray.get(driver.run_round.remote(2))  # the device sent to the dead worker fails
+def test_a_replaced_worker_is_given_its_devices_seeds_again(local_driver):
+    driver = local_driver(small_job(rounds=3, devices__count=4, devices__per_round=4, devices__workers=2,
+                                    secure={"min_clients": 2}))
+    assert driver.run_round(1).completed
+    ray.kill(driver.pool.workers.actors[0], no_restart=True)
+    second = driver.run_round(2)  # the device sent to the dead worker fails
     assert second.completed and second.metrics["participants"] == 3 and len(second.failures) == 1
-    third = ray.get(driver.run_round.remote(3))  # the new worker's devices' updates verify
+    third = driver.run_round(3)  # the new worker's devices' updates verify
     assert third.completed and third.metrics["participants"] == 4 and not third.failures
-    ray.get(driver.finish.remote())
+    driver.finish()
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_too_few_devices_leave_the_sum_encrypted_and_the_model_unchanged(tracking_uri, tmp_path):
+def test_too_few_devices_leave_the_sum_encrypted_and_the_model_unchanged(local_driver, tmp_path):
     from test_run import poisoned_digits
 
-    driver = start_driver(tracking_uri, secure={"min_clients": 6}, **poisoned_digits(tmp_path / "one.npz", [5]))
-    before = ray.get(driver.evaluate.remote())
-    result = ray.get(driver.run_round.remote(1))
+    driver = local_driver(small_job(secure={"min_clients": 6}, **poisoned_digits(tmp_path / "one.npz", [5])))
+    before = driver.evaluate()
+    result = driver.run_round(1)
     assert not result.completed and result.metrics["participants"] == 5  # the quorum is met, min_clients not
-    assert ray.get(driver.evaluate.remote()) == before
-    ray.get(driver.finish.remote())
+    assert driver.evaluate() == before
+    driver.finish()
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -398,8 +398,9 @@ def test_mnist_reaches_the_same_accuracy_encrypted(tracking_uri):
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_the_threat_model_holds_through_the_real_actors(tracking_uri):
-    """docs/secure.md's threat model, line by line, on a run's own actors (through two edges):
+def test_the_threat_model_holds_through_the_real_actors(local_driver):
+    """docs/secure.md's threat model, line by line, on a run's own actors (through two edges; the
+    driver is this process, a curious one):
     - the driver, the edges and the devices hold public contexts that cannot decrypt;
     - the authority offers no call that returns a seed or enrolls a device: workers get their
       devices' seeds from the authority that starts them;
@@ -410,12 +411,13 @@ def test_the_threat_model_holds_through_the_real_actors(tracking_uri):
       sum to isolate another's update."""
     import time
 
-    driver = start_driver(tracking_uri, rounds=2, topology={"edges": 2}, secure={"preset": "balanced"})
-    assert ray.get(driver.run_round.remote(1)).completed
-    authority, plan, public, edge, worker, hosted, params = ray.get(driver.__ray_call__.remote(lambda self: (
-        self.sealing.authority, self.sealing.plan, self.sealing.public, self.edges.group.actors[0], self.pool.workers.actors[0],
-        np.flatnonzero(self.pool.group_of == self.pool.group_of[0]).tolist(), self.state.params)))
-    assert not ray.get(driver.__ray_call__.remote(lambda self: self.sealing.sums.public.context.is_private()))
+    driver = local_driver(small_job(rounds=2, topology={"edges": 2}, secure={"preset": "balanced"}))
+    assert driver.run_round(1).completed
+    authority, plan, public, edge, worker, params = (driver.sealing.authority, driver.sealing.plan, driver.sealing.public,
+                                                     driver.edges.group.actors[0], driver.pool.workers.actors[0],
+                                                     driver.state.params)
+    hosted = np.flatnonzero(driver.pool.group_of == driver.pool.group_of[0]).tolist()
+    assert not driver.sealing.sums.public.context.is_private()
     assert not ray.get(edge.__ray_call__.remote(lambda self: self._sums.public.context.is_private()))
     assert not ray.get(worker.__ray_call__.remote(lambda self: self._outbox._sealer.public.context.is_private()))
     offered = {m for m in authority._ray_method_signatures if not m.startswith("__")}
@@ -439,4 +441,4 @@ def test_the_threat_model_holds_through_the_real_actors(tracking_uri):
                                                  for d in hosted[2:3] + [hosted[0] + 100]]
     with pytest.raises(ray.exceptions.RayTaskError, match="no device sent"):
         decrypt(padded)
-    ray.get(driver.finish.remote())
+    driver.finish()
