@@ -1,7 +1,7 @@
 """End to end: a real Ray head started with `ray start --head` (token authentication on, loopback
-only), the quickstart job sent with the real `ray job submit` CLI, and its MLflow run read back;
-and a head with an autoscaler (Ray's fake multi-node provider) that a `devices.scale_up` job asks
-for workers.
+only, an autoscaler with Ray's fake multi-node provider), the quickstart job sent with the real
+`ray job submit` CLI and its MLflow run read back, and a `devices.scale_up` job asking the
+autoscaler for workers. One head serves the module.
 
 The head is this test's own: its token lives in a temporary folder (RAY_AUTH_TOKEN_PATH; the user's
 ~/.ray/auth_token is neither read nor written), all its ports are picked free on 127.0.0.1, and it
@@ -213,7 +213,9 @@ def _fake_cluster(gcs: str, head_cpus: int, node_types: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def head():
-    yield from _start_head()
+    # two CPUs on the head; the autoscaler may add one more node of one CPU
+    yield from _start_head(num_cpus=2, node_types={
+        "cpu1": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 1}})
 
 
 def test_head_requires_the_token(head):
@@ -257,7 +259,7 @@ def test_ray_job_submit_runs_quickstart_and_logs_to_mlflow(head):
 
 
 # Run in a process of its own, a driver of the autoscaling head: ``run_job`` with a callback that,
-# after a round trained on fewer than two workers, holds the run until the autoscaler's node and the
+# after a round trained on fewer than three workers, holds the run until the autoscaler's node and the
 # worker on it are up, and reads the autoscaler's view of explicit requests (``ray status``).
 SCALE_UP_SCRIPT = """
 import json, subprocess, sys, time
@@ -275,7 +277,7 @@ seen = {"nodes": len(ray.nodes()) if ray.is_initialized() else None}
 def on_round(result):
     seen.setdefault("request", requested())
     deadline = time.monotonic() + 120
-    while result.metrics["workers"] < 2 and time.monotonic() < deadline:
+    while result.metrics["workers"] < 3 and time.monotonic() < deadline:
         alive = [n for n in ray.nodes() if n["Alive"]]
         if len(alive) == 2 and ray.available_resources().get("CPU", 0) == 0:
             time.sleep(3)  # the worker holds the new node's CPU; give it time to start
@@ -289,22 +291,14 @@ print("RESULT", json.dumps({"summary": summary, "request": seen["request"], "aft
 """
 
 
-@pytest.fixture(scope="module")
-def autoscaling_head():
-    # the head has one CPU; the autoscaler may add one more node of one CPU
-    yield from _start_head(num_cpus=1, node_types={
-        "cpu1": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 1}})
-
-
-def test_scale_up_asks_the_autoscaler_and_trains_on_nodes_as_they_join(autoscaling_head):
-    """A job that wants 3 one-CPU workers on a one-CPU head: it asks the autoscaler for them, starts
-    on the head's worker, trains on the node the autoscaler adds once it is up, finishes although
-    the third worker never gets a CPU, and withdraws its request at the end."""
-    head = autoscaling_head
+def test_scale_up_asks_the_autoscaler_and_trains_on_nodes_as_they_join(head):
+    """A job that wants 4 one-CPU workers on a two-CPU head: it asks the autoscaler for them, starts
+    on the head's two workers, trains on the node the autoscaler adds once it is up, finishes
+    although the fourth worker never gets a CPU, and withdraws its request at the end."""
     job = {"name": "scale-up", "seed": 0, "rounds": 6,
            "data": {"dataset": "synthetic", "synthetic": {"samples": 600, "shape": [8], "classes": 3}},
            "model": {"name": "logreg"},
-           "devices": {"count": 6, "per_round": 6, "workers": 3, "scale_up": True, "timeout_s": 120},
+           "devices": {"count": 6, "per_round": 6, "workers": 4, "scale_up": True, "timeout_s": 120},
            "tracking": {"experiment": "scale-up", "log_model": False}}
     uri = f"sqlite:///{head.tmp / 'mlflow.db'}"
     run = subprocess.run([sys.executable, "-c", SCALE_UP_SCRIPT, head.gcs, json.dumps(job), uri,
@@ -315,15 +309,15 @@ def test_scale_up_asks_the_autoscaler_and_trains_on_nodes_as_they_join(autoscali
     result = json.loads(lines[-1][len("RESULT "):])
     summary = result["summary"]
     assert summary["completed_rounds"] == 6
-    # while the run went on, the autoscaler held the request for the three workers...
-    assert result["request"].startswith("{'CPU': 1}: 3 "), result["request"]
-    # ... added the one node it may, and the run trained on it: two workers, all six devices
+    # while the run went on, the autoscaler held the request for the four workers...
+    assert result["request"].startswith("{'CPU': 1}: 4 "), result["request"]
+    # ... added the one node it may, and the run trained on it: three workers, all six devices
     assert result["nodes"] == 2
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     workers = [m.value for m in sorted(client.get_metric_history(summary["run_id"], "workers"), key=lambda m: m.step)]
     participants = client.get_metric_history(summary["run_id"], "participants")
-    assert len(workers) == 6 and workers[-1] == 2 and min(workers) >= 1, workers
+    assert len(workers) == 6 and workers[-1] == 3 and min(workers) >= 1, workers
     assert all(m.value == 6 for m in participants)
     assert result["after"] == "(none)"  # the request ended with the run
