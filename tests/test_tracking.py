@@ -8,11 +8,13 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -40,10 +42,10 @@ def write_job(tmp_path: Path, rounds: int, **tracking) -> Path:
 
 class Cli:
     """A `fedray` command in its own process; its output (stdout and stderr) read as it comes. With
-    ``ray_address`` it joins that Ray, else it starts its own."""
+    ``ray_address`` it joins that Ray, else it starts its own; ``env``: more environment."""
 
-    def __init__(self, *args: str, cwd: Path, ray_address: str | None = None) -> None:
-        env = {**os.environ, "RAY_ADDRESS": ray_address} if ray_address else None
+    def __init__(self, *args: str, cwd: Path, ray_address: str | None = None, env: dict | None = None) -> None:
+        env = {**os.environ, **({"RAY_ADDRESS": ray_address} if ray_address else {}), **(env or {})}
         self.process = subprocess.Popen([str(BIN / "fedray"), *args], cwd=cwd, stdout=subprocess.PIPE, env=env,
                                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
@@ -108,13 +110,19 @@ def test_records_logged_together_are_sent_back_to_back(tmp_path, tracking_uri):
     assert tracker.finish("FINISHED", wait_s=30.0) == 0 and time.monotonic() - started < 1.5
     run = MlflowClient(tracking_uri).get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and {f"t{i}" for i in range(8)} <= set(run.data.tags)
+    # the sent journal goes; the runs directory stays, empty, for the log file `fedray run` opens there
+    assert (tmp_path / "runs").is_dir() and not any((tmp_path / "runs").iterdir())
 
 
 def test_a_locked_database_delays_records_and_loses_none(tmp_path):
     """Locked past MLflow's 20 s busy timeout, from round 3 to after training ends: the rounds go
-    on, the records wait and are all logged once the lock goes."""
-    db = tmp_path / "mlflow.db"
-    cli = Cli("run", str(write_job(tmp_path, rounds=20)), "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)
+    on, the records wait and are all logged once the lock goes. (The run starts its own Ray though
+    Ray's temporary folder names a cluster that is gone, as a killed `ray start` leaves it.)"""
+    db, ray_tmp = tmp_path / "mlflow.db", Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short socket paths
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")  # nothing listens
+    cli = Cli("run", str(write_job(tmp_path, rounds=20)), "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path,
+              env={"RAY_TMPDIR": str(ray_tmp)})
     cli.wait_for(r"round\s+3/20")
     holder, locked = lock(db), time.monotonic()
     cli.wait_for(r"records wait for MLflow: no answer for", timeout=60)  # said 5 s into the lock
@@ -123,6 +131,7 @@ def test_a_locked_database_delays_records_and_loses_none(tmp_path):
     holder.rollback()
     holder.close()
     code, output = cli.finish()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     assert code == 0 and "20/20 rounds completed" in output and "Traceback" not in output
     assert_complete(MlflowClient(f"sqlite:///{db}"), run_id(output), 20)
     assert [p.name for p in (tmp_path / "fedray-runs").iterdir()] == ["fedray.log"]  # everything sent: no journal

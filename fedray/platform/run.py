@@ -96,7 +96,9 @@ def connect(num_gpus: int | None = None) -> None:
     # set it for the processes it starts and for this one.
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, num_gpus=num_gpus)
+    # "local": a new Ray even where /tmp/ray names another cluster (`ray start`'s, or a dead one's)
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+             num_gpus=num_gpus)
 
 
 def _node_gpus() -> float:

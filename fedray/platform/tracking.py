@@ -177,9 +177,8 @@ class Tracker:
             shutil.rmtree(self.directory / "files", ignore_errors=True)
             for name in ("journal.jsonl", "sent", "run.json"):
                 (self.directory / name).unlink(missing_ok=True)
-            for empty in (self.directory, self.directory.parent):  # unless something else is kept there
-                with contextlib.suppress(OSError):
-                    empty.rmdir()
+            with contextlib.suppress(OSError):  # unless something else is kept there
+                self.directory.rmdir()  # not the runs directory: the log file may be about to open there
         return self.backlog
 
     def _file(self, path: str, data: bytes) -> None:
