@@ -124,5 +124,31 @@ def local_driver(ray_session, tmp_path, tracking_uri):
 
     yield make
     for driver in made:
-        for actor in driver.pool.workers.actors:
-            ray.kill(actor)
+        release(driver)
+
+
+def release(driver) -> None:
+    """Kill the actors a Driver in this process made (the authority made the workers of an
+    encrypted run): a driver actor's go with it, these would hold the CPUs until the session ends."""
+    edges = driver.edges.group.actors if driver.edges else []
+    for actor in driver.pool.workers.actors + edges + ([driver.sealing.authority] if driver.sealing else []):
+        ray.kill(actor)
+
+
+@pytest.fixture
+def local_run(local_driver):
+    """Runs a job mapping's rounds on a Driver in this process (``local_driver``), calling
+    ``on_round(result)`` after each, and ends it: returns its summary and its rounds' results.
+    (``run_job`` does the same with the Driver as an actor, and stops at a privacy budget.)"""
+    def run(raw: dict, on_round=None):
+        driver = local_driver(raw)
+        results = []
+        for r in range(1, driver.job.rounds + 1):
+            results.append(driver.run_round(r))
+            if on_round is not None:
+                on_round(results[-1])
+        summary = driver.finish()
+        release(driver)
+        return summary, results
+
+    return run

@@ -4,12 +4,10 @@ are slow (SlowLogReg sleeps in every training step; devices.speed multiplies tha
 import json
 
 import pytest
-import yaml
 from mlflow import MlflowClient
 
 from fedray.agents.heterogeneity import slowdowns
 from fedray.config import parse_job
-from fedray.platform.run import run_job
 
 from conftest import history, small_job
 
@@ -25,14 +23,13 @@ SLOW_DEVICES = {
 }
 
 
-def run(tracking_uri, **overrides):
-    raw = small_job(**overrides)
-    summary = run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri)
-    return MlflowClient(tracking_uri), summary["run_id"]
+def run(local_run, tracking_uri, **overrides):
+    """A client of the run's store and the run's id; its rounds run on a driver in this process."""
+    return MlflowClient(tracking_uri), local_run(small_job(**overrides))[0]["run_id"]
 
 
-def test_fedbuff_steps_without_waiting_for_slow_devices(tracking_uri, tmp_path):
-    client, run_id = run(tracking_uri, rounds=8, **SLOW_DEVICES,
+def test_fedbuff_steps_without_waiting_for_slow_devices(tracking_uri, tmp_path, local_run):
+    client, run_id = run(local_run, tracking_uri, rounds=8, **SLOW_DEVICES,
                          strategy={"name": "fedbuff", "concurrency": 4, "buffer_size": 2})
     assert history(client, run_id, "participants") == [2] * 8  # rounds count server steps
     # 16 updates of ~0.2 s on 2 workers: the steps after the first never wait 3 s for a slow device
@@ -45,9 +42,9 @@ def test_fedbuff_steps_without_waiting_for_slow_devices(tracking_uri, tmp_path):
     assert accuracy[-1] > max(accuracy[0], 0.5)
 
 
-def test_fedasync_drops_updates_staler_than_the_bound(tracking_uri):
+def test_fedasync_drops_updates_staler_than_the_bound(tracking_uri, local_run):
     # devices slower than the driver's step (~0.2 s each) so that several steps pass while one trains
-    client, run_id = run(tracking_uri, rounds=16, model=SLOW_DEVICES["model"], devices__local={"steps": 2, "lr": 0.5},
+    client, run_id = run(local_run, tracking_uri, rounds=16, model=SLOW_DEVICES["model"], devices__local={"steps": 2, "lr": 0.5},
                          devices__workers=2, strategy={"name": "fedasync", "concurrency": 4, "max_staleness": 1,
                                    "staleness": {"kind": "hinge", "a": 10, "b": 0}})
     assert history(client, run_id, "participants") == [1] * 16  # one update mixed in per step

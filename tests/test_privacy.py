@@ -148,7 +148,7 @@ def test_adaptive_clipping_splits_the_noise_and_steps_the_bound_to_the_quantile(
 
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.parametrize("mode", ["central", "distributed"])
-def test_adaptive_clip_bound_follows_the_updates_norms(tracking_uri, mode):
+def test_adaptive_clip_bound_follows_the_updates_norms(tracking_uri, mode, local_run):
     """The bound starts far above every update's norm: each applied round it shrinks by
     exp(-lr (b - 0.5)) with the logged noised fraction b, until about half the updates fit.
     Distributed: the devices noise their indicators themselves."""
@@ -156,7 +156,7 @@ def test_adaptive_clip_bound_follows_the_updates_norms(tracking_uri, mode):
                      secure={"scheme": "ckks"} if mode == "distributed" else None,
                      privacy={"level": "client", "mode": mode, "clip": 50.0, "noise_multiplier": 0.5,
                               "adaptive_clip": {"lr": 1.0, "count_noise": 0.3}})
-    summary = run(tracking_uri, **overrides)
+    summary = run(local_run, **overrides)
     client = MlflowClient(tracking_uri)
     clips = history(client, summary["run_id"], "clip")
     fractions = history(client, summary["run_id"], "below_clip_fraction")
@@ -232,18 +232,18 @@ def test_poisson_sampling_has_the_distribution_the_accountant_assumes():
     assert sizes.var() == pytest.approx(n * q * (1 - q), rel=0.1)
 
 
-def run(tracking_uri, **overrides):
-    raw = small_job(**overrides)
-    return run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri)
+def run(local_run, **overrides):
+    """``small_job(**overrides)``'s summary, its rounds run on a driver in this process."""
+    return local_run(small_job(**overrides))[0]
 
 
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.parametrize("mode, topology", [("central", None), ("distributed", {"edges": 2})])
-def test_a_round_moves_the_model_by_the_calibrated_noise(tracking_uri, mode, topology):
+def test_a_round_moves_the_model_by_the_calibrated_noise(tracking_uri, mode, topology, local_run):
     """With noise far above the clipped deltas, each round's step is the noise: norm z C sqrt(d) / (q N),
     times sqrt(k / m) when k >= m devices each add a distributed share."""
     z, clip, d = 100.0, 1.0, 64 * 10 + 10
-    summary = run(tracking_uri, rounds=4, topology=topology,
+    summary = run(local_run, rounds=4, topology=topology,
                   secure={"scheme": "ckks", "min_clients": 2} if mode == "distributed" else None,
                   privacy={"level": "client", "mode": mode, "clip": clip, "noise_multiplier": z})
     client = MlflowClient(tracking_uri)
@@ -261,8 +261,8 @@ def test_a_round_moves_the_model_by_the_calibrated_noise(tracking_uri, mode, top
 def test_the_run_stops_before_the_round_that_would_exceed_the_budget(tracking_uri, tmp_path):
     spent = privacy.Ledger(2.0, 4 / 6, 1e-5)
     budget = (spent.epsilon(3) + spent.epsilon(4)) / 2  # the 4th round would exceed it
-    summary = run(tracking_uri, rounds=10, privacy={"level": "client", "noise_multiplier": 2.0,
-                                                    "budget": {"epsilon": budget}})
+    raw = small_job(rounds=10, privacy={"level": "client", "noise_multiplier": 2.0, "budget": {"epsilon": budget}})
+    summary = run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri)  # run_job stops at the budget
     assert summary["rounds"] == 3 and "round 4 would bring epsilon to" in summary["stopped"]
     client = MlflowClient(tracking_uri)
     run_id = summary["run_id"]
@@ -453,14 +453,14 @@ def test_device_spend_survives_a_killed_worker(local_driver):
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_who_takes_part_is_secret_under_client_level_dp(tracking_uri, tmp_path):
+def test_who_takes_part_is_secret_under_client_level_dp(tracking_uri, tmp_path, local_run):
     """Client level: the Poisson sample is not drawn from the logged seed (the run's round sizes are
     not those the seed's generator draws), and neither the round log nor the participation record
     names a device, though one always fails; nor does any device send its un-noised training loss."""
     from test_run import poisoned_digits
 
     # 12 rounds: the poisoned device is sampled in none of them with odds 0.5^12 < 1e-3
-    summary = run(tracking_uri, rounds=12, privacy={"level": "client", "noise_multiplier": 1.0, "sampling_rate": 0.5},
+    summary = run(local_run, rounds=12, privacy={"level": "client", "noise_multiplier": 1.0, "sampling_rate": 0.5},
                   **poisoned_digits(tmp_path / "one.npz", [5]))
     client = MlflowClient(tracking_uri)
     seeded = np.random.default_rng([0, 1])  # what the driver drew from before: job seed 0

@@ -14,14 +14,12 @@ import numpy as np
 import pytest
 import ray
 import tenseal as ts
-import yaml
 from mlflow import MlflowClient
 
 from fedray.config import JobError, parse_job
 from fedray.config import secure as bounds
 from fedray.platform import privacy
 from fedray.platform.aggregation import Partial
-from fedray.platform.run import run_job
 from fedray.secure import packing
 from fedray.secure.authority import DecryptionRefused, KeyAuthority
 from fedray.secure.ciphers import CipherSum
@@ -281,9 +279,9 @@ def test_a_device_does_not_seal_a_non_finite_delta(authority):
 
 # real runs
 
-def run(tracking_uri, **overrides):
-    raw = small_job(**overrides)
-    return run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri)
+def run(local_run, **overrides):
+    """``small_job(**overrides)``'s summary, its rounds run on a driver in this process."""
+    return local_run(small_job(**overrides))[0]
 
 
 PAILLIER = {"scheme": "paillier", "key_bits": 2048, "min_clients": 3}
@@ -294,13 +292,13 @@ PAILLIER = {"scheme": "paillier", "key_bits": 2048, "min_clients": 3}
                                                                       (None, PAILLIER)]),
                                                 ({"name": "fednova"}, [({"edges": 2}, SECURE)]),
                                                 ({"name": "fedadam"}, [(None, SECURE)])])
-def test_encrypted_runs_equal_their_plaintext_twins(tracking_uri, reference, strategy, variants):
+def test_encrypted_runs_equal_their_plaintext_twins(tracking_uri, reference, strategy, variants, local_run):
     """Flat plaintext runs against encrypted runs, flat and through edges, CKKS and Paillier; the
     losses agree to the quantization's error."""
     client = MlflowClient(tracking_uri)
     plain_client, plain = reference(rounds=3, strategy=strategy)
     for topology, secure in variants:
-        sealed = run(tracking_uri, rounds=3, strategy=strategy, topology=topology, secure=secure)
+        sealed = run(local_run, rounds=3, strategy=strategy, topology=topology, secure=secure)
         np.testing.assert_allclose(history(client, sealed["run_id"], "test_loss"),
                                    history(plain_client, plain["run_id"], "test_loss"), rtol=2e-4)
         np.testing.assert_allclose(history(client, sealed["run_id"], "train_loss"),
@@ -314,9 +312,9 @@ def test_encrypted_runs_equal_their_plaintext_twins(tracking_uri, reference, str
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_selective_encryption_keeps_the_rest_in_plaintext(tracking_uri, reference):
+def test_selective_encryption_keeps_the_rest_in_plaintext(tracking_uri, reference, local_run):
     plain_client, plain = reference(rounds=3)
-    sealed = run(tracking_uri, rounds=3, secure={**SECURE, "encrypt": ["*.bias"]})
+    sealed = run(local_run, rounds=3, secure={**SECURE, "encrypt": ["*.bias"]})
     np.testing.assert_allclose(history(MlflowClient(tracking_uri), sealed["run_id"], "test_loss"),
                                history(plain_client, plain["run_id"], "test_loss"), rtol=1e-4)
     assert MlflowClient(tracking_uri).get_run(sealed["run_id"]).data.tags["fedray.secure"] == \
@@ -361,9 +359,9 @@ def test_too_few_devices_leave_the_sum_encrypted_and_the_model_unchanged(local_d
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_fedbuff_steps_on_sums_of_different_devices(tracking_uri):
+def test_fedbuff_steps_on_sums_of_different_devices(tracking_uri, local_run):
     client = MlflowClient(tracking_uri)
-    summary = run(tracking_uri, rounds=4, devices__count=6, devices__per_round=4,
+    summary = run(local_run, rounds=4, devices__count=6, devices__per_round=4,
                   strategy={"name": "fedbuff", "buffer_size": 3, "staleness": {"kind": "constant"}}, secure=SECURE)
     assert summary["completed_rounds"] == 4  # the authority refuses a buffer of fewer than 3 devices
     losses = history(client, summary["run_id"], "test_loss")
@@ -371,13 +369,13 @@ def test_fedbuff_steps_on_sums_of_different_devices(tracking_uri):
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_distributed_noise_under_encryption_is_calibrated_and_accounted(tracking_uri):
+def test_distributed_noise_under_encryption_is_calibrated_and_accounted(tracking_uri, local_run):
     """As ``test_privacy``'s calibration test: with noise far above the clipped deltas, each
     round's step is the sum of the devices' shares, encrypted and decrypted once. A Poisson sample
     of the 6 devices at rate 2/3 holds fewer than min_clients = 3 in 10% of rounds, which then fail:
     6 rounds leave 3 complete but in 0.13% of runs."""
     z, clip, d = 100.0, 1.0, 64 * 10 + 10
-    summary = run(tracking_uri, rounds=6, topology={"edges": 2}, secure=SECURE,
+    summary = run(local_run, rounds=6, topology={"edges": 2}, secure=SECURE,
                   privacy={"level": "client", "mode": "distributed", "clip": clip, "noise_multiplier": z})
     client = MlflowClient(tracking_uri)
     participants = history(client, summary["run_id"], "participants")
@@ -389,11 +387,11 @@ def test_distributed_noise_under_encryption_is_calibrated_and_accounted(tracking
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_mnist_reaches_the_same_accuracy_encrypted(tracking_uri):
+def test_mnist_reaches_the_same_accuracy_encrypted(tracking_uri, local_run):
     mnist = {"data": {"dataset": "mnist", "partition": {"kind": "dirichlet", "alpha": 1.0}},
              "model": {"name": "small_cnn"}, "devices__count": 10, "devices__per_round": 5, "rounds": 3}
-    plain = run(tracking_uri, **mnist)
-    sealed = run(tracking_uri, **mnist, secure={"preset": "balanced", "min_clients": 3})
+    plain = run(local_run, **mnist)
+    sealed = run(local_run, **mnist, secure={"preset": "balanced", "min_clients": 3})
     assert abs(sealed["test_accuracy"] - plain["test_accuracy"]) <= 0.002
 
 

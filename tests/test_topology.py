@@ -9,13 +9,11 @@ import time
 
 import numpy as np
 import pytest
-import yaml
 from mlflow import MlflowClient
 
 from fedray.config import Link, NetworkSpec, TopologySpec, parse_job
 from fedray.platform import topology
 from fedray.platform.aggregation import Partial
-from fedray.platform.run import run_job
 
 from conftest import history, small_job
 
@@ -96,17 +94,17 @@ def processes(title: str) -> list[int]:
     return pids
 
 
-def run(tracking_uri, on_round=None, **overrides):
-    raw = small_job(**overrides)
-    return run_job(parse_job(raw), yaml.safe_dump(raw), tracking_uri, on_round)
+def run(local_run, on_round=None, **overrides):
+    """``small_job(**overrides)``'s summary, its rounds run on a driver in this process."""
+    return local_run(small_job(**overrides), on_round)[0]
 
 
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.parametrize("strategy", [{"name": "fedavg"}, {"name": "scaffold"}])
-def test_edges_equal_flat_aggregation(tracking_uri, strategy):
+def test_edges_equal_flat_aggregation(tracking_uri, strategy, local_run):
     client = MlflowClient(tracking_uri)
-    flat = run(tracking_uri, rounds=3, strategy=strategy, network=LATENCY_ONLY)
-    tree = run(tracking_uri, rounds=3, strategy=strategy, network=LATENCY_ONLY, topology={"edges": 2})
+    flat = run(local_run, rounds=3, strategy=strategy, network=LATENCY_ONLY)
+    tree = run(local_run, rounds=3, strategy=strategy, network=LATENCY_ONLY, topology={"edges": 2})
     np.testing.assert_allclose(history(client, tree["run_id"], "test_loss"),
                                history(client, flat["run_id"], "test_loss"), rtol=1e-5)
     assert tree["bytes_down"] == flat["bytes_down"]
@@ -128,13 +126,13 @@ def test_edges_equal_flat_aggregation(tracking_uri, strategy):
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_hierfavg_with_one_edge_is_fedavg_over_its_edge_rounds(tracking_uri):
+def test_hierfavg_with_one_edge_is_fedavg_over_its_edge_rounds(tracking_uri, local_run):
     """One edge holding every device, two edge rounds per cloud round: each cloud round is two
     FedAvg rounds (devices train for edge rounds 2r-1 and 2r, seeded as flat rounds are)."""
     client = MlflowClient(tracking_uri)
     every = {"devices__per_round": 6, "network": LATENCY_ONLY}
-    flat = run(tracking_uri, rounds=4, **every)
-    tree = run(tracking_uri, rounds=2, topology={"edges": 1, "edge_rounds": 2}, **every)
+    flat = run(local_run, rounds=4, **every)
+    tree = run(local_run, rounds=2, topology={"edges": 1, "edge_rounds": 2}, **every)
     np.testing.assert_allclose(history(client, tree["run_id"], "test_loss"),
                                history(client, flat["run_id"], "test_loss")[1::2], rtol=1e-5)
     params = 4 * (64 * 10 + 10)
@@ -145,7 +143,7 @@ def test_hierfavg_with_one_edge_is_fedavg_over_its_edge_rounds(tracking_uri):
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_an_edge_killed_mid_round_is_recorded_and_recreated(tracking_uri, tmp_path):
+def test_an_edge_killed_mid_round_is_recorded_and_recreated(tracking_uri, tmp_path, local_run):
     def kill_an_edge(result):
         if result.round == 1:
             def kill():
@@ -154,7 +152,7 @@ def test_an_edge_killed_mid_round_is_recorded_and_recreated(tracking_uri, tmp_pa
 
             threading.Thread(target=kill).start()
 
-    summary = run(tracking_uri, kill_an_edge, rounds=6, topology={"edges": 2}, devices__min_completion=0.25,
+    summary = run(local_run, kill_an_edge, rounds=6, topology={"edges": 2}, devices__min_completion=0.25,
                   devices__speed={"kind": "slow_fraction", "fraction": 1.0, "slowdown": 1.0, "step_seconds": 0.25})
     client = MlflowClient(tracking_uri)
     failures = history(client, summary["run_id"], "edge_failures")
@@ -225,7 +223,7 @@ def test_an_edge_folds_asynchronous_arrivals_as_the_driver_does(name):
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_fedbuff_through_edges_survives_an_edge_killed_mid_run(tracking_uri, tmp_path):
+def test_fedbuff_through_edges_survives_an_edge_killed_mid_run(tracking_uri, tmp_path, local_run):
     def kill_an_edge(result):
         if result.round == 2:
             os.kill(max(processes("ray::EdgeAggregator")), signal.SIGKILL)
@@ -234,7 +232,7 @@ def test_fedbuff_through_edges_survives_an_edge_killed_mid_run(tracking_uri, tmp
             while len(processes("ray::EdgeAggregator")) < 2 and time.monotonic() < until:
                 time.sleep(0.1)
 
-    summary = run(tracking_uri, kill_an_edge, rounds=12, topology={"edges": 2},
+    summary = run(local_run, kill_an_edge, rounds=12, topology={"edges": 2},
                   model={"class": "user_models:SlowLogReg", "kwargs": {"features": 64, "classes": 10, "sleep_s": 0.05}},
                   devices__local={"steps": 2, "lr": 0.5},
                   strategy={"name": "fedbuff", "concurrency": 4, "buffer_size": 2})
