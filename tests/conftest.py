@@ -56,21 +56,18 @@ def reference(ray_session, tmp_path_factory, _empty_store):
     """Plain runs that several tests compare against, each run once in the session:
     ``reference(**overrides)`` runs ``small_job(**overrides)`` (or finds it run) and returns
     (a client of its MLflow store, its summary). Jobs that parse alike are the same run."""
-    import yaml
     from mlflow import MlflowClient
 
     from fedray.config import parse_job
-    from fedray.platform.run import run_job
 
-    shutil.copyfile(_empty_store, path := tmp_path_factory.mktemp("reference") / "mlflow.db")
+    shutil.copyfile(_empty_store, path := (folder := tmp_path_factory.mktemp("reference")) / "mlflow.db")
     uri, made = f"sqlite:///{path}", {}
 
     def run(**overrides):
         raw = small_job(**overrides)
-        job = parse_job(raw)
-        key = job.model_dump_json()
+        key = parse_job(raw).model_dump_json()
         if key not in made:
-            made[key] = run_job(job, yaml.safe_dump(raw), uri)
+            made[key] = run_here(make_driver(raw, uri, folder))[0]
         return MlflowClient(uri), made[key]
 
     return run
@@ -102,29 +99,17 @@ def history(client, run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-@pytest.fixture
-def local_driver(ray_session, tmp_path, tracking_uri):
-    """Makes a Driver for a job mapping in this process (not an actor: a driver process takes
-    seconds to start), logging to the test's store, to run rounds one by one and reach into its
-    pool; its workers, which this process owns, are killed after the test (or they would hold the
-    CPUs)."""
+def make_driver(raw: dict, uri: str, runs_dir: Path):
+    """A Driver for a job mapping in this process (not an actor: a driver process takes seconds to
+    start), logging to ``uri``; ``release`` kills its actors."""
     import yaml
 
     from fedray.config import parse_job
     from fedray.platform.driver import Driver
     from fedray.platform.tracking import start_run
 
-    made = []
-
-    def make(raw: dict):
-        job = parse_job(raw)
-        run_dir = start_run(tracking_uri, "tests", job.name, tmp_path)
-        made.append(Driver(job, str(run_dir), yaml.safe_dump(raw)))
-        return made[-1]
-
-    yield make
-    for driver in made:
-        release(driver)
+    job = parse_job(raw)
+    return Driver(job, str(start_run(uri, job.tracking.experiment, job.name, runs_dir)), yaml.safe_dump(raw))
 
 
 def release(driver) -> None:
@@ -135,20 +120,38 @@ def release(driver) -> None:
         ray.kill(actor)
 
 
-@pytest.fixture
-def local_run(local_driver):
-    """Runs a job mapping's rounds on a Driver in this process (``local_driver``), calling
-    ``on_round(result)`` after each, and ends it: returns its summary and its rounds' results.
-    (``run_job`` does the same with the Driver as an actor, and stops at a privacy budget.)"""
-    def run(raw: dict, on_round=None):
-        driver = local_driver(raw)
+def run_here(driver, on_round=None) -> tuple[dict, list]:
+    """Run a Driver's rounds in this process, calling ``on_round(result)`` after each, end its run
+    and kill its actors: returns its summary and its rounds' results. (``run_job`` does the same
+    with the Driver as an actor, and stops at a privacy budget.)"""
+    try:
         results = []
         for r in range(1, driver.job.rounds + 1):
             results.append(driver.run_round(r))
             if on_round is not None:
                 on_round(results[-1])
-        summary = driver.finish()
+        return driver.finish(), results
+    finally:
         release(driver)
-        return summary, results
 
-    return run
+
+@pytest.fixture
+def local_driver(ray_session, tmp_path, tracking_uri):
+    """Makes a Driver for a job mapping in this process (``make_driver``) logging to the test's
+    store, to run rounds one by one and reach into its pool; its actors are killed after the test."""
+    made = []
+
+    def make(raw: dict):
+        made.append(make_driver(raw, tracking_uri, tmp_path))
+        return made[-1]
+
+    yield make
+    for driver in made:
+        release(driver)
+
+
+@pytest.fixture
+def local_run(local_driver):
+    """``run_here`` on a ``local_driver``: ``local_run(raw, on_round=None)`` returns the run's
+    summary and its rounds' results."""
+    return lambda raw, on_round=None: run_here(local_driver(raw), on_round)
