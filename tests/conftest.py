@@ -67,7 +67,7 @@ def reference(ray_session, tmp_path_factory, _empty_store):
         raw = small_job(**overrides)
         key = parse_job(raw).model_dump_json()
         if key not in made:
-            made[key] = run_here(make_driver(raw, uri, folder))[0]
+            made[key] = run_here(make_driver(raw, uri, folder))
         return MlflowClient(uri), made[key]
 
     return run
@@ -120,17 +120,16 @@ def release(driver) -> None:
         ray.kill(actor)
 
 
-def run_here(driver, on_round=None) -> tuple[dict, list]:
+def run_here(driver, on_round=None) -> dict:
     """Run a Driver's rounds in this process, calling ``on_round(result)`` after each, end its run
-    and kill its actors: returns its summary and its rounds' results. (``run_job`` does the same
-    with the Driver as an actor, and stops at a privacy budget.)"""
+    and kill its actors: returns its summary. (``run_job`` does the same with the Driver as an
+    actor, and stops at a privacy budget.)"""
     try:
-        results = []
         for r in range(1, driver.job.rounds + 1):
-            results.append(driver.run_round(r))
+            result = driver.run_round(r)
             if on_round is not None:
-                on_round(results[-1])
-        return driver.finish(), results
+                on_round(result)
+        return driver.finish()
     finally:
         release(driver)
 
@@ -152,6 +151,6 @@ def local_driver(ray_session, tmp_path, tracking_uri):
 
 @pytest.fixture
 def local_run(local_driver):
-    """``run_here`` on a ``local_driver``: ``local_run(raw, on_round=None)`` returns the run's
-    summary and its rounds' results."""
-    return lambda raw, on_round=None: run_here(local_driver(raw), on_round)
+    """``local_run(on_round=None, **overrides)``: ``small_job(**overrides)`` run by ``run_here`` on
+    a ``local_driver``; returns its summary."""
+    return lambda on_round=None, **overrides: run_here(local_driver(small_job(**overrides)), on_round)

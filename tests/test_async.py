@@ -25,7 +25,7 @@ SLOW_DEVICES = {
 
 def run(local_run, tracking_uri, **overrides):
     """A client of the run's store and the run's id; its rounds run on a driver in this process."""
-    return MlflowClient(tracking_uri), local_run(small_job(**overrides))[0]["run_id"]
+    return MlflowClient(tracking_uri), local_run(**overrides)["run_id"]
 
 
 def test_fedbuff_steps_without_waiting_for_slow_devices(tracking_uri, tmp_path, local_run):

@@ -156,7 +156,7 @@ def test_adaptive_clip_bound_follows_the_updates_norms(tracking_uri, mode, local
                      secure={"scheme": "ckks"} if mode == "distributed" else None,
                      privacy={"level": "client", "mode": mode, "clip": 50.0, "noise_multiplier": 0.5,
                               "adaptive_clip": {"lr": 1.0, "count_noise": 0.3}})
-    summary = run(local_run, **overrides)
+    summary = local_run(**overrides)
     client = MlflowClient(tracking_uri)
     clips = history(client, summary["run_id"], "clip")
     fractions = history(client, summary["run_id"], "below_clip_fraction")
@@ -232,18 +232,13 @@ def test_poisson_sampling_has_the_distribution_the_accountant_assumes():
     assert sizes.var() == pytest.approx(n * q * (1 - q), rel=0.1)
 
 
-def run(local_run, **overrides):
-    """``small_job(**overrides)``'s summary, its rounds run on a driver in this process."""
-    return local_run(small_job(**overrides))[0]
-
-
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.parametrize("mode, topology", [("central", None), ("distributed", {"edges": 2})])
 def test_a_round_moves_the_model_by_the_calibrated_noise(tracking_uri, mode, topology, local_run):
     """With noise far above the clipped deltas, each round's step is the noise: norm z C sqrt(d) / (q N),
     times sqrt(k / m) when k >= m devices each add a distributed share."""
     z, clip, d = 100.0, 1.0, 64 * 10 + 10
-    summary = run(local_run, rounds=4, topology=topology,
+    summary = local_run(rounds=4, topology=topology,
                   secure={"scheme": "ckks", "min_clients": 2} if mode == "distributed" else None,
                   privacy={"level": "client", "mode": mode, "clip": clip, "noise_multiplier": z})
     client = MlflowClient(tracking_uri)
@@ -460,7 +455,7 @@ def test_who_takes_part_is_secret_under_client_level_dp(tracking_uri, tmp_path, 
     from test_run import poisoned_digits
 
     # 12 rounds: the poisoned device is sampled in none of them with odds 0.5^12 < 1e-3
-    summary = run(local_run, rounds=12, privacy={"level": "client", "noise_multiplier": 1.0, "sampling_rate": 0.5},
+    summary = local_run(rounds=12, privacy={"level": "client", "noise_multiplier": 1.0, "sampling_rate": 0.5},
                   **poisoned_digits(tmp_path / "one.npz", [5]))
     client = MlflowClient(tracking_uri)
     seeded = np.random.default_rng([0, 1])  # what the driver drew from before: job seed 0

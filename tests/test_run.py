@@ -67,9 +67,9 @@ def test_result_does_not_depend_on_worker_count(tracking_uri, reference):
 def test_virtual_devices_draw_their_samples_where_they_train(tracking_uri, local_run):
     """100,000 devices whose data exists only while they train: each of a round's 10 devices
     draws its 20 samples from its seed on a worker, and the model learns the clusters."""
-    summary, _ = local_run(small_job(rounds=4, data={"dataset": "synthetic", "synthetic": {
+    summary = local_run(rounds=4, data={"dataset": "synthetic", "synthetic": {
         "samples": 2000, "shape": [16], "classes": 4, "per_device": 25}, "partition": {"kind": "iid"}},
-        devices={"count": 100_000, "per_round": 10, "workers": 2, "local": {"epochs": 2, "lr": 0.1}}))
+        devices={"count": 100_000, "per_round": 10, "workers": 2, "local": {"epochs": 2, "lr": 0.1}})
     client = MlflowClient(tracking_uri)
     assert history(client, summary["run_id"], "participants") == [10] * 4
     accuracy = history(client, summary["run_id"], "test_accuracy")  # on 400 held-out samples
@@ -189,10 +189,9 @@ def test_robust_rules_name_the_attackers_every_round(tracking_uri, local_run, st
     """IID digits, 10 devices all sampled, 2 of them send -10 x their delta every round: the run
     records who attacks, and the rule flags exactly them, by device, every round. (Accuracy under
     attack against clean FedAvg, for every rule: benchmarks/accept.py robust.)"""
-    raw = small_job(rounds=2, devices={"count": 10, "per_round": 10, "workers": 2, "min_completion": 1.0,
-                                       "local": {"epochs": 2, "batch_size": 32, "lr": 0.5}},
-                    strategy=strategy, attack={"fraction": 0.2, "kind": "sign_flip", "scale": 10.0})
-    run_id = local_run(raw)[0]["run_id"]
+    run_id = local_run(rounds=2, devices={"count": 10, "per_round": 10, "workers": 2, "min_completion": 1.0,
+                                          "local": {"epochs": 2, "batch_size": 32, "lr": 0.5}},
+                       strategy=strategy, attack={"fraction": 0.2, "kind": "sign_flip", "scale": 10.0})["run_id"]
     client = MlflowClient(tracking_uri)
     attackers = json.loads(open(client.download_artifacts(run_id, "attackers.json")).read())
     assert len(attackers) == 2 and history(client, run_id, "attackers") == [2] * 2

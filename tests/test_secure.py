@@ -279,11 +279,6 @@ def test_a_device_does_not_seal_a_non_finite_delta(authority):
 
 # real runs
 
-def run(local_run, **overrides):
-    """``small_job(**overrides)``'s summary, its rounds run on a driver in this process."""
-    return local_run(small_job(**overrides))[0]
-
-
 PAILLIER = {"scheme": "paillier", "key_bits": 2048, "min_clients": 3}
 
 
@@ -298,7 +293,7 @@ def test_encrypted_runs_equal_their_plaintext_twins(tracking_uri, reference, str
     client = MlflowClient(tracking_uri)
     plain_client, plain = reference(rounds=3, strategy=strategy)
     for topology, secure in variants:
-        sealed = run(local_run, rounds=3, strategy=strategy, topology=topology, secure=secure)
+        sealed = local_run(rounds=3, strategy=strategy, topology=topology, secure=secure)
         np.testing.assert_allclose(history(client, sealed["run_id"], "test_loss"),
                                    history(plain_client, plain["run_id"], "test_loss"), rtol=2e-4)
         np.testing.assert_allclose(history(client, sealed["run_id"], "train_loss"),
@@ -314,7 +309,7 @@ def test_encrypted_runs_equal_their_plaintext_twins(tracking_uri, reference, str
 @pytest.mark.usefixtures("ray_session")
 def test_selective_encryption_keeps_the_rest_in_plaintext(tracking_uri, reference, local_run):
     plain_client, plain = reference(rounds=3)
-    sealed = run(local_run, rounds=3, secure={**SECURE, "encrypt": ["*.bias"]})
+    sealed = local_run(rounds=3, secure={**SECURE, "encrypt": ["*.bias"]})
     np.testing.assert_allclose(history(MlflowClient(tracking_uri), sealed["run_id"], "test_loss"),
                                history(plain_client, plain["run_id"], "test_loss"), rtol=1e-4)
     assert MlflowClient(tracking_uri).get_run(sealed["run_id"]).data.tags["fedray.secure"] == \
@@ -361,7 +356,7 @@ def test_too_few_devices_leave_the_sum_encrypted_and_the_model_unchanged(local_d
 @pytest.mark.usefixtures("ray_session")
 def test_fedbuff_steps_on_sums_of_different_devices(tracking_uri, local_run):
     client = MlflowClient(tracking_uri)
-    summary = run(local_run, rounds=4, devices__count=6, devices__per_round=4,
+    summary = local_run(rounds=4, devices__count=6, devices__per_round=4,
                   strategy={"name": "fedbuff", "buffer_size": 3, "staleness": {"kind": "constant"}}, secure=SECURE)
     assert summary["completed_rounds"] == 4  # the authority refuses a buffer of fewer than 3 devices
     losses = history(client, summary["run_id"], "test_loss")
@@ -375,7 +370,7 @@ def test_distributed_noise_under_encryption_is_calibrated_and_accounted(tracking
     of the 6 devices at rate 2/3 holds fewer than min_clients = 3 in 10% of rounds, which then fail:
     6 rounds leave 3 complete but in 0.13% of runs."""
     z, clip, d = 100.0, 1.0, 64 * 10 + 10
-    summary = run(local_run, rounds=6, topology={"edges": 2}, secure=SECURE,
+    summary = local_run(rounds=6, topology={"edges": 2}, secure=SECURE,
                   privacy={"level": "client", "mode": "distributed", "clip": clip, "noise_multiplier": z})
     client = MlflowClient(tracking_uri)
     participants = history(client, summary["run_id"], "participants")
@@ -390,8 +385,8 @@ def test_distributed_noise_under_encryption_is_calibrated_and_accounted(tracking
 def test_mnist_reaches_the_same_accuracy_encrypted(tracking_uri, local_run):
     mnist = {"data": {"dataset": "mnist", "partition": {"kind": "dirichlet", "alpha": 1.0}},
              "model": {"name": "small_cnn"}, "devices__count": 10, "devices__per_round": 5, "rounds": 3}
-    plain = run(local_run, **mnist)
-    sealed = run(local_run, **mnist, secure={"preset": "balanced", "min_clients": 3})
+    plain = local_run(**mnist)
+    sealed = local_run(**mnist, secure={"preset": "balanced", "min_clients": 3})
     assert abs(sealed["test_accuracy"] - plain["test_accuracy"]) <= 0.002
 
 

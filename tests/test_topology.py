@@ -94,17 +94,12 @@ def processes(title: str) -> list[int]:
     return pids
 
 
-def run(local_run, on_round=None, **overrides):
-    """``small_job(**overrides)``'s summary, its rounds run on a driver in this process."""
-    return local_run(small_job(**overrides), on_round)[0]
-
-
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.parametrize("strategy", [{"name": "fedavg"}, {"name": "scaffold"}])
 def test_edges_equal_flat_aggregation(tracking_uri, strategy, local_run):
     client = MlflowClient(tracking_uri)
-    flat = run(local_run, rounds=3, strategy=strategy, network=LATENCY_ONLY)
-    tree = run(local_run, rounds=3, strategy=strategy, network=LATENCY_ONLY, topology={"edges": 2})
+    flat = local_run(rounds=3, strategy=strategy, network=LATENCY_ONLY)
+    tree = local_run(rounds=3, strategy=strategy, network=LATENCY_ONLY, topology={"edges": 2})
     np.testing.assert_allclose(history(client, tree["run_id"], "test_loss"),
                                history(client, flat["run_id"], "test_loss"), rtol=1e-5)
     assert tree["bytes_down"] == flat["bytes_down"]
@@ -131,8 +126,8 @@ def test_hierfavg_with_one_edge_is_fedavg_over_its_edge_rounds(tracking_uri, loc
     FedAvg rounds (devices train for edge rounds 2r-1 and 2r, seeded as flat rounds are)."""
     client = MlflowClient(tracking_uri)
     every = {"devices__per_round": 6, "network": LATENCY_ONLY}
-    flat = run(local_run, rounds=4, **every)
-    tree = run(local_run, rounds=2, topology={"edges": 1, "edge_rounds": 2}, **every)
+    flat = local_run(rounds=4, **every)
+    tree = local_run(rounds=2, topology={"edges": 1, "edge_rounds": 2}, **every)
     np.testing.assert_allclose(history(client, tree["run_id"], "test_loss"),
                                history(client, flat["run_id"], "test_loss")[1::2], rtol=1e-5)
     params = 4 * (64 * 10 + 10)
@@ -152,7 +147,7 @@ def test_an_edge_killed_mid_round_is_recorded_and_recreated(tracking_uri, tmp_pa
 
             threading.Thread(target=kill).start()
 
-    summary = run(local_run, kill_an_edge, rounds=6, topology={"edges": 2}, devices__min_completion=0.25,
+    summary = local_run(kill_an_edge, rounds=6, topology={"edges": 2}, devices__min_completion=0.25,
                   devices__speed={"kind": "slow_fraction", "fraction": 1.0, "slowdown": 1.0, "step_seconds": 0.25})
     client = MlflowClient(tracking_uri)
     failures = history(client, summary["run_id"], "edge_failures")
@@ -232,7 +227,7 @@ def test_fedbuff_through_edges_survives_an_edge_killed_mid_run(tracking_uri, tmp
             while len(processes("ray::EdgeAggregator")) < 2 and time.monotonic() < until:
                 time.sleep(0.1)
 
-    summary = run(local_run, kill_an_edge, rounds=12, topology={"edges": 2},
+    summary = local_run(kill_an_edge, rounds=12, topology={"edges": 2},
                   model={"class": "user_models:SlowLogReg", "kwargs": {"features": 64, "classes": 10, "sleep_s": 0.05}},
                   devices__local={"steps": 2, "lr": 0.5},
                   strategy={"name": "fedbuff", "concurrency": 4, "buffer_size": 2})
